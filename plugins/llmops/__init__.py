@@ -1,0 +1,1 @@
+"""llmops: the orchestration library behind the DAGs (importable without Airflow)."""

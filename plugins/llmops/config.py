@@ -1,0 +1,196 @@
+"""Typed settings for one environment, loaded once from ``include/config/<env>.yaml``.
+
+The environment is chosen by ``LLMOPS_ENV`` (default ``local``). Values may reference
+environment variables as ``${NAME}`` or ``${NAME:-default}``; ``LLMOPS_HOME`` (the state
+folder, default ``<repo>/.llmops``), ``LLMOPS_MODELS_DIR`` (converted base models, default
+``<repo>/.llmops/models``, shared by the demo and the tests) and ``LLMOPS_PROJECT_ROOT`` are
+always defined. A bad value
+fails at load with an error that names the file and the field.
+
+    python -m llmops.config            # print the resolved settings of $LLMOPS_ENV
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(os.environ.get("LLMOPS_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
+INCLUDE_DIR = PROJECT_ROOT / "include"
+
+_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing or holds a bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Strict):
+    """Named models. A name is either a built-in (see ``llmops.models``) or a model folder."""
+
+    cache_dir: str
+    base: str = "smollm2-135m-instruct"
+    embedding: str = "all-minilm-l6-v2"
+
+
+class SplitConfig(_Strict):
+    """Fractions of the deterministic hash split. A record's split depends only on its prompt
+    and ``salt``, so it keeps its split across dataset versions."""
+
+    train: float = Field(0.8, gt=0, lt=1)
+    validation: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+    salt: str = Field("llmops-split-v1", min_length=1)
+    respect_source_split: bool = True
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must equal 1.0, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    """How raw text becomes a curated instruction dataset."""
+
+    dataset_name: str = Field("python-docs-instruct", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    raw_uri: str | None = None
+    template: str = "python_docs_qa"
+    max_tokens: int = Field(512, ge=16, le=131072)
+    over_length: Literal["drop", "truncate", "fail"] = "drop"
+    max_over_length_fraction: float = Field(0.2, ge=0, le=1)
+    max_duplicate_fraction: float = Field(0.5, ge=0, le=1)
+    max_empty_fraction: float = Field(0.2, ge=0, le=1)
+    min_records_per_split: int = Field(1, ge=1)
+    scrub_pii: bool = True
+    split: SplitConfig = SplitConfig()
+    expectation_suite: str = "curated_dataset"
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str
+    artifact_uri: str
+
+
+class AwsConfig(_Strict):
+    conn_id: str = "aws_default"
+    region: str | None = None
+
+
+class Settings(_Strict):
+    """Everything one environment needs. Secrets never live here: they come from Airflow
+    connections named by ``*_conn_id`` fields."""
+
+    env: str
+    home: str
+    store_uri: str
+    models: ModelsConfig
+    data: DataConfig = DataConfig()
+    mlflow: MlflowConfig
+    aws: AwsConfig = AwsConfig()
+
+    @model_validator(mode="after")
+    def _store_is_uri(self) -> Settings:
+        if "://" not in self.store_uri:
+            raise ValueError(f"store_uri must be a URI such as file:///... or s3://..., got {self.store_uri!r}")
+        return self
+
+    def datasets_uri(self) -> str:
+        return f"{self.store_uri.rstrip('/')}/datasets"
+
+    def runs_uri(self) -> str:
+        return f"{self.store_uri.rstrip('/')}/runs"
+
+
+def default_home() -> str:
+    return os.environ.get("LLMOPS_HOME", str(PROJECT_ROOT / ".llmops"))
+
+
+def _expand(value: object, where: str, env: dict[str, str]) -> object:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def load_settings(env: str | None = None, path: Path | None = None, overrides: dict | None = None) -> Settings:
+    """Load and validate the settings of ``env`` (default ``$LLMOPS_ENV`` or ``local``)."""
+    env = env or os.environ.get("LLMOPS_ENV", "local")
+    path = path or INCLUDE_DIR / "config" / f"{env}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (INCLUDE_DIR / "config").glob("*.yaml"))
+        raise ConfigError(f"no configuration for environment {env!r}: {path} does not exist (known: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    variables = {
+        "LLMOPS_MODELS_DIR": str(PROJECT_ROOT / ".llmops" / "models"),
+        **os.environ,
+        "LLMOPS_HOME": default_home(),
+        "LLMOPS_PROJECT_ROOT": str(PROJECT_ROOT),
+    }
+    raw = _expand(raw, "", variables)
+    raw.setdefault("env", env)
+    raw.setdefault("home", variables["LLMOPS_HOME"])
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid settings:\n{format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: ``data.split.train: Input should be less than 1 (got 1.5)``."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {field}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings of this process's environment, loaded once."""
+    return load_settings()
+
+
+if __name__ == "__main__":
+    print(yaml.safe_dump(get_settings().model_dump(), sort_keys=False))

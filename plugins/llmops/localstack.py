@@ -1,0 +1,195 @@
+"""The embedded stack: Airflow 3 and MLflow on this machine, all state under ``$LLMOPS_HOME``.
+
+One place defines the environment every local entry point shares (the demo, the tests and
+``make up``), so they cannot drift apart.
+
+    python -m llmops.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow
+    python -m llmops.localstack down
+    python -m llmops.localstack env      # print the environment as shell exports
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from llmops.config import PROJECT_ROOT, default_home
+
+AIRFLOW_PORT = int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080"))
+MLFLOW_PORT = int(os.environ.get("LLMOPS_MLFLOW_PORT", "5000"))
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def _secret(home: Path, name: str) -> str:
+    """A per-installation secret kept in the state folder: every Airflow process must share the
+    JWT secret, or tasks cannot talk to the API server."""
+    path = home / "secrets" / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Environment variables of the embedded stack. Values already set by the user win for the
+    database connection and the MLflow URI, so the same commands can run against Postgres."""
+    home = Path(home or default_home()).resolve()
+    airflow_home = home / "airflow"
+    env = {
+        "LLMOPS_HOME": str(home),
+        "LLMOPS_ENV": os.environ.get("LLMOPS_ENV", "local"),
+        "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "plugins"), str(PROJECT_ROOT)]),
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # 32 worker processes by default cost about 5 GB here; a laptop needs a few.
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home, "jwt_secret"),
+        "AIRFLOW__API__SECRET_KEY": _secret(home, "api_secret_key"),
+        "AIRFLOW__API__PORT": str(AIRFLOW_PORT),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{AIRFLOW_PORT}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(airflow_home / "logs"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get(
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{airflow_home / 'airflow.db'}"
+        ),
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"),
+        "HF_HOME": str(home / "cache" / "huggingface"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return env
+
+
+def apply_environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Put the stack's environment into this process (before Airflow is imported)."""
+    env = environment(home)
+    os.environ.update(env)
+    for path in reversed(env["PYTHONPATH"].split(os.pathsep)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def migrate_db(env: dict[str, str]) -> None:
+    subprocess.run([_bin("airflow"), "db", "migrate"], env={**os.environ, **env}, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def _pid_dir(env: dict[str, str]) -> Path:
+    path = Path(env["LLMOPS_HOME"]) / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status < 500:
+                    return True
+        except OSError:
+            time.sleep(2)
+    return False
+
+
+def up(timeout: float = 180) -> int:
+    env = apply_environment()
+    migrate_db(env)
+    home = Path(env["LLMOPS_HOME"])
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    commands = {c: [_bin("airflow"), c] for c in AIRFLOW_COMPONENTS}
+    commands["api-server"] += ["--port", str(AIRFLOW_PORT)]
+    commands["mlflow"] = [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
+        "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(),
+        "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1",
+    ]
+    for name, command in commands.items():
+        pid_file = _pid_dir(env) / f"{name}.pid"
+        if pid_file.is_file() and _alive(int(pid_file.read_text())):
+            print(f"{name}: already running (pid {pid_file.read_text().strip()})")
+            continue
+        with open(logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, cwd=PROJECT_ROOT)
+        pid_file.write_text(str(process.pid))
+        print(f"{name}: started (pid {process.pid}, log {logs / (name + '.log')})")
+    checks = {
+        "Airflow UI": (f"http://localhost:{AIRFLOW_PORT}/api/v2/monitor/health", f"http://localhost:{AIRFLOW_PORT}"),
+        "MLflow UI": (f"http://127.0.0.1:{MLFLOW_PORT}/health", f"http://localhost:{MLFLOW_PORT}"),
+    }
+    ok = True
+    for label, (health, url) in checks.items():
+        if _wait_http(health, timeout):
+            print(f"{label}: {url}")
+        else:
+            ok = False
+            print(f"{label}: not answering at {health} after {timeout:.0f}s; see {logs}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def down(timeout: float = 30) -> int:
+    env = environment()
+    for pid_file in sorted(_pid_dir(env).glob("*.pid")):
+        pid = int(pid_file.read_text())
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+            print(f"{pid_file.stem}: stopped")
+        pid_file.unlink()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    if command == "up":
+        return up()
+    if command == "down":
+        return down()
+    if command == "env":
+        for key, value in environment().items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+"""Test session setup: an isolated state folder and the embedded stack's environment, set
+before anything imports Airflow. Converted base models are shared with the demo
+(``.llmops/models``) so they are converted once per machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
+
+(ROOT / ".llmops").mkdir(exist_ok=True)
+TEST_HOME = Path(tempfile.mkdtemp(prefix="tests-", dir=ROOT / ".llmops"))
+os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["LLMOPS_ENV"] = "local"
+
+from llmops.localstack import apply_environment  # noqa: E402
+
+STACK_ENV = apply_environment(TEST_HOME)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("LLMOPS_KEEP_TEST_HOME") != "1":
+        shutil.rmtree(TEST_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> dict[str, str]:
+    return STACK_ENV
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings whose store is a fresh folder for this test."""
+    from llmops.config import load_settings
+
+    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path))
+    return load_settings("local")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from llmops.config import load_settings
+    from llmops.models import resolve_model
+
+    return resolve_model(load_settings("local").models.base, load_settings("local").models.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def airflow_db(stack_env) -> dict[str, str]:
+    from llmops.localstack import migrate_db
+
+    migrate_db(stack_env)
+    return stack_env

@@ -1,0 +1,1 @@
+"""Training entrypoint and its helpers. Imports no Airflow."""
