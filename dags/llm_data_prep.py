@@ -98,7 +98,9 @@ def llm_data_prep():
         @task(task_id=task_id)
         @fail_without_retry
         def run_stage(config: dict, upstream: dict) -> dict:
-            return stage(_data(config), upstream["uri"], config["run_uri"], storage_options_for(SETTINGS.store_uri, SETTINGS))
+            return stage(
+                _data(config), upstream["uri"], config["run_uri"], storage_options_for(SETTINGS.store_uri, SETTINGS)
+            )
 
         return run_stage
 
@@ -116,14 +118,14 @@ def llm_data_prep():
 
     @task
     @fail_without_retry
-    def publish_version(config: dict, validated: dict, **upstream: dict) -> dict:
+    def publish_version(config: dict, validated: dict, stage_results: dict[str, dict]) -> dict:
         context = get_current_context()
         return stages.publish(
             SETTINGS,
             _data(config),
             validated["uri"],
             validated["stats"],
-            {name: result["stats"] for name, result in upstream.items()},
+            {name: result["stats"] for name, result in stage_results.items()},
             {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "run_uri": config["run_uri"]},
             storage_options_for(SETTINGS.store_uri, SETTINGS),
         )
@@ -150,13 +152,15 @@ def llm_data_prep():
     published = publish_version(
         config,
         validated,
-        ingest=ingested,
-        clean=cleaned,
-        deduplicate=unique,
-        scrub_pii=scrubbed,
-        format=formatted,
-        split=split,
-        profile_tokens=profiled,
+        stage_results={
+            "ingest": ingested,
+            "clean": cleaned,
+            "deduplicate": unique,
+            "scrub_pii": scrubbed,
+            "format": formatted,
+            "split": split,
+            "profile_tokens": profiled,
+        },
     )
     announce_dataset(published)
 

@@ -10,7 +10,6 @@ the dataset version, its manifest and the Data Docs.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 
 from llmops.localstack import apply_environment, migrate_db
 
@@ -34,12 +33,10 @@ def run_dag(dag_id: str, conf: dict | None = None):
 
     from llmops.config import PROJECT_ROOT
 
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"), include_examples=False)
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
     if bag.import_errors:
         raise RuntimeError(f"{dag_id} failed to import: {bag.import_errors}")
-    dag = bag.get_dag(dag_id)
-    run_id = f"demo__{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    return dag.test(run_id=run_id, run_conf=conf or {})
+    return bag.get_dag(dag_id).test(run_conf=conf or {})
 
 
 def main() -> int:

@@ -92,8 +92,7 @@ def _bin(name: str) -> str:
 
 
 def migrate_db(env: dict[str, str]) -> None:
-    subprocess.run([_bin("airflow"), "db", "migrate"], env={**os.environ, **env}, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([_bin("airflow"), "db", "migrate"], env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL)
 
 
 def _pid_dir(env: dict[str, str]) -> Path:
@@ -132,10 +131,18 @@ def up(timeout: float = 180) -> int:
     commands = {c: [_bin("airflow"), c] for c in AIRFLOW_COMPONENTS}
     commands["api-server"] += ["--port", str(AIRFLOW_PORT)]
     commands["mlflow"] = [
-        _bin("mlflow"), "server",
-        "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
-        "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(),
-        "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1",
+        _bin("mlflow"),
+        "server",
+        "--backend-store-uri",
+        env["MLFLOW_TRACKING_URI"],
+        "--default-artifact-root",
+        (home / "mlflow" / "artifacts").as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(MLFLOW_PORT),
+        "--workers",
+        "1",
     ]
     for name, command in commands.items():
         pid_file = _pid_dir(env) / f"{name}.pid"
@@ -143,8 +150,14 @@ def up(timeout: float = 180) -> int:
             print(f"{name}: already running (pid {pid_file.read_text().strip()})")
             continue
         with open(logs / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=PROJECT_ROOT)
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=PROJECT_ROOT,
+            )
         pid_file.write_text(str(process.pid))
         print(f"{name}: started (pid {process.pid}, log {logs / (name + '.log')})")
     checks = {

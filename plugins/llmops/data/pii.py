@@ -51,8 +51,8 @@ _PHONE_INTL = (
 _PHONE_NANP = (
     r"(?<![\w.+-])"
     r"(?:1[ .-])?"
-    # The back-reference demands one consistent separator: "415-555-0132" or "415.555.0132".
-    r"(?:\(\d{3}\) ?\d{3}[ .-]|\d{3}([.-])\d{3}\1)\d{4}"
+    # One consistent separator: "415-555-0132" or "415.555.0132", never "415-555.0132".
+    r"(?:\(\d{3}\) ?\d{3}[ .-]|\d{3}-\d{3}-|\d{3}\.\d{3}\.)\d{4}"
 )
 # A trailing "-5" or ".5" means the digits go on (a longer identifier or a decimal).
 _PHONE = rf"(?:{_PHONE_INTL}|{_PHONE_NANP})(?!\w|[.-]\d)"
@@ -78,28 +78,35 @@ _IP_ADDRESS = rf"(?:{_IPV4}|{_IPV6})"
 _AWS_ACCESS_KEY = r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"
 # A bare 40-character base64 token is indistinguishable from a hash or an encoded blob, so a
 # secret key is only recognised right after a key-ish name and "=" or ":" (aws_secret_access_key =,
-# "SecretAccessKey": ", secret: ...). Only the ``token`` group is replaced; the name stays, which
+# "SecretAccessKey": ", secret: ...). Only the token itself is replaced; the name stays, which
 # keeps config examples readable.
+_SECRET_TOKEN_LENGTH = 40
 _AWS_SECRET_KEY = (
     r"(?i:secret)[A-Za-z0-9_.-]{0,25}[\"']?\s{0,3}[:=]{1,2}\s{0,3}[\"']?"
-    r"(?P<token>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"
+    rf"[A-Za-z0-9/+]{{{_SECRET_TOKEN_LENGTH}}}(?![A-Za-z0-9/+])"
 )
+
 
 # --- CARD_NUMBER -----------------------------------------------------------------------------
 # Payment card numbers start with 2-6 (ISO/IEC 7812 industry identifiers for Mastercard, Amex,
 # Diners, JCB, Visa, Discover, UnionPay, Maestro). Requiring that removes most of the long integers
 # in technical text (sys.maxsize, 2**64 - 1, nanosecond timestamps) before Luhn is even consulted.
+def _grouped_card(sep: str) -> str:
+    # One separator throughout (no back-reference, so the pattern has no capturing group for pandas
+    # to warn about): 4-4-4-4(-3), 4-4-4-1..3 and 4-6-4/5 (Amex, Diners). A further group of 3+
+    # digits means a longer run, but a short one may follow: the "12/25" of an expiry date must not
+    # hide the card in front of it.
+    return (
+        rf"[2-6]\d{{3}}{sep}(?:\d{{4}}{sep}\d{{4}}{sep}(?:\d{{4}}(?:{sep}\d{{3}})?|\d{{1,3}})|\d{{6}}{sep}\d{{4,5}})"
+        rf"(?!\w|\.\d|{sep}\d{{3}})"
+    )
+
+
 _CARD = (
     # Not inside a word, a decimal fraction, or a longer run of separated digit groups; two-digit
     # date and time parts ("2024-01-15 4111 ...") may precede a card.
     r"(?<![\w.])(?<!\d\d\d[ -])"
-    r"(?:"
-    r"[2-6]\d{12,18}(?!\w|\.\d)"
-    # Grouped with one consistent separator: 4-4-4-4(-3), 4-4-4-1..3 and 4-6-4/5 (Amex, Diners).
-    # A further group of 3+ digits means a longer run, but a short one may follow: the "12/25" of
-    # an expiry date must not hide the card in front of it.
-    r"|[2-6]\d{3}([ -])(?:\d{4}\1\d{4}\1(?:\d{4}(?:\1\d{3})?|\d{1,3})|\d{6}\1\d{4,5})(?!\w|\.\d|\1\d{3})"
-    r")"
+    rf"(?:[2-6]\d{{12,18}}(?!\w|\.\d)|{_grouped_card(' ')}|{_grouped_card('-')})"
 )
 
 
@@ -118,7 +125,8 @@ def _luhn_ok(number: str) -> bool:
 class _Detector(NamedTuple):
     type: str
     pattern: re.Pattern[str]
-    group: int | str = 0  # the part of the match that is PII (and gets replaced)
+    # When set, only this many trailing characters of a match are the PII (the rest is context).
+    tail: int | None = None
     accept: Callable[[str], bool] | None = None  # a check regexes cannot express
 
 
@@ -127,10 +135,11 @@ _DETECTORS: tuple[_Detector, ...] = (
     _Detector("PHONE", re.compile(_PHONE)),
     _Detector("IP_ADDRESS", re.compile(_IP_ADDRESS)),
     _Detector("AWS_ACCESS_KEY", re.compile(_AWS_ACCESS_KEY)),
-    _Detector("AWS_SECRET_KEY", re.compile(_AWS_SECRET_KEY), group="token"),
+    _Detector("AWS_SECRET_KEY", re.compile(_AWS_SECRET_KEY), tail=_SECRET_TOKEN_LENGTH),
     _Detector("CARD_NUMBER", re.compile(_CARD), accept=_luhn_ok),
 )
 
+# One pattern per type, in PII_TYPES order.
 PII_REGEX_LIST: list[str] = [detector.pattern.pattern for detector in _DETECTORS]
 
 
@@ -139,10 +148,12 @@ def _spans(text: str) -> list[tuple[int, int, str]]:
     candidates = []
     for detector in _DETECTORS:
         for match in detector.pattern.finditer(text):
-            start, end = match.span(detector.group)
+            start, end = match.span()
+            if detector.tail is not None:
+                start = end - detector.tail
             if detector.accept is None or detector.accept(text[start:end]):
                 candidates.append((start, end, detector.type))
-    # Two detectors can claim overlapping text (a phone inside something email-like, say).
+    # Two detectors can claim overlapping text (an access key that is an email's local part).
     # Keeping the earliest, then longest, span and dropping anything it overlaps means no
     # replacement ever lands inside another one's placeholder.
     candidates.sort(key=lambda span: (span[0], -(span[1] - span[0])))
@@ -163,9 +174,9 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
     counts: Counter[str] = Counter()
     # One pass is usually enough, but removing a value changes its neighbours' context: a card
     # right after a phone is rejected as "part of a longer digit run" until the phone is gone.
-    # Repeat until nothing is found, so that find_pii on the output is always empty. Placeholders
-    # contain no character any detector can match, so each pass consumes original text and the
-    # loop ends within len(text) passes.
+    # Repeat until nothing is found, so that find_pii on the output is always empty. No detector
+    # can match across or inside a placeholder (its brackets end every token), so each pass
+    # consumes original text and the loop ends within len(text) passes.
     for _ in range(len(text) + 1):
         spans = _spans(text)
         if not spans:

@@ -23,8 +23,7 @@ from functools import cache
 
 from llmops import storage
 from llmops.config import PROJECT_ROOT, DataConfig, Settings
-from llmops.data import profile as token_profile
-from llmops.data import transforms, versioning
+from llmops.data import token_profile, transforms, versioning
 from llmops.data.records import DataQualityError, normalized_key
 
 DAG_ID = "llm_data_prep"
@@ -64,7 +63,11 @@ def ingest(data: DataConfig, run_uri: str, options: dict | None = None, raw_opti
     out_uri = storage.join(run_uri, "ingested.jsonl")
     storage.write_jsonl(out_uri, records, options)
     source = data.raw_uri or BUNDLED_SOURCE
-    return {"uri": out_uri, "count": len(records), "stats": {"source": source, "raw_uri": raw_uri, "records": len(records)}}
+    return {
+        "uri": out_uri,
+        "count": len(records),
+        "stats": {"source": source, "raw_uri": raw_uri, "records": len(records)},
+    }
 
 
 def clean(data: DataConfig, in_uri: str, run_uri: str, options: dict | None = None) -> dict:
