@@ -36,7 +36,7 @@ def run_dag(dag_id: str, conf: dict | None = None):
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
     if bag.import_errors:
         raise RuntimeError(f"{dag_id} failed to import: {bag.import_errors}")
-    return bag.get_dag(dag_id).test(run_conf=conf or {})
+    return bag.dags[dag_id].test(run_conf=conf or {})
 
 
 def main() -> int:

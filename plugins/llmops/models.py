@@ -88,7 +88,10 @@ def verify_folder(folder: Path) -> bool:
     record = folder / CHECKSUMS
     if not record.is_file():
         return False
-    expected = json.loads(record.read_text())["files"]
+    try:
+        expected = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
     return all((folder / name).is_file() and sha256_file(folder / name) == digest for name, digest in expected.items())
 
 

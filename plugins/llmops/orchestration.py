@@ -57,7 +57,7 @@ def fail_without_retry(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataQualityError, ConfigError) as exc:
-            from airflow.exceptions import AirflowFailException
+            from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 

@@ -120,7 +120,8 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
 def read_jsonl(uri: str, storage_options: dict[str, Any] | None = None) -> list[dict]:
     """Read JSON lines written by this project (trusted). Raw user files go through
     ``llmops.data.ingest``, which reports defects by line and column."""
-    return [json.loads(line) for line in read_bytes(uri, storage_options).decode("utf-8").splitlines() if line]
+    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON leaves unescaped.
+    return [json.loads(line) for line in read_bytes(uri, storage_options).decode("utf-8").split("\n") if line]
 
 
 def list_dir(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:

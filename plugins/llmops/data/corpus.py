@@ -407,13 +407,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llmops.data.corpus", description="Write the Python-docs instruction corpus as JSON lines."
     )
-    parser.add_argument("output", help="path of the .jsonl file to write")
+    parser.add_argument("output", help="path of the .jsonl file to write, or - for standard output")
     parser.add_argument("--max-response-chars", type=int, default=1200)
     args = parser.parse_args(argv)
     records = build_python_docs_corpus(max_response_chars=args.max_response_chars)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
+    lines = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
+    if args.output == "-":
+        sys.stdout.reconfigure(encoding="utf-8")
+        sys.stdout.writelines(lines)
+    else:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
     return 0
+
+
+def build_in_fresh_interpreter(timeout: float = 120) -> bytes:
+    """The corpus as JSON lines, built by a new, isolated interpreter (``python -I``).
+
+    Docstrings and signatures are read from live objects, and libraries loaded in a long-lived
+    worker patch some of them (transformers adds methods to ``logging.Logger``; Airflow replaces
+    ``warnings.showwarning``). Building in a fresh process keeps the corpus, and so the dataset
+    version, a function of the Python build alone."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-I", __file__, "-"], capture_output=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the bundled corpus failed: {result.stderr.decode(errors='replace')[-2000:]}")
+    return result.stdout
 
 
 if __name__ == "__main__":

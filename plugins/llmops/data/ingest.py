@@ -71,7 +71,7 @@ def _read_jsonl(uri: str, data: bytes) -> list[dict]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             hint = ""
-            if number >= len(lines) - 1 and not text.endswith("\n"):
+            if number == len(lines) and not text.endswith("\n"):
                 hint = "; the last line looks truncated"
             raise DataQualityError(f"{uri} line {number}, column {exc.colno}: invalid JSON ({exc.msg}){hint}") from None
         if not isinstance(value, dict):

@@ -52,17 +52,17 @@ def ingest(data: DataConfig, run_uri: str, options: dict | None = None, raw_opti
     (Python's own documentation) as raw JSON lines first and read that."""
     from llmops.data.ingest import read_raw
 
-    raw_uri = data.raw_uri
+    raw_uri = storage.to_uri(data.raw_uri) if data.raw_uri else None
     if raw_uri is None:
-        from llmops.data.corpus import build_python_docs_corpus
+        from llmops.data.corpus import build_in_fresh_interpreter
 
         raw_uri = storage.join(run_uri, "raw", "python_docs.jsonl")
-        storage.write_jsonl(raw_uri, build_python_docs_corpus(), options)
+        storage.write_bytes(raw_uri, build_in_fresh_interpreter(), options)
         raw_options = options
     records = read_raw(raw_uri, raw_options)
     out_uri = storage.join(run_uri, "ingested.jsonl")
     storage.write_jsonl(out_uri, records, options)
-    source = data.raw_uri or BUNDLED_SOURCE
+    source = BUNDLED_SOURCE if data.raw_uri is None else raw_uri
     return {
         "uri": out_uri,
         "count": len(records),
@@ -91,7 +91,7 @@ def format_records(data: DataConfig, in_uri: str, run_uri: str, options: dict | 
         template = load_template(data.template)
     except PromptCatalogError as exc:
         raise DataQualityError(str(exc)) from None
-    default_source = BUNDLED_SOURCE if data.raw_uri is None else data.raw_uri
+    default_source = BUNDLED_SOURCE if data.raw_uri is None else storage.to_uri(data.raw_uri)
     return _apply(
         "formatted", in_uri, run_uri, lambda rs: transforms.format_records(rs, template, default_source), options
     )

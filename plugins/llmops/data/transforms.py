@@ -35,9 +35,10 @@ _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 def clean_text(text: str) -> str:
     """NFC, newlines unified, control characters removed, trailing spaces and runs of blank
     lines trimmed. Inner spacing is kept: code in responses depends on indentation."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    text = _CONTROL.sub("", text).replace("\u00a0", " ")
+    # After removing invisible characters, so a base letter and an accent they separated compose.
     text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u00a0", " ")
-    text = _CONTROL.sub("", text)
     text = _TRAILING_SPACE.sub("\n", text)
     text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()
@@ -84,7 +85,7 @@ def deduplicate(records: list[dict], max_duplicate_fraction: float = 1.0) -> tup
     seen_near: dict[str, dict] = {}
     kept, exact, near = [], [], []
     for record in records:
-        prompt = _prompt_text(record) + "\n" + record.get("context", "")
+        prompt = _prompt_text(record) + "\n" + (record.get("context") or "")
         exact_key = sha256_text(prompt + "\x00" + record["response"])
         near_key = sha256_text(normalized_key(prompt) + "\x00" + normalized_key(record["response"]))
         if exact_key in seen_exact:

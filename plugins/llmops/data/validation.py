@@ -14,6 +14,7 @@ DataFrame when the DAG is parsed. The GX calls below are the ones it makes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ def _describe_failure(result: Any) -> dict:
         "examples": [_short(v) for v in (detail.get("partial_unexpected_list") or [])[:EXAMPLES]],
         "example_ids": ids[:EXAMPLES],
         "observed_value": detail.get("observed_value"),
+        "missing": detail.get("partial_missing_list") or detail.get("details", {}).get("missing") or [],
     }
 
 
@@ -108,6 +110,8 @@ def format_failures(outcome: ValidationOutcome, records: int) -> str:
             head += f": {failure['unexpected_count']} unexpected ({failure['unexpected_percent']:.1f}%)"
         elif failure["observed_value"] is not None:
             head += f": observed {failure['observed_value']!r}"
+        if failure["missing"]:
+            head += f": missing {failure['missing']!r}"
         lines.append(head)
         if failure["examples"]:
             lines.append(f"      example values: {failure['examples']}")
@@ -129,6 +133,8 @@ def validate_records(
 
     Returns the outcome on success, raises ``DataValidationError`` on failure (after saving)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # GX logs every datasource save at INFO; the task log should show the verdict, not that.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 

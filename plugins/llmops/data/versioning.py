@@ -68,7 +68,7 @@ def publish(
         "name": name,
         "version": version,
         "content_sha256": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
         "counts": {s: files[s].count(b"\n") for s in SPLITS},
         "files": {
             s: {"uri": storage.join(version_uri, f"{s}.jsonl"), "sha256": hashlib.sha256(files[s]).hexdigest()}

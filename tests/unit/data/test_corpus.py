@@ -1,4 +1,3 @@
-import json
 import os
 import pydoc_data.topics
 import re
@@ -103,10 +102,15 @@ def test_building_twice_gives_identical_output(corpus):
     assert build_python_docs_corpus() == corpus
 
 
-def test_cli_writes_the_same_corpus_as_json_lines_in_a_fresh_process(corpus, tmp_path):
+def test_cli_and_the_pipeline_build_the_same_corpus_whatever_this_process_imported(tmp_path):
+    """The pipeline builds in a fresh ``python -I``; the CLI, under another hash seed, must agree
+    byte for byte, even though this pytest process has imported (and patched) many modules."""
+    import torch  # noqa: F401  (loads libraries that patch stdlib objects the corpus reads)
+
+    from llmops.data.corpus import build_in_fresh_interpreter
+
     out = tmp_path / "corpus.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "plugins"), str(REPO_ROOT)])}
-    # A different hash seed: nothing in the output may depend on set or str-hash ordering.
     env["PYTHONHASHSEED"] = "4242"
     result = subprocess.run(
         [sys.executable, "-m", "llmops.data.corpus", str(out)],
@@ -117,10 +121,10 @@ def test_cli_writes_the_same_corpus_as_json_lines_in_a_fresh_process(corpus, tmp
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == ""
-    assert result.stderr == ""
-    lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines == [json.dumps(record, ensure_ascii=False, sort_keys=True) for record in corpus]
+    assert result.stdout == "" and result.stderr == ""
+    fresh = build_in_fresh_interpreter()
+    assert out.read_bytes() == fresh
+    assert len(fresh.splitlines()) > 1000
 
 
 def test_both_sources_are_present_in_sensible_numbers(corpus):

@@ -1,0 +1,89 @@
+"""Every DAG imports cleanly, fast, without heavy libraries, and has the expected shape."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
+HEAVY = ("torch", "transformers", "peft", "datasets", "mlflow", "great_expectations", "pandas", "sentence_transformers")
+PARSE_BUDGET_S = 2.0
+
+_PROBE = """
+import json, sys, time
+import airflow.sdk  # Airflow's own import cost is not the DAG's
+from airflow.dag_processing.dagbag import DagBag
+started = time.perf_counter()
+bag = DagBag(dag_folder=sys.argv[1])
+elapsed = time.perf_counter() - started
+print(json.dumps({
+    "elapsed": elapsed,
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dag_ids": sorted(bag.dag_ids),
+    "heavy": sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[2])),
+}))
+"""
+
+
+@pytest.fixture(scope="module", params=DAG_FILES, ids=lambda p: p.name)
+def parsed(request, stack_env):
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(request.param), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=stack_env | {"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return request.param, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dag_imports_without_errors(parsed):
+    path, result = parsed
+    assert result["errors"] == {}
+    assert result["dag_ids"] == [path.stem], "one DAG per file, and the file is named after the dag_id"
+
+
+def test_dag_parses_within_budget(parsed):
+    _, result = parsed
+    assert result["elapsed"] < PARSE_BUDGET_S, f"parsing took {result['elapsed']:.2f}s"
+
+
+def test_dag_file_pulls_in_no_heavy_library(parsed):
+    _, result = parsed
+    assert result["heavy"] == []
+
+
+def test_llm_data_prep_graph_and_params(stack_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_data_prep.py")).dags["llm_data_prep"]
+    chain = [
+        "resolve_config",
+        "ingest_raw",
+        "clean_text",
+        "deduplicate",
+        "scrub_pii",
+        "format_instructions",
+        "split_dataset",
+        "profile_tokens",
+        "validate_dataset",
+        "publish_version",
+        "announce_dataset",
+    ]
+    assert set(dag.task_ids) == set(chain)
+    for upstream, downstream in itertools.pairwise(chain):
+        assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    assert dag.schedule is None or str(dag.timetable.summary) == "None"
+    assert not dag.catchup
+    assert set(dag.params.keys()) == {"raw_uri", "template", "max_tokens", "over_length", "scrub_pii"}
+    assert dag.params["raw_uri"] is None
+    outlets = dag.get_task("announce_dataset").outlets
+    assert len(outlets) == 1 and outlets[0].uri.endswith("/datasets/python-docs-instruct")

@@ -1,0 +1,77 @@
+"""llm_data_prep end to end with dag.test() on the embedded stack (SQLite, local store)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmops import storage
+from llmops.config import PROJECT_ROOT, get_settings
+from llmops.demo import _xcom
+from tests.datagen import good_records, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+@pytest.fixture
+def dag(airflow_db, tmp_path, monkeypatch):
+    """The DAG parsed against a store of its own."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "llm_data_prep.py"))
+    assert not bag.import_errors
+    yield bag.dags["llm_data_prep"]
+    get_settings.cache_clear()
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+
+
+def _versions(settings) -> list[str]:
+    dataset = storage.join(settings.datasets_uri(), settings.data.dataset_name)
+    return [c for c in storage.list_dir(dataset) if not c.startswith(".")]
+
+
+def test_bundled_corpus_is_curated_validated_and_published_once(dag):
+    settings = get_settings()
+    first = dag.test()
+    assert first.state == "success", _states(first)
+    published = _xcom(first, "publish_version")
+    assert published["created"] is True
+    assert _versions(settings) == [published["version"]]
+    manifest = storage.read_json(published["manifest_uri"])
+    assert any(uri.startswith("python-docs:") for uri in manifest["source_uris"])
+    assert min(manifest["counts"].values()) > 100
+    assert manifest["validation"]["success"] and storage.exists(manifest["validation"]["data_docs_uri"])
+    assert manifest["lineage"]["dag_id"] == "llm_data_prep" and manifest["lineage"]["run_id"] == first.run_id
+    assert _states(first)["announce_dataset"] == "success"
+
+    second = dag.test()
+    assert second.state == "success", _states(second)
+    again = _xcom(second, "publish_version")
+    assert again["version"] == published["version"] and again["created"] is False
+    assert _states(second)["announce_dataset"] == "skipped", "an unchanged dataset must not trigger training"
+    assert _versions(settings) == [published["version"]]
+
+
+def test_bad_input_fails_at_ingest_and_writes_no_version(dag, tmp_path):
+    raw = write_jsonl(tmp_path / "cut.jsonl", good_records(10))
+    raw.write_bytes(raw.read_bytes()[:-20])
+    run = dag.test(run_conf={"raw_uri": str(raw)})
+    states = _states(run)
+    assert run.state == "failed"
+    assert states["ingest_raw"] == "failed"
+    assert states["publish_version"] in ("upstream_failed", None)
+    assert _versions(get_settings()) == []
+
+
+def test_user_data_with_params_from_the_trigger_form(dag, tmp_path):
+    raw = write_jsonl(tmp_path / "mine.jsonl", good_records(30))
+    run = dag.test(run_conf={"raw_uri": str(raw), "template": "plain_instruction", "over_length": "fail"})
+    assert run.state == "success", _states(run)
+    published = _xcom(run, "publish_version")
+    assert sum(published["counts"].values()) == 30
+    train = storage.read_jsonl(storage.join(published["uri"], "train.jsonl"))
+    assert {r["template"] for r in train} == {"plain_instruction@1"}
