@@ -44,7 +44,12 @@ def _data(config: dict) -> DataConfig:
     max_active_runs=1,
     doc_md=__doc__,
     tags=["llmops", "data"],
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "execution_timeout": timedelta(hours=1)},
+    default_args={
+        "owner": "llmops",
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "execution_timeout": timedelta(hours=1),
+    },
     params={
         "raw_uri": Param(
             None,
