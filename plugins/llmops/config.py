@@ -16,7 +16,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,6 +78,40 @@ class DataConfig(_Strict):
     expectation_suite: str = "curated_dataset"
 
 
+class FinetuneConfig(_Strict):
+    """How ``llm_finetune`` runs: when, where, and the default hyperparameters (any field of
+    ``training.config.TrainConfig``; the trigger form overrides them per run)."""
+
+    model_name: str = Field("python-docs-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    schedule: str = "0 2 * * *"
+    timezone: str = "UTC"
+    backend: Literal["local"] = "local"
+    processes: int = Field(1, ge=1, le=64)
+    timeout_minutes: int = Field(120, ge=1)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _hyperparameters_are_valid(self) -> FinetuneConfig:
+        from training.config import config_from_mapping
+
+        config_from_mapping(self.hyperparameters)
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_is_cron(self) -> FinetuneConfig:
+        from croniter import croniter
+
+        if not croniter.is_valid(self.schedule):
+            raise ValueError(f"schedule: {self.schedule!r} is not a cron expression")
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from None
+        return self
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str
     artifact_uri: str
@@ -98,6 +132,7 @@ class Settings(_Strict):
     models: ModelsConfig
     data: DataConfig = DataConfig()
     mlflow: MlflowConfig
+    finetune: FinetuneConfig = FinetuneConfig()
     aws: AwsConfig = AwsConfig()
 
     @model_validator(mode="after")

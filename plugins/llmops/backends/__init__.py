@@ -1,0 +1,1 @@
+"""Training backends: where the one training entrypoint runs. Only the launcher differs."""

@@ -1,0 +1,150 @@
+"""What ``llm_finetune`` decides and runs, as plain functions (no Airflow imports).
+
+A run's Params become a ``FinetuneRequest`` (validated into the training entrypoint's own
+``TrainConfig``), the dataset version is chosen, ``decide_training`` says whether to train and
+why, and ``run_training`` hands the job to a backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmops import storage
+from llmops.config import ConfigError, Settings
+from llmops.data import versioning
+from training.config import config_from_mapping
+
+LATEST = "latest"
+
+
+class FinetuneRequest(BaseModel):
+    """One fine-tuning run, fully resolved: everything the job and its lineage need."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset_version: str = LATEST
+    backend: str
+    processes: int = Field(ge=1, le=64)
+    force: bool = False
+    reason: str = ""
+    base_model_name: str
+    hyperparameters: dict[str, Any]
+
+
+REQUEST_FIELDS = {"dataset_version", "backend", "processes", "force", "reason"}
+
+
+def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneRequest:
+    """Per-run overrides (the trigger form, or a triggering DAG's conf) on top of the config."""
+    params = {k: v for k, v in params.items() if v is not None and v != ""}
+    unknown = sorted(set(params) - REQUEST_FIELDS - set(config_from_mapping({}).to_dict()))
+    if unknown:
+        raise ConfigError(f"invalid run parameters:\n  unknown parameter(s): {', '.join(unknown)}")
+    hyperparameters = {
+        **settings.finetune.hyperparameters,
+        **{k: v for k, v in params.items() if k not in REQUEST_FIELDS},
+    }
+    try:
+        config = config_from_mapping(hyperparameters)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("invalid training configuration", "invalid run parameters")) from None
+    backend = params.get("backend", settings.finetune.backend)
+    if backend != settings.finetune.backend and backend not in ("local",):
+        raise ConfigError(f"invalid run parameters:\n  backend: {backend!r} is not available (available: local)")
+    return FinetuneRequest(
+        dataset_version=params.get("dataset_version", LATEST),
+        backend=backend,
+        processes=int(params.get("processes", settings.finetune.processes)),
+        force=bool(params.get("force", False)),
+        reason=str(params.get("reason", "")),
+        base_model_name=config.base_model,
+        hyperparameters=config.to_dict(),
+    )
+
+
+def select_dataset(settings: Settings, version: str, storage_options: dict | None = None) -> dict:
+    """The manifest of the requested curated dataset version (``latest``: the newest)."""
+    name = settings.data.dataset_name
+    if version == LATEST:
+        manifest = versioning.latest_version(settings.datasets_uri(), name, storage_options)
+        if manifest is None:
+            raise ConfigError(f"no curated version of dataset {name!r} exists yet; run llm_data_prep first")
+    else:
+        uri = storage.join(settings.datasets_uri(), name, version, versioning.MANIFEST)
+        if not storage.exists(uri, storage_options):
+            known = [
+                m["version"][:12] for m in versioning.list_versions(settings.datasets_uri(), name, storage_options)
+            ]
+            raise ConfigError(f"dataset_version: {version!r} of {name!r} does not exist (known: {known})")
+        manifest = storage.read_json(uri, storage_options)
+    if not manifest.get("validation", {}).get("success"):
+        raise ConfigError(f"dataset {name}@{manifest['version']} did not pass validation; refusing to train on it")
+    manifest["uri"] = storage.join(settings.datasets_uri(), name, manifest["version"])
+    manifest["manifest_uri"] = storage.join(manifest["uri"], versioning.MANIFEST)
+    return manifest
+
+
+@dataclass(frozen=True)
+class TrainingDecision:
+    train: bool
+    reason: str
+
+
+def decide_training(
+    dataset_version: str, champion_dataset_version: str | None, force: bool, reason: str
+) -> TrainingDecision:
+    """Train unless the champion already learned from this very dataset and nobody asked again."""
+    if force:
+        return TrainingDecision(True, "forced by the force parameter")
+    if reason:
+        return TrainingDecision(True, f"retraining requested: {reason}")
+    if champion_dataset_version is None:
+        return TrainingDecision(True, "no champion is serving yet")
+    if champion_dataset_version == dataset_version:
+        return TrainingDecision(
+            False, f"the champion was trained on dataset version {dataset_version[:12]} already; set force to retrain"
+        )
+    return TrainingDecision(
+        True, f"new dataset version {dataset_version[:12]} (champion: {champion_dataset_version[:12]})"
+    )
+
+
+def job_name(dag_id: str, run_id: str, prefix: str = "llmops-ft") -> str:
+    """A training job name that is the same for every retry of one Airflow run: SageMaker job
+    names are unique, at most 63 characters of ``[a-zA-Z0-9-]``."""
+    digest = hashlib.sha256(f"{dag_id}\x00{run_id}".encode()).hexdigest()[:12]
+    stamp = re.sub(r"[^0-9]", "", run_id)[:12]
+    return f"{prefix}-{stamp}-{digest}" if stamp else f"{prefix}-{digest}"
+
+
+def run_training(
+    settings: Settings,
+    request: FinetuneRequest,
+    dataset: dict,
+    name: str,
+    lineage: dict,
+    on_line: Callable[[str], None] = print,
+    storage_options: dict | None = None,
+) -> dict:
+    from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
+    from llmops.models import resolve_model
+
+    base_dir = resolve_model(request.base_model_name, settings.models.cache_dir)
+    spec = TrainingJobSpec(
+        job_name=name,
+        hyperparameters={**request.hyperparameters, "base_model": str(base_dir)},
+        channels={"train": dataset["files"]["train"]["uri"], "validation": dataset["files"]["validation"]["uri"]},
+        processes=request.processes,
+        timeout_s=settings.finetune.timeout_minutes * 60,
+        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
+    )
+    backend = LocalTrainingBackend(
+        settings.store_uri, storage.local_path(storage.join(settings.home, "jobs")), storage_options
+    )
+    return backend.run(spec, on_line).to_dict()

@@ -1,0 +1,244 @@
+"""MLflow tracking and registry with lineage: one experiment and one registered model per use case.
+
+``record_training`` logs a training job as an MLflow run (params, per-step metrics, a loss
+curve, the curated dataset as an input, the model files) and registers it as a model version
+whose tags answer "where did this come from": dataset URI and hash, validation result, git SHA,
+Airflow DAG and run, backend and job, base model, PEFT method, metrics. Both steps are keyed by
+the Airflow run, so a retried or re-run task finds and returns what it made the first time.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmops import storage
+
+RUN_KEY = "llmops.run_key"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    model_name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    source: str
+    created: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(mlflow_client, name: str, artifact_root: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=storage.join(artifact_root, name))
+
+
+def _find_run(mlflow_client, experiment_id: str, run_key: str):
+    runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=5)
+    return runs[0] if runs else None
+
+
+def loss_curve_png(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def version_tags(job: dict, dataset: dict, hyperparameters: dict, lineage: dict) -> dict[str, str]:
+    metrics = job.get("metrics", {})
+    tags = {
+        "dataset.name": dataset["name"],
+        "dataset.version": dataset["version"],
+        "dataset.uri": dataset["uri"],
+        "dataset.manifest_uri": dataset["manifest_uri"],
+        "dataset.content_sha256": dataset["content_sha256"],
+        "validation.success": str(dataset["validation"]["success"]).lower(),
+        "validation.result_uri": dataset["validation"]["result_uri"],
+        "validation.data_docs_uri": dataset["validation"]["data_docs_uri"],
+        "code.git_sha": lineage.get("git_sha", "unknown"),
+        "airflow.dag_id": lineage.get("dag_id", ""),
+        "airflow.run_id": lineage.get("run_id", ""),
+        "training.backend": job["backend"],
+        "training.job_name": job["job_name"],
+        "training.job_arn": job.get("job_arn", ""),
+        "training.artifact_uri": job["model_artifact_uri"],
+        "base_model": lineage.get("base_model_name", hyperparameters.get("base_model", "")),
+        "peft_method": hyperparameters.get("peft_method", "lora"),
+    }
+    for key in ("eval_loss_before", "eval_loss", "eval_perplexity", "train_loss"):
+        if key in metrics:
+            tags[f"metrics.{key}"] = f"{metrics[key]:.6g}"
+    return {k: str(v) for k, v in tags.items()}
+
+
+def record_training(
+    tracking_uri: str,
+    artifact_root: str,
+    model_name: str,
+    job: dict,
+    dataset: dict,
+    hyperparameters: dict,
+    lineage: dict,
+    storage_options: dict | None = None,
+) -> RegisteredVersion:
+    """Log the job as a run and register it; returns the existing version when this Airflow run
+    already registered one."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from llmops.backends.local import extract_model
+
+    mlflow_client = client(tracking_uri)
+    run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', job['job_name'])}"
+    existing = _registered_version(mlflow_client, model_name, run_key)
+    if existing is not None:
+        return existing
+
+    experiment_id = ensure_experiment(mlflow_client, model_name, artifact_root)
+    tags = version_tags(job, dataset, hyperparameters, lineage)
+    run = _find_run(mlflow_client, experiment_id, run_key)
+    if run is None or run.info.status != "FINISHED":
+        if run is not None:
+            mlflow_client.delete_run(run.info.run_id)
+        run = mlflow_client.create_run(experiment_id, run_name=job["job_name"], tags={RUN_KEY: run_key, **tags})
+        run_id = run.info.run_id
+        mlflow_client.log_batch(
+            run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
+        )
+        with tempfile.TemporaryDirectory(prefix="llmops-mlflow-") as tmp:
+            model_dir = extract_model(
+                storage.read_bytes(job["model_artifact_uri"], storage_options), Path(tmp) / "model"
+            )
+            history = json.loads((model_dir / "metrics.json").read_text())["history"]
+            _log_history(mlflow_client, run_id, history)
+            final = {k: v for k, v in job["metrics"].items() if isinstance(v, (int, float))}
+            mlflow_client.log_batch(
+                run_id, metrics=[_metric(k, v, final.get("global_step", 0)) for k, v in final.items()]
+            )
+            mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
+            mlflow_client.log_artifacts(run_id, str(model_dir), "model")
+        dataset_entity = MetaDataset(
+            source=mlflow.data.http_dataset_source.HTTPDatasetSource(dataset["uri"])
+            if dataset["uri"].startswith("http")
+            else _uri_source(dataset["uri"]),
+            name=f"{dataset['name']}",
+            digest=dataset["version"][:36],
+        )
+        mlflow_client.log_inputs(
+            run_id,
+            datasets=[
+                DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+            ],
+        )
+        mlflow_client.set_terminated(run_id, "FINISHED")
+        run = mlflow_client.get_run(run_id)
+
+    run_id = run.info.run_id
+    _ensure_registered_model(mlflow_client, model_name)
+    source = f"{run.info.artifact_uri}/model"
+    version = mlflow_client.create_model_version(
+        model_name,
+        source=source,
+        run_id=run_id,
+        tags={RUN_KEY: run_key, **tags},
+        description=(
+            f"Fine-tuned {tags['base_model']} ({tags['peft_method']}) on {dataset['name']}@{dataset['version'][:12]}"
+        ),
+    )
+    return RegisteredVersion(model_name, version.version, run_id, experiment_id, source, created=True)
+
+
+def _uri_source(uri: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    try:
+        return resolve_dataset_source(uri)
+    except Exception:
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        return HTTPDatasetSource(uri)
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), int(step))
+
+
+def _log_history(mlflow_client, run_id: str, history: list[dict]) -> None:
+    metrics = []
+    for entry in history:
+        step = int(entry.get("step", 0))
+        metrics += [_metric(k, v, step) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))]
+    for start in range(0, len(metrics), 900):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
+
+
+def _ensure_registered_model(mlflow_client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(name, description="Fine-tuned model of the llmops use case.")
+
+
+def _registered_version(mlflow_client, model_name: str, run_key: str) -> RegisteredVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client.search_model_versions(f"name = '{model_name}' and tag.`{RUN_KEY}` = '{run_key}'")
+    except MlflowException:
+        return None
+    if not versions:
+        return None
+    version = min(versions, key=lambda v: int(v.version))
+    run = mlflow_client.get_run(version.run_id)
+    return RegisteredVersion(model_name, version.version, version.run_id, run.info.experiment_id, version.source, False)
+
+
+def champion_dataset_version(tracking_uri: str, model_name: str) -> str | None:
+    """The dataset version the serving champion was trained on, or None without a champion."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking_uri)
+    try:
+        version = mlflow_client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return version.tags.get("dataset.version")

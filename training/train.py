@@ -1,0 +1,260 @@
+"""The one training entrypoint, for every backend (local subprocess, torchrun, SageMaker, EC2).
+
+    python -m training.train --base_model PATH --peft_method lora --max_steps 30
+    torchrun --nproc_per_node 2 -m training.train ...          # data parallel (gloo on CPU)
+
+Reads hyperparameters from ``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` and ``--flags``, the
+``train`` and ``validation`` channels from ``$SM_CHANNEL_TRAIN`` / ``$SM_CHANNEL_VALIDATION``,
+checkpoints in ``$LLMOPS_CHECKPOINT_DIR`` (default ``/opt/ml/checkpoints``; a restarted job
+resumes from the newest one), and writes to ``$SM_MODEL_DIR``: the adapter (or the full model),
+the tokenizer, ``training_config.json``, ``metrics.json`` and a model card ``README.md``. Metrics
+are printed as ``name=value;`` lines that SageMaker ``MetricDefinitions`` can parse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from training.config import JobPaths, TrainConfig, load_config
+
+BASELINE = "baseline_metrics.json"
+
+
+def metric_line(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.6g};" if isinstance(v, float) else f"{k}={v};" for k, v in metrics.items())
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(message, flush=True)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def build_model(config: TrainConfig, base_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    if config.peft_method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bnb = False
+        else:
+            bnb = True
+        if not (cuda and bnb):
+            raise ValueError(
+                "peft_method=qlora needs a CUDA GPU and the bitsandbytes package "
+                f"(CUDA available: {cuda}, bitsandbytes installed: {bnb}); use lora on this machine"
+            )
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    if config.precision == "bf16" and not cuda and not _cpu_has_native_bf16():
+        _say("warning: this CPU has no native bf16 (no AMX or AVX512-BF16); bf16 will be much slower than fp32")
+    kwargs: dict = {"dtype": dtype}
+    if config.peft_method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if config.peft_method == "full":
+        return model
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    if config.peft_method == "prompt_tuning":
+        peft_config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=config.prompt_tuning_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+    else:
+        if config.peft_method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in config.lora_target_modules if m not in present]
+        if missing:
+            raise ValueError(
+                f"lora_target_modules: {missing} not found in {base_dir} (it has e.g. {sorted(present)[:12]})"
+            )
+        peft_config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _trainer_callback():
+    from transformers import TrainerCallback
+
+    class MetricLines(TrainerCallback):
+        """Every log event as one ``name=value;`` line, for SageMaker MetricDefinitions."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+                values["step"] = state.global_step
+                print(metric_line(values), flush=True)
+
+    return MetricLines()
+
+
+def write_model_card(path: Path, config: TrainConfig, metrics: dict, lineage: dict) -> None:
+    lines = [
+        f"# Fine-tuned {Path(config.base_model).name}",
+        "",
+        f"- PEFT method: {config.peft_method}",
+        f"- Base model: {lineage.get('base_model_name', config.base_model)}",
+        f"- Precision: {config.precision}",
+        f"- Steps: {metrics.get('global_step')}, epochs: {metrics.get('epoch'):.3g}" if metrics.get("epoch") else "",
+        f"- Held-out loss: {metrics.get('eval_loss_before', float('nan')):.4f} before, "
+        f"{metrics.get('eval_loss', float('nan')):.4f} after",
+    ]
+    if lineage:
+        lines += ["", "## Lineage", "", *[f"- {k}: {v}" for k, v in sorted(lineage.items())]]
+    lines += ["", "## Training configuration", "", "```json", json.dumps(config.to_dict(), indent=2), "```", ""]
+    path.write_text("\n".join(line for line in lines if line is not None))
+
+
+def train(config: TrainConfig, paths: JobPaths) -> dict:
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.data import Collator, encode_all, read_split
+
+    if not config.base_model or not (Path(config.base_model) / "config.json").is_file():
+        raise ValueError(f"base_model: {config.base_model!r} is not a model folder with a config.json")
+    set_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_records = read_split(paths.train_dir, "train")
+    eval_records = read_split(paths.validation_dir, "validation")
+    if config.max_train_samples:
+        train_records = train_records[: config.max_train_samples]
+    if config.max_eval_samples:
+        eval_records = eval_records[: config.max_eval_samples]
+    train_set = encode_all(tokenizer, train_records, config.max_seq_length)
+    eval_set = encode_all(tokenizer, eval_records, config.max_seq_length)
+    if not train_set:
+        raise ValueError(f"no usable training example in {paths.train_dir} (max_seq_length={config.max_seq_length})")
+    _say(f"examples: train={len(train_set)} validation={len(eval_set)}")
+
+    model = build_model(config, config.base_model)
+    cuda = torch.cuda.is_available()
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(
+        output_dir=str(paths.checkpoint_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.checkpoint_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.precision == "bf16",
+        use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not _is_main_process(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[_trainer_callback()],
+    )
+
+    resume_from = get_last_checkpoint(str(paths.checkpoint_dir)) if paths.checkpoint_dir.is_dir() else None
+    baseline_file = paths.checkpoint_dir / BASELINE
+    if baseline_file.is_file():
+        baseline = json.loads(baseline_file.read_text())
+    else:
+        baseline = {"eval_loss_before": trainer.evaluate()["eval_loss"]} if eval_set else {}
+        if _is_main_process():
+            baseline_file.write_text(json.dumps(baseline))
+    if baseline:
+        _say(metric_line(baseline))
+    if resume_from:
+        _say(f"resuming from checkpoint {resume_from}")
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    final = trainer.evaluate() if eval_set else {}
+    metrics = {
+        **baseline,
+        **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        **{k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
+        "global_step": trainer.state.global_step,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set),
+        "train_wall_seconds": round(time.monotonic() - started, 2),
+    }
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    _say(metric_line({k: metrics[k] for k in ("eval_loss", "eval_perplexity", "train_loss") if k in metrics}))
+
+    if trainer.is_world_process_zero():
+        paths.model_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(paths.model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(paths.model_dir)
+        lineage = json.loads(os.environ.get("LLMOPS_LINEAGE", "{}"))
+        (paths.model_dir / "training_config.json").write_text(
+            json.dumps({**config.to_dict(), "lineage": lineage}, indent=2, sort_keys=True)
+        )
+        history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
+        (paths.model_dir / "metrics.json").write_text(
+            json.dumps({"final": metrics, "history": history}, indent=2, sort_keys=True)
+        )
+        write_model_card(paths.model_dir / "README.md", config, metrics, lineage)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = JobPaths.from_env()
+    try:
+        config = load_config(argv, paths)
+        train(config, paths)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"training failed: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
