@@ -178,7 +178,7 @@ def record_training(
             f"Fine-tuned {tags['base_model']} ({tags['peft_method']}) on {dataset['name']}@{dataset['version'][:12]}"
         ),
     )
-    return RegisteredVersion(model_name, version.version, run_id, experiment_id, source, created=True)
+    return RegisteredVersion(model_name, str(version.version), run_id, experiment_id, source, created=True)
 
 
 def _uri_source(uri: str):
@@ -229,7 +229,9 @@ def _registered_version(mlflow_client, model_name: str, run_key: str) -> Registe
         return None
     version = min(versions, key=lambda v: int(v.version))
     run = mlflow_client.get_run(version.run_id)
-    return RegisteredVersion(model_name, version.version, version.run_id, run.info.experiment_id, version.source, False)
+    return RegisteredVersion(
+        model_name, str(version.version), version.run_id, run.info.experiment_id, version.source, False
+    )
 
 
 def champion_dataset_version(tracking_uri: str, model_name: str) -> str | None:

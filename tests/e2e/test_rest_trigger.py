@@ -1,0 +1,111 @@
+"""Both DAGs triggered over the REST API on a real Airflow stack (api-server, scheduler,
+dag-processor, LocalExecutor, PostgreSQL): a run's ``conf`` reaches the tasks as Params."""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any
+
+import pytest
+
+from tests.tinymodel import build_tiny_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+DAGS = ("llm_data_prep", "llm_finetune")
+FINISHED = ("success", "failed")
+
+
+def _wait_for_dags(stack) -> None:
+    def parsed() -> bool:
+        for dag_id in DAGS:
+            response = stack.http.get(f"{stack.base_url}/api/v2/dags/{dag_id}", timeout=30)
+            if response.status_code == 404:
+                return False
+            assert response.status_code == 200, f"GET /api/v2/dags/{dag_id}: {response.status_code} {response.text}"
+        return True
+
+    def import_errors() -> str:
+        return "import errors: " + stack.http.get(f"{stack.base_url}/api/v2/importErrors", timeout=30).text
+
+    stack.wait_until("the dag-processor to parse both DAGs", parsed, timeout=120, details=import_errors)
+    errors = stack.request("GET", "/api/v2/importErrors")
+    assert errors["total_entries"] == 0, errors
+
+
+def _trigger(stack, dag_id: str, conf: dict) -> str:
+    run = stack.request(
+        "POST", f"/api/v2/dags/{dag_id}/dagRuns", expect=(200,), json={"logical_date": None, "conf": conf}
+    )
+    return run["dag_run_id"]
+
+
+def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float) -> dict:
+    def finished() -> dict | None:
+        run = stack.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        return run if run["state"] in FINISHED else None
+
+    run = stack.wait_until(
+        f"{dag_id} run {run_id} to finish",
+        finished,
+        timeout=timeout,
+        interval=3,
+        details=lambda: stack.task_logs(dag_id, run_id),
+    )
+    assert run["state"] == "success", f"{dag_id} run {run_id} ended {run['state']}\n" + stack.diagnostics(
+        dag_id, run_id
+    )
+    states = {ti["task_id"]: ti["state"] for ti in stack.task_instances(dag_id, run_id)}
+    assert states and set(states.values()) == {"success"}, f"{states}\n{stack.diagnostics(dag_id, run_id)}"
+    return run
+
+
+def _xcom(stack, dag_id: str, run_id: str, task_id: str) -> Any:
+    """A task's return value. Without ``deserialize`` the API returns the value as stored: a JSON
+    document (PostgreSQL's JSONB comes back as an object), or a string of it on other backends."""
+    entry = stack.request(
+        "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+    )
+    value = entry["value"]
+    print("XCOMDEBUG", type(value).__name__, repr(value)[:300])
+    for _ in range(2):  # a JSON string may itself hold JSON text
+        if not isinstance(value, str):
+            break
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = ast.literal_eval(value)
+    return value
+
+
+@pytest.mark.timeout(900)
+def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_model_dir):
+    stack = airflow_stack
+    _wait_for_dags(stack)
+    for dag_id in DAGS:
+        dag = stack.request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+        assert dag["is_paused"] is False, dag
+
+    prep_id = _trigger(stack, "llm_data_prep", {"max_tokens": 400})
+    tiny_model = build_tiny_model(stack.home / "models" / "tiny-llama", base_model_dir)
+    prep = _wait_for_run(stack, "llm_data_prep", prep_id, timeout=300)
+    assert prep["conf"]["max_tokens"] == 400, prep["conf"]
+    published = _xcom(stack, "llm_data_prep", prep_id, "publish_version")
+    assert published["created"] is True, published
+
+    conf = {
+        "base_model": str(tiny_model),
+        "max_steps": 4,
+        "max_eval_samples": 8,
+        "checkpoint_steps": 2,
+        "lora_r": 4,
+        "force": True,
+    }
+    finetune_id = _trigger(stack, "llm_finetune", conf)
+    finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=400)
+    assert finetune["conf"] == conf, finetune["conf"]
+
+    registered = _xcom(stack, "llm_finetune", finetune_id, "register_model")
+    assert registered["model_name"] and str(registered["version"]).isdigit(), registered
+    assert registered["metrics"]["global_step"] == 4, registered["metrics"]

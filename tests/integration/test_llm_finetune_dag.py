@@ -1,0 +1,92 @@
+"""llm_finetune end to end with dag.test(): Params reach training, the version is registered with
+lineage, and a run on the champion's own dataset is skipped unless forced."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from llmops.config import PROJECT_ROOT, get_settings
+from llmops.demo import _xcom
+from llmops.tracking import CHAMPION, client
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_db, curated_dataset):
+    """The DAG parsed against the store that holds ``curated_dataset``."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    home = curated_dataset["uri"].split("/store/")[0].removeprefix("file://")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMOPS_HOME", home)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        get_settings.cache_clear()
+        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "llm_finetune.py"))
+        assert not bag.import_errors
+        yield bag.dags["llm_finetune"]
+    get_settings.cache_clear()
+
+
+def _states(run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in run.get_task_instances()}
+
+
+def _conf(tiny_model, **extra):
+    return {
+        "base_model": str(tiny_model),
+        "max_steps": 3,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "batch_size": 2,
+        "learning_rate": 0.01,
+        **extra,
+    }
+
+
+def test_trigger_form_params_train_and_register_with_lineage(dag, tiny_model, curated_dataset):
+    run = dag.test(run_conf=_conf(tiny_model))
+    assert run.state == "success", _states(run)
+    registered = _xcom(run, "register_model")
+    assert registered["created"] and registered["metrics"]["global_step"] == 3
+    mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
+    version = mlflow_client.get_model_version(registered["model_name"], registered["version"])
+    assert version.tags["dataset.version"] == curated_dataset["version"]
+    assert version.tags["validation.result_uri"] == curated_dataset["validation"]["result_uri"]
+    assert version.tags["airflow.run_id"] == run.run_id
+    assert version.tags["training.job_name"].startswith("llmops-ft-")
+    params = mlflow_client.get_run(registered["run_id"]).data.params
+    assert (params["lora_r"], params["batch_size"], params["learning_rate"]) == ("4", "2", "0.01")
+
+
+def test_champion_on_the_same_dataset_skips_training_unless_forced(dag, tiny_model):
+    run = dag.test(run_conf=_conf(tiny_model))
+    assert run.state == "success", _states(run)
+    registered = _xcom(run, "register_model")
+    mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow_client.set_registered_model_alias(registered["model_name"], CHAMPION, registered["version"])
+
+    skipped = dag.test(run_conf=_conf(tiny_model))
+    states = _states(skipped)
+    assert skipped.state == "success"
+    assert states["decide_training"] == "success"
+    assert states["train_adapter"] == "skipped" and states["register_model"] == "skipped"
+
+    forced = dag.test(run_conf=_conf(tiny_model, force=True))
+    assert _states(forced)["register_model"] == "success"
+
+
+def test_a_bad_value_is_refused_by_the_form_or_stops_the_run_before_training(dag, tiny_model):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="peft_method"):
+        dag.test(run_conf=_conf(tiny_model, peft_method="magic"))
+
+    # Passes the form's schema, fails the typed training config: stops at resolve_config.
+    run = dag.test(run_conf=_conf(tiny_model, max_seq_length=8))
+    states = _states(run)
+    assert run.state == "failed"
+    assert states["resolve_config"] == "failed"
+    assert states["train_adapter"] in ("upstream_failed", None)
