@@ -132,6 +132,7 @@ class LocalTrainingBackend:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             timer = threading.Timer(timeout_s, _kill_group, args=(process,))
             timer.start()
@@ -160,6 +161,15 @@ class LocalTrainingBackend:
                 f"training job {job_dir.name} failed with exit code {code}; last output:\n" + "\n".join(tail)
             )
         return list(tail), log_path
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if the launching process dies (a worker killed by the
+    scheduler), the job gets SIGTERM instead of training on as an orphan. Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _kill_group(process: subprocess.Popen) -> None:
