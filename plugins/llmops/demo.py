@@ -94,9 +94,8 @@ def main() -> int:
         f"  held-out loss: {metrics['eval_loss_before']:.3f} before -> {metrics['eval_loss']:.3f} after "
         f"({metrics['global_step']} steps, {metrics['train_wall_seconds']:.0f}s)"
     )
-    print(
-        f"  registered:    {registered['model_name']} version {registered['version']} (MLflow run {registered['run_id']})"
-    )
+    print(f"  registered:    {registered['model_name']} version {registered['version']}")
+    print(f"  MLflow run:    {registered['run_id']}")
     print(f"  model files:   {registered['source']}")
     print(f"  tracking:      {settings.mlflow.tracking_uri}   (make up, then http://localhost:5000)")
     return 0
