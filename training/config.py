@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,12 @@ class TrainConfig:
         problems += [f"{n}: must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            problems.append(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"learning_rate: must be a finite number > 0, got {self.learning_rate}")
+        if not (0 <= self.warmup_ratio < 1):
+            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_steps <= 0 and self.epochs <= 0:
             problems.append("epochs: must be > 0 when max_steps is not set")
         if self.max_seq_length < 16:
@@ -89,6 +94,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return tuple(str(v).strip() for v in value)
     if hint is bool:
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if hint is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"invalid training configuration:\n  {name}: expected a whole number, got {value!r}")
     if hint in (int, float):
         try:
             return hint(value)

@@ -27,14 +27,18 @@ def read_split(channel_dir: Path, split: str) -> list[dict]:
 def encode(tokenizer, record: dict, max_length: int) -> dict[str, list[int]]:
     """Token ids of the full chat example, with the prompt part masked out of the labels."""
     system = record.get("system")
-    prompt_ids = tokenizer(render(tokenizer, record["prompt"], None, system), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(render(tokenizer, record["prompt"], record["response"], system), add_special_tokens=False)[
-        "input_ids"
-    ]
-    full_ids = full_ids[:max_length]
-    prompt_len = min(len(prompt_ids), len(full_ids))
-    labels = [IGNORE_INDEX] * prompt_len + full_ids[prompt_len:]
-    return {"input_ids": full_ids, "labels": labels}
+    prompt_text = render(tokenizer, record["prompt"], None, system)
+    full_text = render(tokenizer, record["prompt"], record["response"], system)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template's prompt rendering is not a prefix of the full example")
+    # Tokenize the two parts apart: the response tokens are then exactly what generation after the
+    # prompt would produce, and a response starting with whitespace cannot merge into the prompt.
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + response_ids)[:max_length]
+    prompt_len = min(len(prompt_ids), len(ids))
+    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    return {"input_ids": ids, "labels": labels}
 
 
 def encode_all(tokenizer, records: list[dict], max_length: int) -> list[dict[str, list[int]]]:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops import storage
-from llmops.config import ConfigError, Settings
+from llmops.config import ConfigError, Settings, format_validation_error
 from llmops.data import versioning
 from training.config import config_from_mapping
 
@@ -57,15 +57,18 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
     backend = params.get("backend", settings.finetune.backend)
     if backend != settings.finetune.backend and backend not in ("local",):
         raise ConfigError(f"invalid run parameters:\n  backend: {backend!r} is not available (available: local)")
-    return FinetuneRequest(
-        dataset_version=params.get("dataset_version", LATEST),
-        backend=backend,
-        processes=int(params.get("processes", settings.finetune.processes)),
-        force=bool(params.get("force", False)),
-        reason=str(params.get("reason", "")),
-        base_model_name=config.base_model,
-        hyperparameters=config.to_dict(),
-    )
+    try:
+        return FinetuneRequest(
+            dataset_version=params.get("dataset_version", LATEST),
+            backend=backend,
+            processes=params.get("processes", settings.finetune.processes),
+            force=params.get("force", False),
+            reason=str(params.get("reason", "")),
+            base_model_name=config.base_model,
+            hyperparameters=config.to_dict(),
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"invalid run parameters:\n{format_validation_error(exc)}") from None
 
 
 def select_dataset(settings: Settings, version: str, storage_options: dict | None = None) -> dict:

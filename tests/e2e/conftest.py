@@ -246,6 +246,9 @@ def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
+        # The scheduler serves task logs on a fixed port (8793) by default: a stack from
+        # ``make up`` or a second test session would collide with it.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
         # Only the runs this test triggers: no cron run on unpausing llm_finetune, and no
         # asset-triggered run (default hyperparameters, the real base model) after llm_data_prep
         # publishes; with max_active_runs=1 either would hold the test's own run back for minutes.

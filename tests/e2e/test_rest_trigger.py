@@ -68,7 +68,6 @@ def _xcom(stack, dag_id: str, run_id: str, task_id: str) -> Any:
         "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
     )
     value = entry["value"]
-    print("XCOMDEBUG", type(value).__name__, repr(value)[:300])
     for _ in range(2):  # a JSON string may itself hold JSON text
         if not isinstance(value, str):
             break

@@ -85,8 +85,8 @@ def test_a_bad_value_is_a_config_error_naming_the_field(settings, name, value):
 
 
 def test_an_unknown_parameter_is_rejected(settings):
-    with pytest.raises(ConfigError, match=r"^invalid run parameters[\s\S]*lora_rank"):
-        request_from_params(settings, {"lora_rank": 8})
+    with pytest.raises(ConfigError, match=r"^invalid run parameters:\s+unknown parameter\(s\): lora_rank, zzz$"):
+        request_from_params(settings, {"zzz": 1, "lora_rank": 8, "lora_r": 4})
 
 
 @pytest.mark.parametrize("backend", ["sagemaker", "Local", "kubernetes"])

@@ -130,7 +130,6 @@ def test_all_problems_are_reported_together():
     assert "lora_r" in str(info.value) and "precision" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: NaN passes the learning_rate > 0 check (nan <= 0 is False)")
 def test_nan_learning_rate_is_rejected():
     with pytest.raises(ValueError, match="learning_rate"):
         config_from_mapping({"learning_rate": "nan"})

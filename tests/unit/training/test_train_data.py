@@ -80,15 +80,6 @@ def test_prompt_rendering_is_a_prefix_of_the_full_rendering(tokenizer, system):
     assert full_ids[: len(prompt_ids)] == prompt_ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (latent): encode masks by the token count of the prompt-only rendering, but BPE merges the "
-        "prompt's trailing '\\n' with a response's leading whitespace, so a response starting with "
-        "whitespace loses its first characters from the labels (curated responses are stripped, so the "
-        "pipeline does not produce such records today)"
-    ),
-)
 def test_a_response_with_leading_whitespace_is_fully_learned(tokenizer):
     record = {**RECORD, "response": "\n\nimport os\nos.listdir()"}
     encoded = encode(tokenizer, record, 512)
