@@ -39,7 +39,7 @@ demo: bootstrap
 	$(PY) -m llmops.demo
 
 test: bootstrap
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up

@@ -32,9 +32,9 @@ def _secret(home: Path, name: str) -> str:
     """A per-installation secret kept in the state folder: every Airflow process must share the
     JWT secret, or tasks cannot talk to the API server."""
     path = home / "secrets" / name
-    if not path.is_file():
+    if not path.is_file() or len(path.read_text().strip()) < 64:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
+        path.write_text(secrets.token_urlsafe(64))
         path.chmod(0o600)
     return path.read_text().strip()
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -155,7 +156,7 @@ class AirflowStack:
         except Exception as exc:  # diagnostics must not hide the original failure
             return f"(cannot list task instances: {exc})"
         parts = [f"----- task states of {dag_id}/{run_id}: { {t['task_id']: t['state'] for t in instances} }"]
-        folder = Path(self.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]) / f"dag_id={dag_id}" / f"run_id={run_id}"
+        folder = Path(self.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]) / f"dag_id={dag_id}" / f"run_id={unquote(run_id)}"
         for ti in instances:
             if ti["state"] in ("success", "skipped"):
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -38,7 +39,9 @@ def _trigger(stack, dag_id: str, conf: dict) -> str:
     run = stack.request(
         "POST", f"/api/v2/dags/{dag_id}/dagRuns", expect=(200,), json={"logical_date": None, "conf": conf}
     )
-    return run["dag_run_id"]
+    # Manual run ids look like ``manual__2026-11-22T15:24:48.362045+00:00``: quoted once here, they
+    # stay intact in every URL they are put in (a bare ``+`` is at the mercy of each client).
+    return quote(run["dag_run_id"], safe="")
 
 
 def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float) -> dict:
@@ -90,6 +93,8 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
     tiny_model = build_tiny_model(stack.home / "models" / "tiny-llama", base_model_dir)
     prep = _wait_for_run(stack, "llm_data_prep", prep_id, timeout=300)
     assert prep["conf"]["max_tokens"] == 400, prep["conf"]
+    resolved = _xcom(stack, "llm_data_prep", prep_id, "resolve_config")
+    assert resolved["data"]["max_tokens"] == 400, resolved
     published = _xcom(stack, "llm_data_prep", prep_id, "publish_version")
     assert published["created"] is True, published
 
