@@ -87,3 +87,36 @@ def test_llm_data_prep_graph_and_params(stack_env):
     assert dag.params["raw_uri"] is None
     outlets = dag.get_task("announce_dataset").outlets
     assert len(outlets) == 1 and outlets[0].uri.endswith("/datasets/python-docs-instruct")
+
+
+def test_llm_finetune_graph_schedule_and_form(stack_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from llmops.config import get_settings
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_finetune.py")).dags["llm_finetune"]
+    chain = ["resolve_config", "select_dataset", "decide_training", "train_adapter", "register_model"]
+    assert set(dag.task_ids) == set(chain)
+    for upstream, downstream in itertools.pairwise(chain):
+        assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    assert not dag.catchup
+    schedule = dag.timetable
+    assert f"expression='{get_settings().finetune.schedule}'" in repr(schedule.timetable)
+    assert f"timezone='{get_settings().finetune.timezone}'" in repr(schedule.timetable)
+    assert "curated_dataset.python-docs-instruct" in str(schedule.asset_condition)
+    params = dag.params
+    assert params.get_param("backend").schema["enum"] == ["local"], "only backends that exist"
+    assert set(params.get_param("peft_method").schema["enum"]) == {"lora", "prompt_tuning", "full", "qlora"}
+    assert {
+        "dataset_version",
+        "base_model",
+        "lora_r",
+        "lora_alpha",
+        "epochs",
+        "max_steps",
+        "learning_rate",
+        "batch_size",
+        "precision",
+        "force",
+    } <= set(params.keys())
+    assert all(params.get_param(k).description or params.get_param(k).schema.get("title") for k in params)
