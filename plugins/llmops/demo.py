@@ -16,7 +16,8 @@ import sys
 from llmops.localstack import apply_environment, migrate_db
 
 
-def _xcom(dag_run, task_id: str):
+def return_value(dag_run, task_id: str):
+    """What a task of a finished run returned (its ``return_value`` XCom)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -58,7 +59,7 @@ def main() -> int:
     if dag_run.state != "success":
         print(f"llm_data_prep ended in state {dag_run.state}; see the task logs above.", file=sys.stderr)
         return 1
-    published = _xcom(dag_run, "publish_version")
+    published = return_value(dag_run, "publish_version")
     from llmops import storage
 
     manifest = storage.read_json(published["manifest_uri"])
@@ -86,7 +87,7 @@ def main() -> int:
     if dag_run.state != "success":
         print(f"llm_finetune ended in state {dag_run.state}; see the task logs above.", file=sys.stderr)
         return 1
-    registered = _xcom(dag_run, "register_model")
+    registered = return_value(dag_run, "register_model")
     metrics = registered["metrics"]
     print()
     print("Fine-tuned model")

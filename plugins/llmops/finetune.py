@@ -7,6 +7,7 @@ why, and ``run_training`` hands the job to a backend.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmops import storage
 from llmops.config import ConfigError, Settings, format_validation_error
 from llmops.data import versioning
-from training.config import config_from_mapping
+from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
 
@@ -43,7 +44,7 @@ REQUEST_FIELDS = {"dataset_version", "backend", "processes", "force", "reason"}
 def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneRequest:
     """Per-run overrides (the trigger form, or a triggering DAG's conf) on top of the config."""
     params = {k: v for k, v in params.items() if v is not None and v != ""}
-    unknown = sorted(set(params) - REQUEST_FIELDS - set(config_from_mapping({}).to_dict()))
+    unknown = sorted(set(params) - REQUEST_FIELDS - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ConfigError(f"invalid run parameters:\n  unknown parameter(s): {', '.join(unknown)}")
     hyperparameters = {

@@ -151,11 +151,7 @@ def record_training(
             mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
             mlflow_client.log_artifacts(run_id, str(model_dir), "model")
         dataset_entity = MetaDataset(
-            source=mlflow.data.http_dataset_source.HTTPDatasetSource(dataset["uri"])
-            if dataset["uri"].startswith("http")
-            else _uri_source(dataset["uri"]),
-            name=f"{dataset['name']}",
-            digest=dataset["version"][:36],
+            source=_uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
         )
         mlflow_client.log_inputs(
             run_id,

@@ -64,7 +64,7 @@ def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float) -> dict:
     return run
 
 
-def _xcom(stack, dag_id: str, run_id: str, task_id: str) -> Any:
+def return_value(stack, dag_id: str, run_id: str, task_id: str) -> Any:
     """A task's return value. Without ``deserialize`` the API returns the value as stored: a JSON
     document (PostgreSQL's JSONB comes back as an object), or a string of it on other backends."""
     entry = stack.request(
@@ -93,9 +93,9 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
     tiny_model = build_tiny_model(stack.home / "models" / "tiny-llama", base_model_dir)
     prep = _wait_for_run(stack, "llm_data_prep", prep_id, timeout=300)
     assert prep["conf"]["max_tokens"] == 400, prep["conf"]
-    resolved = _xcom(stack, "llm_data_prep", prep_id, "resolve_config")
+    resolved = return_value(stack, "llm_data_prep", prep_id, "resolve_config")
     assert resolved["data"]["max_tokens"] == 400, resolved
-    published = _xcom(stack, "llm_data_prep", prep_id, "publish_version")
+    published = return_value(stack, "llm_data_prep", prep_id, "publish_version")
     assert published["created"] is True, published
 
     conf = {
@@ -110,6 +110,6 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
     finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=400)
     assert finetune["conf"] == conf, finetune["conf"]
 
-    registered = _xcom(stack, "llm_finetune", finetune_id, "register_model")
+    registered = return_value(stack, "llm_finetune", finetune_id, "register_model")
     assert registered["model_name"] and str(registered["version"]).isdigit(), registered
     assert registered["metrics"]["global_step"] == 4, registered["metrics"]

@@ -22,21 +22,15 @@ def tiny_model(tmp_path_factory, base_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def curated_dataset(tmp_path_factory) -> dict:
     """A small curated dataset version (published by the real pipeline) in its own store."""
-    import os
-
+    from llmops import storage
     from llmops.config import load_settings
     from llmops.data import stages
 
     home = tmp_path_factory.mktemp("dataset-home")
     raw = write_jsonl(home / "raw.jsonl", good_records(60))
-    previous = os.environ.get("LLMOPS_HOME")
-    os.environ["LLMOPS_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMOPS_HOME", str(home))
         settings = load_settings("local")
-        published = stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
-    finally:
-        os.environ["LLMOPS_HOME"] = previous or ""
-    from llmops import storage
-
+    published = stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
     manifest = storage.read_json(published["manifest_uri"])
     return {**manifest, "uri": published["uri"], "manifest_uri": published["manifest_uri"]}

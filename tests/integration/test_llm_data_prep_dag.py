@@ -6,7 +6,7 @@ import pytest
 
 from llmops import storage
 from llmops.config import PROJECT_ROOT, get_settings
-from llmops.demo import _xcom
+from llmops.demo import return_value
 from tests.datagen import good_records, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -41,7 +41,7 @@ def test_bundled_corpus_is_curated_validated_and_published_once(dag):
     before = _versions(settings)
     first = dag.test()
     assert first.state == "success", _states(first)
-    published = _xcom(first, "publish_version")
+    published = return_value(first, "publish_version")
     assert published["created"] is True
     assert _versions(settings) == sorted([*before, published["version"]])
     manifest = storage.read_json(published["manifest_uri"])
@@ -53,7 +53,7 @@ def test_bundled_corpus_is_curated_validated_and_published_once(dag):
 
     second = dag.test()
     assert second.state == "success", _states(second)
-    again = _xcom(second, "publish_version")
+    again = return_value(second, "publish_version")
     assert again["version"] == published["version"] and again["created"] is False
     assert _states(second)["announce_dataset"] == "skipped", "an unchanged dataset must not trigger training"
     assert _versions(settings) == sorted([*before, published["version"]])
@@ -75,7 +75,7 @@ def test_user_data_with_params_from_the_trigger_form(dag, tmp_path):
     raw = write_jsonl(tmp_path / "mine.jsonl", good_records(30))
     run = dag.test(run_conf={"raw_uri": str(raw), "template": "plain_instruction", "over_length": "fail"})
     assert run.state == "success", _states(run)
-    published = _xcom(run, "publish_version")
+    published = return_value(run, "publish_version")
     assert sum(published["counts"].values()) == 30
     train = storage.read_jsonl(storage.join(published["uri"], "train.jsonl"))
     assert {r["template"] for r in train} == {"plain_instruction@1"}

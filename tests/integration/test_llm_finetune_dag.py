@@ -8,7 +8,7 @@ import os
 import pytest
 
 from llmops.config import PROJECT_ROOT, get_settings
-from llmops.demo import _xcom
+from llmops.demo import return_value
 from llmops.tracking import CHAMPION, client
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -49,7 +49,7 @@ def _conf(tiny_model, **extra):
 def test_trigger_form_params_train_and_register_with_lineage(dag, tiny_model, curated_dataset):
     run = dag.test(run_conf=_conf(tiny_model))
     assert run.state == "success", _states(run)
-    registered = _xcom(run, "register_model")
+    registered = return_value(run, "register_model")
     assert registered["created"] and registered["metrics"]["global_step"] == 3
     mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
     version = mlflow_client.get_model_version(registered["model_name"], registered["version"])
@@ -64,7 +64,7 @@ def test_trigger_form_params_train_and_register_with_lineage(dag, tiny_model, cu
 def test_champion_on_the_same_dataset_skips_training_unless_forced(dag, tiny_model):
     run = dag.test(run_conf=_conf(tiny_model))
     assert run.state == "success", _states(run)
-    registered = _xcom(run, "register_model")
+    registered = return_value(run, "register_model")
     mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
     mlflow_client.set_registered_model_alias(registered["model_name"], CHAMPION, registered["version"])
 
