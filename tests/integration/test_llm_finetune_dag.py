@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from llmops.config import PROJECT_ROOT, get_settings
 from llmops.demo import return_value
 from llmops.tracking import CHAMPION, client
+from tests.dagruns import parsed_dag, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -17,21 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 @pytest.fixture(scope="module")
 def dag(airflow_db, curated_dataset):
     """The DAG parsed against the store that holds ``curated_dataset``."""
-    from airflow.dag_processing.dagbag import DagBag
-
     home = curated_dataset["uri"].split("/store/")[0].removeprefix("file://")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LLMOPS_HOME", home)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-        get_settings.cache_clear()
-        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "llm_finetune.py"))
-        assert not bag.import_errors
-        yield bag.dags["llm_finetune"]
-    get_settings.cache_clear()
-
-
-def _states(run) -> dict[str, str]:
-    return {ti.task_id: ti.state for ti in run.get_task_instances()}
+    with parsed_dag("llm_finetune", LLMOPS_HOME=home, MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db") as dag:
+        yield dag
 
 
 def _conf(tiny_model, **extra):
@@ -48,7 +36,7 @@ def _conf(tiny_model, **extra):
 
 def test_trigger_form_params_train_and_register_with_lineage(dag, tiny_model, curated_dataset):
     run = dag.test(run_conf=_conf(tiny_model))
-    assert run.state == "success", _states(run)
+    assert run.state == "success", task_states(run)
     registered = return_value(run, "register_model")
     assert registered["created"] and registered["metrics"]["global_step"] == 3
     mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
@@ -63,19 +51,19 @@ def test_trigger_form_params_train_and_register_with_lineage(dag, tiny_model, cu
 
 def test_champion_on_the_same_dataset_skips_training_unless_forced(dag, tiny_model):
     run = dag.test(run_conf=_conf(tiny_model))
-    assert run.state == "success", _states(run)
+    assert run.state == "success", task_states(run)
     registered = return_value(run, "register_model")
     mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
     mlflow_client.set_registered_model_alias(registered["model_name"], CHAMPION, registered["version"])
 
     skipped = dag.test(run_conf=_conf(tiny_model))
-    states = _states(skipped)
+    states = task_states(skipped)
     assert skipped.state == "success"
     assert states["decide_training"] == "success"
     assert states["train_adapter"] == "skipped" and states["register_model"] == "skipped"
 
     forced = dag.test(run_conf=_conf(tiny_model, force=True))
-    assert _states(forced)["register_model"] == "success"
+    assert task_states(forced)["register_model"] == "success"
 
 
 def test_a_bad_value_is_refused_by_the_form_or_stops_the_run_before_training(dag, tiny_model):
@@ -86,7 +74,7 @@ def test_a_bad_value_is_refused_by_the_form_or_stops_the_run_before_training(dag
 
     # Passes the form's schema, fails the typed training config: stops at resolve_config.
     run = dag.test(run_conf=_conf(tiny_model, max_seq_length=8))
-    states = _states(run)
+    states = task_states(run)
     assert run.state == "failed"
     assert states["resolve_config"] == "failed"
     assert states["train_adapter"] in ("upstream_failed", None)

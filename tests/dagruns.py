@@ -1,0 +1,31 @@
+"""Helpers for tests that run DAGs in process with ``dag.test()``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def parsed_dag(dag_id: str, **env: str) -> Iterator:
+    """A DAG of ``dags/`` parsed with ``env`` set (its settings are read at parse time)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from llmops.config import PROJECT_ROOT, get_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        get_settings.cache_clear()
+        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
+        assert not bag.import_errors, bag.import_errors
+        try:
+            yield bag.dags[dag_id]
+        finally:
+            get_settings.cache_clear()
+
+
+def task_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
