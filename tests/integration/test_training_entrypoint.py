@@ -183,3 +183,26 @@ def test_a_job_past_its_timeout_is_stopped(tmp_path, tiny_model, curated_dataset
     with pytest.raises(TrainingJobError, match="timed out after 3s"):
         _backend(tmp_path).run(spec, on_line=lambda _: None)
     assert time.monotonic() - started < 60
+
+
+def test_same_seed_same_data_gives_the_same_adapter(tmp_path, tiny_model, curated_dataset):
+    from safetensors.torch import load_file
+
+    adapters = []
+    for attempt in ("a", "b"):
+        job = tmp_path / attempt
+        out = subprocess.run(
+            _train_cmd(tiny_model, "--max_steps", "3", "--seed", "11"),
+            env=_job_env(job, curated_dataset),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        adapters.append(load_file(job / "model" / "adapter_model.safetensors"))
+    first, second = adapters
+    assert first.keys() == second.keys() and first
+    for name in first:
+        assert (first[name] == second[name]).all(), f"{name} differs between two runs with the same seed"
