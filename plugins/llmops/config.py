@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PROJECT_ROOT = Path(os.environ.get("LLMOPS_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
 INCLUDE_DIR = PROJECT_ROOT / "include"
 
-_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -159,16 +159,36 @@ def _expand(value: object, where: str, env: dict[str, str]) -> object:
         return [_expand(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
+    return _substitute(value, where, env)
 
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
+
+def _substitute(text: str, where: str, env: dict[str, str]) -> str:
+    """Expand ``${NAME}`` and ``${NAME:-default}``; a default may itself hold references."""
+    out, i = [], 0
+    while (start := text.find("${", i)) != -1:
+        out.append(text[i:start])
+        depth, j = 1, start + 2
+        while j < len(text) and depth:
+            if text.startswith("${", j):
+                depth, j = depth + 1, j + 2
+                continue
+            depth -= text[j] == "}"
+            j += 1
+        if depth:
+            raise ConfigError(f"{where}: unclosed '${{' in {text!r}")
+        body = text[start + 2 : j - 1]
+        name, has_default, default = body.partition(":-")
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {name!r} is not an environment variable name (in {text!r})")
         if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
-
-    return _ENV_REF.sub(substitute, value)
+            out.append(env[name])
+        elif has_default:
+            out.append(_substitute(default, where, env))
+        else:
+            raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+        i = j
+    out.append(text[i:])
+    return "".join(out)
 
 
 def load_settings(env: str | None = None, path: Path | None = None, overrides: dict | None = None) -> Settings:

@@ -61,3 +61,35 @@ def test_not_yaml_is_reported_with_the_file(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings("broken", path=path)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${A}", {"A": "x"}, "x"),
+        ("${A:-d}", {}, "d"),
+        ("${A:-sqlite:///${H}/m.db}", {"H": "/h"}, "sqlite:////h/m.db"),
+        ("${A:-sqlite:///${H}/m.db}", {"A": "pg://db", "H": "/h"}, "pg://db"),
+        ("pre-${A}-${B:-b}-post", {"A": "a"}, "pre-a-b-post"),
+        ("no refs}", {}, "no refs}"),
+    ],
+)
+def test_environment_references_expand_with_nested_defaults(text, env, expected):
+    from llmops.config import _substitute
+
+    assert _substitute(text, "field", env) == expected
+
+
+def test_an_unclosed_reference_is_reported():
+    from llmops.config import _substitute
+
+    with pytest.raises(ConfigError, match="field: unclosed"):
+        _substitute("${A:-${B}", "field", {})
+
+
+def test_the_default_tracking_uri_is_a_sqlite_file_in_the_state_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_settings("local").mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_settings("local").mlflow.tracking_uri == "http://mlflow:5000"
