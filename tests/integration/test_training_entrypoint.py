@@ -55,18 +55,16 @@ def _train_cmd(tiny_model: Path, *flags: str) -> list[str]:
     ]
 
 
+def _run_job(tmp: Path, dataset: dict, command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env=_job_env(tmp, dataset), cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
 def test_entrypoint_trains_and_writes_the_model_folder(tmp_path, tiny_model, curated_dataset):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "hyperparameters.json").write_text(json.dumps({"max_steps": "4", "lora_r": "4"}))
-    out = subprocess.run(
-        _train_cmd(tiny_model, "--checkpoint_steps", "2"),
-        env=_job_env(tmp_path, curated_dataset),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    out = _run_job(tmp_path, curated_dataset, _train_cmd(tiny_model, "--checkpoint_steps", "2"))
     assert out.returncode == 0, out.stderr[-3000:]
     model = tmp_path / "model"
     assert {
@@ -88,15 +86,7 @@ def test_entrypoint_trains_and_writes_the_model_folder(tmp_path, tiny_model, cur
 
 
 def test_qlora_without_cuda_fails_with_a_clear_message(tmp_path, tiny_model, curated_dataset):
-    out = subprocess.run(
-        _train_cmd(tiny_model, "--peft_method", "qlora", "--max_steps", "1"),
-        env=_job_env(tmp_path, curated_dataset),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    out = _run_job(tmp_path, curated_dataset, _train_cmd(tiny_model, "--peft_method", "qlora", "--max_steps", "1"))
     assert out.returncode == 2
     assert "qlora needs a CUDA GPU and the bitsandbytes package" in out.stderr
 
@@ -116,7 +106,7 @@ def test_a_killed_job_resumes_from_its_latest_checkpoint(tmp_path, tiny_model, c
     assert (checkpoints / "checkpoint-8").exists(), "no checkpoint was written before the kill"
     assert not (tmp_path / "model" / "metrics.json").exists(), "the job was meant to die before finishing"
 
-    resumed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    resumed = _run_job(tmp_path, curated_dataset, cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"resuming from checkpoint .*checkpoint-(8|12)", resumed.stdout)
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())["final"]
@@ -191,15 +181,7 @@ def test_same_seed_same_data_gives_the_same_adapter(tmp_path, tiny_model, curate
     adapters = []
     for attempt in ("a", "b"):
         job = tmp_path / attempt
-        out = subprocess.run(
-            _train_cmd(tiny_model, "--max_steps", "3", "--seed", "11"),
-            env=_job_env(job, curated_dataset),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        out = _run_job(job, curated_dataset, _train_cmd(tiny_model, "--max_steps", "3", "--seed", "11"))
         assert out.returncode == 0, out.stderr[-3000:]
         adapters.append(load_file(job / "model" / "adapter_model.safetensors"))
     first, second = adapters
