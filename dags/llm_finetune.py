@@ -21,6 +21,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from llmops.config import get_settings
+from llmops.finetune import BACKENDS
 from llmops.orchestration import curated_dataset_asset, fail_without_retry, storage_options_for
 
 SETTINGS = get_settings()
@@ -88,7 +89,7 @@ def _hp(name: str, fallback):
             title="Precision",
             description="bf16 is fast only on GPUs and CPUs with AMX or AVX512-BF16.",
         ),
-        "backend": Param(SETTINGS.finetune.backend, enum=["local"], title="Training backend"),
+        "backend": Param(SETTINGS.finetune.backend, enum=list(BACKENDS), title="Training backend"),
         "processes": Param(
             SETTINGS.finetune.processes,
             type="integer",

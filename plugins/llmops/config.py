@@ -191,7 +191,7 @@ def _substitute(text: str, where: str, env: dict[str, str]) -> str:
     return "".join(out)
 
 
-def load_settings(env: str | None = None, path: Path | None = None, overrides: dict | None = None) -> Settings:
+def load_settings(env: str | None = None, path: Path | None = None) -> Settings:
     """Load and validate the settings of ``env`` (default ``$LLMOPS_ENV`` or ``local``)."""
     env = env or os.environ.get("LLMOPS_ENV", "local")
     path = path or INCLUDE_DIR / "config" / f"{env}.yaml"
@@ -213,8 +213,6 @@ def load_settings(env: str | None = None, path: Path | None = None, overrides: d
     raw = _expand(raw, "", variables)
     raw.setdefault("env", env)
     raw.setdefault("home", variables["LLMOPS_HOME"])
-    if overrides:
-        raw = _deep_merge(raw, overrides)
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
@@ -229,16 +227,6 @@ def format_validation_error(exc: ValidationError) -> str:
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {field}: {err['msg']}{got}")
     return "\n".join(lines)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 @functools.cache

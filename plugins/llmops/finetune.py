@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +23,7 @@ from llmops.data import versioning
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
+BACKENDS = ("local",)
 
 
 class FinetuneRequest(BaseModel):
@@ -56,8 +58,10 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
     except ValueError as exc:
         raise ConfigError(str(exc).replace("invalid training configuration", "invalid run parameters")) from None
     backend = params.get("backend", settings.finetune.backend)
-    if backend != settings.finetune.backend and backend not in ("local",):
-        raise ConfigError(f"invalid run parameters:\n  backend: {backend!r} is not available (available: local)")
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"invalid run parameters:\n  backend: {backend!r} is not available (available: {', '.join(BACKENDS)})"
+        )
     try:
         return FinetuneRequest(
             dataset_version=params.get("dataset_version", LATEST),
@@ -148,7 +152,5 @@ def run_training(
         timeout_s=settings.finetune.timeout_minutes * 60,
         lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
     )
-    backend = LocalTrainingBackend(
-        settings.store_uri, storage.local_path(storage.join(settings.home, "jobs")), storage_options
-    )
+    backend = LocalTrainingBackend(settings.store_uri, Path(settings.home) / "jobs", storage_options)
     return backend.run(spec, on_line).to_dict()

@@ -113,7 +113,7 @@ class LocalTrainingBackend:
                 "-m",
                 "training.train",
             ]
-        _, log_path = self._execute(command, env, job_dir, spec.timeout_s, on_line)
+        log_path = self._execute(command, env, job_dir, spec.timeout_s, on_line)
         storage.write_bytes(log_uri, log_path.read_bytes(), self.storage_options)
 
         metrics = json.loads((model_dir / "metrics.json").read_text())["final"]
@@ -121,7 +121,7 @@ class LocalTrainingBackend:
         storage.write_json(metrics_uri, metrics, self.storage_options)
         return TrainingJobResult(spec.job_name, self.name, artifact, metrics, log_uri)
 
-    def _execute(self, command, env, job_dir: Path, timeout_s: float, on_line) -> tuple[list[str], Path]:
+    def _execute(self, command, env, job_dir: Path, timeout_s: float, on_line) -> Path:
         log_path = job_dir / "training.log"
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         with open(log_path, "ab") as log:
@@ -160,7 +160,7 @@ class LocalTrainingBackend:
             raise TrainingJobError(
                 f"training job {job_dir.name} failed with exit code {code}; last output:\n" + "\n".join(tail)
             )
-        return list(tail), log_path
+        return log_path
 
 
 def _die_with_parent() -> None:

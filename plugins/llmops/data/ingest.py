@@ -135,10 +135,9 @@ def _check_schema(uri: str, records: list[dict]) -> None:
     seen_ids: dict[str, str] = {}
     for record in records:
         origin = record[ORIGIN]
-        has_prompt = record.get("prompt") not in (None, "") or record.get("instruction") not in (None, "")
         if "response" not in record:
             problems.append(f"{origin}: missing 'response'")
-        elif not has_prompt and "prompt" not in record and "instruction" not in record:
+        elif "prompt" not in record and "instruction" not in record:
             problems.append(f"{origin}: missing 'prompt' or 'instruction'")
         for field in ("prompt", "instruction", "context", "response", "source", "id", "split"):
             value = record.get(field)
