@@ -1,9 +1,10 @@
 """
 ### llm_data_prep: raw text to a curated, validated, versioned instruction dataset
 
-ingest → clean → de-duplicate → scrub PII → format with a prompt template → split → token
-profile → Great Expectations → publish the version (content-addressed, manifest last) →
-announce it on the curated-dataset Asset, which schedules `llm_finetune`.
+ingest → clean → de-duplicate → scrub PII → format with a prompt template (from the MLflow
+prompt registry, after `sync_prompts` registers any catalog change) → split → token profile →
+Great Expectations → publish the version (content-addressed, manifest last) → announce it on the
+curated-dataset Asset, which schedules `llm_finetune`.
 
 With no `raw_uri`, the bundled corpus (this Python's own documentation) is used. A run whose
 data fails any check stops at that task with a message naming the defect and where it is; no
@@ -62,7 +63,8 @@ def _data(config: dict) -> DataConfig:
             SETTINGS.data.template,
             type="string",
             title="Prompt template",
-            description="Name of an instruction template in include/prompts/catalog.yaml.",
+            description="Name of an instruction template in include/prompts/ (loaded from the MLflow prompt "
+            "registry by its 'production' alias).",
         ),
         "max_tokens": Param(
             SETTINGS.data.max_tokens,
@@ -110,6 +112,23 @@ def llm_data_prep():
         return run_stage
 
     @task
+    def sync_prompts() -> dict:
+        from llmops.prompts import sync_prompts
+
+        return {name: result.to_dict() for name, result in sync_prompts(SETTINGS.mlflow.tracking_uri).items()}
+
+    @task
+    @fail_without_retry
+    def format_instructions(config: dict, upstream: dict, prompts: dict) -> dict:
+        return stages.format_records(
+            _data(config),
+            upstream["uri"],
+            config["run_uri"],
+            storage_options_for(SETTINGS.store_uri, SETTINGS),
+            tracking_uri=SETTINGS.mlflow.tracking_uri,
+        )
+
+    @task
     @fail_without_retry
     def profile_tokens(config: dict, upstream: dict) -> dict:
         return stages.profile_tokens(
@@ -150,7 +169,7 @@ def llm_data_prep():
     cleaned = stage_task("clean_text", stages.clean)(config, ingested)
     unique = stage_task("deduplicate", stages.deduplicate)(config, cleaned)
     scrubbed = stage_task("scrub_pii", stages.scrub_pii)(config, unique)
-    formatted = stage_task("format_instructions", stages.format_records)(config, scrubbed)
+    formatted = format_instructions(config, scrubbed, sync_prompts())
     split = stage_task("split_dataset", stages.split)(config, formatted)
     profiled = profile_tokens(config, split)
     validated = stage_task("validate_dataset", stages.validate)(config, profiled)

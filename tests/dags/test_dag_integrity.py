@@ -78,9 +78,10 @@ def test_llm_data_prep_graph_and_params(stack_env):
         "publish_version",
         "announce_dataset",
     ]
-    assert set(dag.task_ids) == set(chain)
+    assert set(dag.task_ids) == {*chain, "sync_prompts"}
     for upstream, downstream in itertools.pairwise(chain):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    assert "format_instructions" in dag.get_task("sync_prompts").downstream_task_ids
     assert dag.schedule is None or str(dag.timetable.summary) == "None"
     assert not dag.catchup
     assert set(dag.params.keys()) == {"raw_uri", "template", "max_tokens", "over_length", "scrub_pii"}
@@ -95,10 +96,33 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
     from llmops.config import get_settings
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_finetune.py")).dags["llm_finetune"]
-    chain = ["resolve_config", "select_dataset", "decide_training", "train_adapter", "register_model"]
-    assert set(dag.task_ids) == set(chain)
+    chain = [
+        "resolve_config",
+        "select_dataset",
+        "decide_training",
+        "train_adapter",
+        "register_model",
+        "evaluate_models",
+        "judge_responses",
+        "decide_promotion",
+        "record_evaluation",
+        "route_decision",
+        "await_approval",
+        "promote_challenger",
+        "record_outcome",
+    ]
+    assert set(dag.task_ids) == {*chain, "sync_prompts"}
     for upstream, downstream in itertools.pairwise(chain):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    # The branch reaches every outcome; the approval defaults to rejecting when nobody answers.
+    assert dag.get_task("route_decision").downstream_task_ids == {
+        "await_approval",
+        "promote_challenger",
+        "record_outcome",
+    }
+    approval = dag.get_task("await_approval")
+    assert approval.defaults == ["Reject"] and approval.response_timeout.total_seconds() > 0
+    assert "evaluate_models" in dag.get_task("sync_prompts").downstream_task_ids
     assert not dag.catchup
     schedule = dag.timetable
     assert f"expression='{get_settings().finetune.schedule}'" in repr(schedule.timetable)
@@ -118,5 +142,6 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "batch_size",
         "precision",
         "force",
+        "require_approval",
     } <= set(params.keys())
     assert all(params.get_param(k).description or params.get_param(k).schema.get("title") for k in params)

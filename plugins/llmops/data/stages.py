@@ -84,13 +84,19 @@ def scrub_pii(data: DataConfig, in_uri: str, run_uri: str, options: dict | None 
     return _apply("scrubbed", in_uri, run_uri, lambda rs: transforms.scrub_pii(rs, data.scrub_pii), options)
 
 
-def format_records(data: DataConfig, in_uri: str, run_uri: str, options: dict | None = None) -> dict:
-    from llmops.prompts import PromptCatalogError, load_template
+def format_records(
+    data: DataConfig, in_uri: str, run_uri: str, options: dict | None = None, tracking_uri: str | None = None
+) -> dict:
+    """Render instructions with ``data.template``: from the MLflow prompt registry (alias
+    ``production``) when ``tracking_uri`` is given, as pipelines do, else from the catalog files."""
+    from llmops.prompts import PromptCatalogError, load_registered, load_template
 
     try:
-        template = load_template(data.template)
+        template = load_registered(tracking_uri, data.template) if tracking_uri else load_template(data.template)
     except PromptCatalogError as exc:
         raise DataQualityError(str(exc)) from None
+    if template.task != "instruction":
+        raise DataQualityError(f"template {template.ref} is a {template.task!r} template, not an instruction template")
     default_source = BUNDLED_SOURCE if data.raw_uri is None else storage.to_uri(data.raw_uri)
     return _apply(
         "formatted", in_uri, run_uri, lambda rs: transforms.format_records(rs, template, default_source), options

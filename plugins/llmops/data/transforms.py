@@ -132,12 +132,13 @@ def format_records(records: list[dict], template: PromptTemplate, default_source
     Records that already carry a ``prompt`` keep it. Unknown fields move under ``meta``."""
     formatted, rendered = [], 0
     for record in records:
+        system = template.system
         if record.get("prompt"):
             prompt = record["prompt"]
         else:
             try:
-                prompt = template.render(record["instruction"], record.get("context") or "")
-            except (KeyError, IndexError, ValueError) as exc:
+                system, prompt = template.render_instruction(record["instruction"], record.get("context") or "")
+            except (KeyError, ValueError) as exc:
                 raise DataQualityError(f"{where(record)}: template {template.ref} does not fit: {exc}") from None
             rendered += 1
         response = record["response"]
@@ -146,7 +147,7 @@ def format_records(records: list[dict], template: PromptTemplate, default_source
             "prompt": prompt,
             "response": response,
             "source": record.get("source") or default_source,
-            "system": template.system,
+            "system": system,
             "template": template.ref,
             ORIGIN: record.get(ORIGIN, "?"),
         }

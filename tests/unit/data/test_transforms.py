@@ -221,11 +221,11 @@ def test_format_renders_instructions_and_keeps_prompts(template):
     assert [r["response"] for r in out] == ["Pairs.", "Applies.", "Kept."]
     assert [r[ORIGIN] for r in out] == ["a:1", "a:2", "a:3"]
     for record in out:
-        assert record["template"] == "python_docs_qa@1"
+        assert record["template"] == "python_docs_qa@catalog"
         assert record["system"] == template.system
         assert record["system"].startswith("You are a concise assistant")
         assert "instruction" not in record and "context" not in record
-    assert stats == {"records_in": 3, "rendered_with_template": 2, "template": "python_docs_qa@1"}
+    assert stats == {"records_in": 3, "rendered_with_template": 2, "template": "python_docs_qa@catalog"}
 
 
 def test_format_ids_are_stable_and_content_addressed(template):
