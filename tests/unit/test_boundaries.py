@@ -16,6 +16,8 @@ AIRFLOW_FREE = [
     ROOT / "plugins" / "llmops" / "storage.py",
     ROOT / "plugins" / "llmops" / "models.py",
     ROOT / "plugins" / "llmops" / "prompts.py",
+    ROOT / "plugins" / "llmops" / "comparison.py",
+    ROOT / "plugins" / "llmops" / "gate.py",
 ]
 
 
