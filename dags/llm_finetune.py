@@ -6,11 +6,21 @@ curated dataset version; also from the trigger form, where every hyperparameter 
 for one run.
 
 resolve_config → select_dataset → decide_training → train_adapter → register_model
+→ evaluate_models → judge_responses → decide_promotion → record_evaluation → route_decision
+→ [await_approval] → promote_challenger → record_outcome
 
 `decide_training` skips the run, saying why, when the serving champion was already trained on the
 selected dataset and nothing asked for retraining (`force`, or a `reason` from a triggering DAG).
 The registered MLflow model version carries the lineage: dataset version and validation result,
 git SHA, this DAG run, the training job, base model, PEFT method and metrics.
+
+The candidate is then evaluated next to the base model and the serving champion (an evaluation
+job on the test split and the evaluation prompt catalog), its answers are scored by the judge,
+and the gate (`evaluation.gate` in the config) decides. The comparison, the gate's reasons and an
+HTML report are logged to MLflow and linked from the model version. A pass moves the
+`challenger` alias to the version, after a human approves in the Airflow UI when
+`require_approval` is set (no answer before the timeout rejects). A fail, or a rejection, ends
+the run cleanly with its reasons on the version; nothing moves toward serving.
 """
 
 from __future__ import annotations
@@ -18,11 +28,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
 
 from llmops.config import get_settings
 from llmops.finetune import BACKENDS
-from llmops.orchestration import curated_dataset_asset, fail_without_retry, storage_options_for
+from llmops.orchestration import (
+    APPROVAL_RESPONSE_KEY,
+    curated_dataset_asset,
+    fail_without_retry,
+    recorded_approval_operator,
+    storage_options_for,
+)
 
 SETTINGS = get_settings()
 DEFAULTS = SETTINGS.finetune.hyperparameters
@@ -107,6 +123,13 @@ def _hp(name: str, fallback):
         "reason": Param(
             "", type="string", title="Reason", description="Why retraining was asked for (set by the drift monitor)."
         ),
+        "require_approval": Param(
+            SETTINGS.evaluation.require_approval,
+            type="boolean",
+            title="Require human approval",
+            description="A candidate that passes the gate waits for a person to approve it in the Airflow UI "
+            f"(Required Actions); no answer within {SETTINGS.evaluation.approval_timeout_hours:g} h rejects it.",
+        ),
     },
 )
 def llm_finetune():
@@ -179,14 +202,166 @@ def llm_finetune():
             },
             storage_options_for(SETTINGS.store_uri, SETTINGS),
         )
-        return {**registered.to_dict(), "metrics": job["metrics"]}
+        return {**registered.to_dict(), "metrics": job["metrics"], "artifact_uri": job["model_artifact_uri"]}
+
+    @task
+    def sync_prompts() -> dict:
+        from llmops.prompts import sync_prompts
+
+        return {name: result.to_dict() for name, result in sync_prompts(SETTINGS.mlflow.tracking_uri).items()}
+
+    @task(execution_timeout=timedelta(minutes=SETTINGS.evaluation.timeout_minutes + 10))
+    @fail_without_retry
+    def evaluate_models(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
+        import logging
+
+        from llmops.evaluation import build_items, champion_ref, run_evaluation
+        from llmops.finetune import job_name
+        from llmops.prompts import load_eval_catalog, load_registered
+
+        context = get_current_context()
+        options = storage_options_for(SETTINGS.store_uri, SETTINGS)
+        catalog = load_eval_catalog()
+        template = load_registered(SETTINGS.mlflow.tracking_uri, catalog.template)
+        items = build_items(dataset, template, catalog, SETTINGS.evaluation.max_test_items, options)
+        champion = champion_ref(SETTINGS.mlflow.tracking_uri, SETTINGS.finetune.model_name)
+        candidate = {"version": registered["version"], "artifact_uri": registered["artifact_uri"]}
+        result = run_evaluation(
+            SETTINGS,
+            job_name(context["dag"].dag_id, context["run_id"], prefix="llmops-eval"),
+            candidate,
+            request["base_model_name"],
+            champion,
+            items,
+            on_line=logging.getLogger("airflow.task").info,
+            storage_options=options,
+        )
+        return {**result, "prompt_refs": [template.ref], "catalog_sha256": catalog.content_sha256}
+
+    @task
+    def judge_responses(evaluation: dict) -> dict:
+        import logging
+
+        from llmops.evaluation import judge_evaluation, make_judge
+        from llmops.prompts import load_registered
+
+        rubric = load_registered(SETTINGS.mlflow.tracking_uri, "judge_rubric")
+        judged = judge_evaluation(
+            evaluation,
+            make_judge(SETTINGS),
+            rubric,
+            SETTINGS.evaluation.judge_max_workers,
+            logging.getLogger("airflow.task").warning,
+            storage_options_for(SETTINGS.store_uri, SETTINGS),
+        )
+        return {**judged, "rubric": rubric.ref}
+
+    @task
+    def decide_promotion(evaluation: dict, judged: dict) -> dict:
+        import logging
+
+        from llmops.evaluation import decide
+
+        decided = decide(SETTINGS, evaluation, judged, storage_options_for(SETTINGS.store_uri, SETTINGS))
+        log = logging.getLogger("airflow.task")
+        log.info("judge: %s\n%s", decided["judge"], decided["table"])
+        log.info("gate %s:\n  %s", decided["decision"]["verdict"], "\n  ".join(decided["decision"]["reasons"]))
+        return decided
+
+    @task
+    def record_evaluation(registered: dict, dataset: dict, evaluation: dict, judged: dict, decided: dict) -> dict:
+        from llmops.evaluation import record_evaluation
+        from llmops.prompts import load_eval_catalog
+
+        context = get_current_context()
+        return record_evaluation(
+            SETTINGS,
+            registered,
+            evaluation,
+            judged,
+            decided,
+            [*evaluation["prompt_refs"], judged["rubric"]],
+            load_eval_catalog(),
+            {
+                "dag_id": context["dag"].dag_id,
+                "run_id": context["run_id"],
+                "dataset_name": dataset["name"],
+                "dataset_version": dataset["version"],
+            },
+            storage_options_for(SETTINGS.store_uri, SETTINGS),
+        )
+
+    @task.branch
+    def route_decision(request: dict, registered: dict, decided: dict, recorded: dict) -> list[str]:
+        if not decided["decision"]["promote"]:
+            return ["record_outcome"]
+        if not request["require_approval"]:
+            return ["promote_challenger", "record_outcome"]
+        link = recorded.get("report_url") or recorded["report_uri"]
+        body = (
+            f"**{SETTINGS.finetune.model_name} version {registered['version']}** passed the gate.\n\n"
+            f"Judge: {decided['judge']}\n\n{decided['markdown']}\n\n"
+            + "\n".join(f"- {reason}" for reason in decided["decision"]["reasons"])
+            + f"\n\nFull report: {link}\n\nApprove to make it the `challenger` (rollout then shadows it). "
+            "Without an answer it is rejected when the wait times out."
+        )
+        get_current_context()["ti"].xcom_push(key="approval_body", value=body)
+        return ["await_approval", "record_outcome"]
+
+    await_approval = recorded_approval_operator()(
+        task_id="await_approval",
+        subject=f"Promote {SETTINGS.finetune.model_name}"
+        " version {{ ti.xcom_pull(task_ids='register_model')['version'] }} to challenger?",
+        body="{{ ti.xcom_pull(task_ids='route_decision', key='approval_body') }}",
+        defaults="Reject",
+        response_timeout=timedelta(hours=SETTINGS.evaluation.approval_timeout_hours),
+        retries=0,
+    )
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def promote_challenger(registered: dict) -> dict:
+        from llmops.evaluation import promote_challenger
+
+        approval = get_current_context()["ti"].xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)
+        return promote_challenger(
+            SETTINGS.mlflow.tracking_uri, registered["model_name"], registered["version"], approval
+        )
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def record_outcome(registered: dict, decided: dict) -> dict:
+        import logging
+
+        from llmops.evaluation import record_outcome
+
+        ti = get_current_context()["ti"]
+        outcome = record_outcome(
+            SETTINGS.mlflow.tracking_uri,
+            registered["model_name"],
+            registered["version"],
+            decided["decision"],
+            ti.xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY),
+            ti.xcom_pull(task_ids="promote_challenger"),
+        )
+        logging.getLogger("airflow.task").info(
+            "%s version %s: %s", registered["model_name"], registered["version"], outcome["outcome"]
+        )
+        return outcome
 
     request = resolve_config()
     dataset = select_dataset(request)
     go = decide_training(request, dataset)
     job = train_adapter(request, dataset)
     go >> job
-    register_model(request, dataset, job)
+    registered = register_model(request, dataset, job)
+    evaluation = evaluate_models(request, dataset, registered, sync_prompts())
+    judged = judge_responses(evaluation)
+    decided = decide_promotion(evaluation, judged)
+    recorded = record_evaluation(registered, dataset, evaluation, judged, decided)
+    route = route_decision(request, registered, decided, recorded)
+    promoted = promote_challenger(registered)
+    outcome = record_outcome(registered, decided)
+    route >> await_approval >> promoted >> outcome
+    route >> [promoted, outcome]
 
 
 llm_finetune()

@@ -1,6 +1,7 @@
 """Typed settings for one environment, loaded once from ``include/config/<env>.yaml``.
 
-The environment is chosen by ``LLMOPS_ENV`` (default ``local``). Values may reference
+The environment is chosen by ``LLMOPS_ENV`` (default ``local``); ``LLMOPS_CONFIG_FILE`` names
+another file to load instead. Values may reference
 environment variables as ``${NAME}`` or ``${NAME:-default}``; ``LLMOPS_HOME`` (the state
 folder, default ``<repo>/.llmops``), ``LLMOPS_MODELS_DIR`` (converted base models, default
 ``<repo>/.llmops/models``, shared by the demo and the tests) and ``LLMOPS_PROJECT_ROOT`` are
@@ -112,9 +113,41 @@ class FinetuneConfig(_Strict):
         return self
 
 
+class EvaluationConfig(_Strict):
+    """How candidates are evaluated, judged and gated (``llm_finetune``'s second half)."""
+
+    max_test_items: int = Field(48, ge=1, description="test-split items per evaluation (a fixed sample)")
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=512)
+    max_input_tokens: int = Field(384, ge=16)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    judge: Literal["local", "bedrock"] = "local"
+    judge_model_id: str = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+    judge_max_workers: int = Field(4, ge=1, le=64)
+    timeout_minutes: int = Field(60, ge=1)
+    require_approval: bool = False
+    approval_timeout_hours: float = Field(24, gt=0)
+    gate: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gate_is_a_policy(self) -> EvaluationConfig:
+        self.policy()
+        return self
+
+    def policy(self):
+        from llmops.gate import GatePolicy
+
+        try:
+            return GatePolicy.model_validate(self.gate)
+        except ValidationError as exc:
+            raise ValueError("gate: " + format_validation_error(exc).strip()) from None
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str
     artifact_uri: str
+    ui_url: str | None = Field(None, description="the MLflow UI's address, for links in reports and descriptions")
 
 
 class AwsConfig(_Strict):
@@ -133,6 +166,7 @@ class Settings(_Strict):
     data: DataConfig = DataConfig()
     mlflow: MlflowConfig
     finetune: FinetuneConfig = FinetuneConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     aws: AwsConfig = AwsConfig()
 
     @model_validator(mode="after")
@@ -194,6 +228,8 @@ def _substitute(text: str, where: str, env: dict[str, str]) -> str:
 def load_settings(env: str | None = None, path: Path | None = None) -> Settings:
     """Load and validate the settings of ``env`` (default ``$LLMOPS_ENV`` or ``local``)."""
     env = env or os.environ.get("LLMOPS_ENV", "local")
+    if path is None and os.environ.get("LLMOPS_CONFIG_FILE"):
+        path = Path(os.environ["LLMOPS_CONFIG_FILE"])
     path = path or INCLUDE_DIR / "config" / f"{env}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (INCLUDE_DIR / "config").glob("*.yaml"))

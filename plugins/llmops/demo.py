@@ -5,8 +5,10 @@
 It converts the base models on first use, prepares Airflow's SQLite database under
 ``.llmops/airflow``, runs ``llm_data_prep`` on the bundled corpus with ``dag.test()`` and prints
 the dataset version, its manifest and the Data Docs; then runs ``llm_finetune`` (LoRA on
-SmolLM2-135M-Instruct, a few minutes on a laptop CPU) and prints the held-out loss before and
-after and the registered MLflow model version with its lineage.
+SmolLM2-135M-Instruct, a few minutes on a laptop CPU), which evaluates the candidate against the
+base model (and the champion, once there is one) and gates it, and prints the held-out loss
+before and after, the registered MLflow model version, the comparison table with confidence
+intervals, the gate's verdict with its reasons, and where the HTML report is.
 """
 
 from __future__ import annotations
@@ -98,7 +100,23 @@ def main() -> int:
     print(f"  registered:    {registered['model_name']} version {registered['version']}")
     print(f"  MLflow run:    {registered['run_id']}")
     print(f"  model files:   {registered['source']}")
-    print(f"  tracking:      {settings.mlflow.tracking_uri}   (make up, then http://localhost:5000)")
+
+    decided = return_value(dag_run, "decide_promotion")
+    recorded = return_value(dag_run, "record_evaluation")
+    outcome = return_value(dag_run, "record_outcome")
+    evaluation = return_value(dag_run, "evaluate_models")
+    print()
+    print(f"Evaluation ({len(evaluation['models'])} models, {evaluation['summary']['items']} items: test split sample")
+    print(f"and the evaluation prompt catalog). Judge: {decided['judge']}")
+    print(decided["table"])
+    print()
+    print(f"Gate: {decided['decision']['verdict'].upper()}")
+    for reason in decided["decision"]["reasons"]:
+        print(f"  - {reason}")
+    print(f"Outcome:         {outcome['outcome'] if outcome else 'not recorded'}")
+    print(f"Report:          {recorded['report_url'] or recorded['report_uri']}")
+    print("                 (make up, then open it; it is linked from the model version's page)")
+    print(f"Tracking:        {settings.mlflow.tracking_uri}")
     return 0
 
 

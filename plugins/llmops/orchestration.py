@@ -62,3 +62,32 @@ def fail_without_retry(fn: F) -> F:
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+APPROVAL_RESPONSE_KEY = "response"
+
+
+def recorded_approval_operator():
+    """``ApprovalOperator`` that also records the answer as the XCom ``response``.
+
+    On "Reject" the stock operator skips its downstream tasks by raising out of
+    ``execute_complete``, so its return value never reaches XCom; the run's outcome still has to
+    say who rejected, or that nobody answered in time. The class is built on first use so that
+    importing this module does not import the standard provider.
+    """
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    class RecordedApprovalOperator(ApprovalOperator):
+        def execute_complete(self, context, event):
+            if "error" not in event:
+                by = event.get("responded_by_user")
+                context["ti"].xcom_push(
+                    key=APPROVAL_RESPONSE_KEY,
+                    value={
+                        "chosen_options": list(event.get("chosen_options") or []),
+                        "responded_by_user": dict(by) if by else None,
+                    },
+                )
+            return super().execute_complete(context, event)
+
+    return RecordedApprovalOperator

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,7 +114,8 @@ class LocalTrainingBackend:
                 "-m",
                 "training.train",
             ]
-        log_path = self._execute(command, env, job_dir, spec.timeout_s, on_line)
+        log_path = job_dir / "training.log"
+        run_process(command, env, log_path, spec.timeout_s, on_line, f"training job {spec.job_name}")
         storage.write_bytes(log_uri, log_path.read_bytes(), self.storage_options)
 
         metrics = json.loads((model_dir / "metrics.json").read_text())["final"]
@@ -121,46 +123,45 @@ class LocalTrainingBackend:
         storage.write_json(metrics_uri, metrics, self.storage_options)
         return TrainingJobResult(spec.job_name, self.name, artifact, metrics, log_uri)
 
-    def _execute(self, command, env, job_dir: Path, timeout_s: float, on_line) -> Path:
-        log_path = job_dir / "training.log"
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                command,
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-            timer = threading.Timer(timeout_s, _kill_group, args=(process,))
-            timer.start()
-            started = time.monotonic()
-            try:
-                for raw in iter(process.stdout.readline, b""):
-                    log.write(raw)
-                    # tqdm redraws with carriage returns; keep the last state of each line.
-                    line = raw.decode("utf-8", errors="replace").rstrip("\n").rsplit("\r", 1)[-1]
-                    if line.strip():
-                        tail.append(line)
-                        on_line(line)
-                code = process.wait()
-            finally:
-                timer.cancel()
-                if process.poll() is None:
-                    _kill_group(process)
-        elapsed = time.monotonic() - started
-        if elapsed >= timeout_s and code != 0:
-            raise TrainingJobError(
-                f"training job {job_dir.name} timed out after {timeout_s:.0f}s and was stopped; last output:\n"
-                + "\n".join(tail)
-            )
-        if code != 0:
-            raise TrainingJobError(
-                f"training job {job_dir.name} failed with exit code {code}; last output:\n" + "\n".join(tail)
-            )
-        return log_path
+
+def run_process(command: list[str], env: dict, log_path: Path, timeout_s: float, on_line, what: str) -> None:
+    """Run a job's command in its own process group, stream its output to ``on_line`` and to
+    ``log_path``, and raise ``TrainingJobError`` with the log's tail when it fails or times out."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        timer = threading.Timer(timeout_s, _kill_group, args=(process,))
+        timer.start()
+        started = time.monotonic()
+        try:
+            for raw in iter(process.stdout.readline, b""):
+                log.write(raw)
+                # tqdm redraws with carriage returns; keep the last state of each line.
+                line = raw.decode("utf-8", errors="replace").rstrip("\n").rsplit("\r", 1)[-1]
+                if line.strip():
+                    tail.append(line)
+                    on_line(line)
+            code = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                _kill_group(process)
+    elapsed = time.monotonic() - started
+    if elapsed >= timeout_s and code != 0:
+        raise TrainingJobError(
+            f"{what} timed out after {timeout_s:.0f}s and was stopped; last output:\n" + "\n".join(tail)
+        )
+    if code != 0:
+        raise TrainingJobError(f"{what} failed with exit code {code}; last output:\n" + "\n".join(tail))
 
 
 def _die_with_parent() -> None:
@@ -203,3 +204,99 @@ def extract_model(artifact_bytes: bytes, target: Path) -> Path:
         with tarfile.open(fileobj=buffer, mode="r:gz") as tar:
             tar.extractall(target, filter="data")
     return target
+
+
+@dataclass(frozen=True)
+class EvaluationJobSpec:
+    """An evaluation job: ``models`` maps a label to its base model folder and, for a fine-tuned
+    model, the URI of its ``model.tar.gz``; ``items_uri`` is the JSONL of items to answer."""
+
+    job_name: str
+    items_uri: str
+    models: dict[str, dict]  # label -> {"base": folder, "artifact_uri": URI or None}
+    embedding_model: str
+    settings: dict = field(default_factory=dict)  # max_new_tokens, batch_size, max_input_tokens, seed
+    timeout_s: float = 3600
+
+
+@dataclass(frozen=True)
+class EvaluationJobResult:
+    job_name: str
+    backend: str
+    predictions_uri: str
+    summary: dict
+    log_uri: str
+    reused: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LocalEvaluationBackend:
+    """Runs ``python -m training.evaluate`` in the SageMaker Processing layout, in a subprocess, and
+    copies its outputs to ``evaluation-jobs/<job>/output/`` in the store. A job whose outputs exist
+    is not run again."""
+
+    name = "local"
+
+    def __init__(self, store_uri: str, work_dir: str | os.PathLike[str], storage_options: dict | None = None):
+        self.jobs_uri = storage.join(store_uri, "evaluation-jobs")
+        self.work_dir = Path(work_dir)
+        self.storage_options = storage_options
+
+    def output_uri(self, job_name: str, name: str) -> str:
+        return storage.join(self.jobs_uri, job_name, "output", name)
+
+    def run(self, spec: EvaluationJobSpec, on_line: Callable[[str], None] = print) -> EvaluationJobResult:
+        predictions_uri = self.output_uri(spec.job_name, "predictions.jsonl")
+        summary_uri = self.output_uri(spec.job_name, "summary.json")
+        log_uri = self.output_uri(spec.job_name, "evaluation.log")
+        if storage.exists(summary_uri, self.storage_options) and storage.exists(predictions_uri, self.storage_options):
+            on_line(f"evaluation job {spec.job_name} already completed; reusing its outputs")
+            summary = storage.read_json(summary_uri, self.storage_options)
+            return EvaluationJobResult(spec.job_name, self.name, predictions_uri, summary, log_uri, reused=True)
+
+        job_dir = self.work_dir / spec.job_name
+        if job_dir.exists():
+            shutil.rmtree(job_dir)  # a half-finished earlier attempt: start clean
+        models = []
+        for label, model in spec.models.items():
+            entry = {"label": label, "base": str(model["base"]), "adapter": None}
+            if model.get("artifact_uri"):
+                tarball = job_dir / "input" / "models" / label / "model.tar.gz"
+                tarball.parent.mkdir(parents=True, exist_ok=True)
+                tarball.write_bytes(storage.read_bytes(model["artifact_uri"], self.storage_options))
+                entry["adapter"] = str(tarball.relative_to(job_dir))
+            models.append(entry)
+        config_path = job_dir / "input" / "config" / "evaluation.json"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(
+            json.dumps({**spec.settings, "models": models, "embedding_model": spec.embedding_model}, indent=2)
+        )
+        items_path = job_dir / "input" / "items" / "items.jsonl"
+        items_path.parent.mkdir(parents=True, exist_ok=True)
+        items_path.write_bytes(storage.read_bytes(spec.items_uri, self.storage_options))
+
+        env = {
+            **os.environ,
+            "LLMOPS_PROCESSING_DIR": str(job_dir),
+            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        log_path = job_dir / "evaluation.log"
+        run_process(
+            [sys.executable, "-m", "training.evaluate"],
+            env,
+            log_path,
+            spec.timeout_s,
+            on_line,
+            f"evaluation job {spec.job_name}",
+        )
+        storage.write_bytes(log_uri, log_path.read_bytes(), self.storage_options)
+        output = job_dir / "output"
+        storage.write_bytes(predictions_uri, (output / "predictions.jsonl").read_bytes(), self.storage_options)
+        summary = json.loads((output / "summary.json").read_text())
+        # Written last: the job counts as done only once everything it produced is in the store.
+        storage.write_json(summary_uri, summary, self.storage_options)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return EvaluationJobResult(spec.job_name, self.name, predictions_uri, summary, log_uri)

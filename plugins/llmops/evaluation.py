@@ -1,0 +1,391 @@
+"""What ``llm_finetune`` does after registering a candidate, as plain functions (no Airflow imports).
+
+    build_items → run_evaluation (a job on a backend) → judge_evaluation → decide (compare + gate)
+    → record_evaluation (MLflow run, HTML report, version tags and a link) → promote or reject
+
+Each step reads and writes the store under ``evaluation-jobs/<job>/`` and is keyed by the Airflow
+run, so a retried or re-run task finds what it made the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from llmops import storage
+from llmops.config import Settings
+from llmops.prompts import EvalCatalog, PromptTemplate
+from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY
+
+LABELS = ("base", "candidate", "champion")
+
+
+def _stable_order(record_id: str) -> str:
+    return hashlib.sha256(record_id.encode()).hexdigest()
+
+
+def build_items(
+    dataset: dict,
+    template: PromptTemplate,
+    catalog: EvalCatalog,
+    max_test_items: int,
+    storage_options: dict | None = None,
+) -> list[dict]:
+    """A fixed sample of the test split (the same records for every run on this dataset version)
+    plus every evaluation-catalog item rendered with the registered template."""
+    test = storage.read_jsonl(dataset["files"]["test"]["uri"], storage_options)
+    sample = sorted(test, key=lambda r: _stable_order(r["id"]))[:max_test_items]
+    items = [
+        {
+            "item_id": f"test:{r['id']}",
+            "set": "test",
+            "kind": "open",
+            "system": r.get("system") or "",
+            "prompt": r["prompt"],
+            "reference": r["response"],
+        }
+        for r in sample
+    ]
+    for item in catalog.items:
+        system, prompt = template.render_instruction(item.instruction, item.context)
+        items.append(
+            {
+                "item_id": f"catalog:{item.id}",
+                "set": "catalog",
+                "kind": item.kind,
+                "system": system,
+                "prompt": prompt,
+                "reference": item.reference,
+            }
+        )
+    return items
+
+
+def champion_ref(tracking_uri: str, model_name: str) -> dict | None:
+    """The serving champion's version, artifact and base model, or None."""
+    from mlflow.exceptions import MlflowException
+
+    from llmops.tracking import client
+
+    try:
+        version = client(tracking_uri).get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return {
+        "version": str(version.version),
+        "artifact_uri": version.tags.get("training.artifact_uri"),
+        "base_model_name": version.tags.get("base_model"),
+        "run_id": version.run_id,
+    }
+
+
+def run_evaluation(
+    settings: Settings,
+    name: str,
+    candidate: dict,
+    base_model_name: str,
+    champion: dict | None,
+    items: list[dict],
+    on_line: Callable[[str], None] = print,
+    storage_options: dict | None = None,
+) -> dict:
+    """Run the evaluation job for base, candidate and (when there is one) champion."""
+    from llmops.backends.local import EvaluationJobSpec, LocalEvaluationBackend
+    from llmops.models import resolve_model
+
+    cache = settings.models.cache_dir
+    models = {
+        "base": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": None},
+        "candidate": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": candidate["artifact_uri"]},
+    }
+    if champion and champion.get("artifact_uri") and champion["version"] != candidate["version"]:
+        models["champion"] = {
+            "base": str(resolve_model(champion.get("base_model_name") or base_model_name, cache)),
+            "artifact_uri": champion["artifact_uri"],
+        }
+    backend = LocalEvaluationBackend(settings.store_uri, Path(settings.home) / "jobs", storage_options)
+    items_uri = storage.join(backend.jobs_uri, name, "input", "items.jsonl")
+    storage.write_jsonl(items_uri, items, storage_options)
+    ev = settings.evaluation
+    spec = EvaluationJobSpec(
+        job_name=name,
+        items_uri=items_uri,
+        models=models,
+        embedding_model=str(resolve_model(settings.models.embedding, cache)),
+        settings={
+            "max_new_tokens": ev.max_new_tokens,
+            "batch_size": ev.batch_size,
+            "max_input_tokens": ev.max_input_tokens,
+        },
+        timeout_s=ev.timeout_minutes * 60,
+    )
+    result = backend.run(spec, on_line)
+    versions = {"candidate": candidate["version"]}
+    if "champion" in models:
+        versions["champion"] = champion["version"]
+    return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions}
+
+
+def make_judge(settings: Settings):
+    from llmops.judges import BedrockJudge, LocalJudge
+
+    if settings.evaluation.judge == "bedrock":
+        return BedrockJudge(settings.evaluation.judge_model_id, settings.aws.conn_id, settings.aws.region)
+    return LocalJudge()
+
+
+def judge_evaluation(
+    evaluation: dict,
+    judge,
+    rubric: PromptTemplate,
+    max_workers: int = 4,
+    on_error: Callable[[str], None] = print,
+    storage_options: dict | None = None,
+) -> dict:
+    """Score every answer of the evaluation with ``judge``; reuses earlier scores by the same judge
+    and rubric version."""
+    from llmops.judges import judge_rows
+
+    folder = evaluation["predictions_uri"].rsplit("/", 1)[0]
+    judgments_uri = storage.join(folder, "judgments.jsonl")
+    meta_uri = storage.join(folder, "judgments.json")
+    meta = {"judge": judge.label, "rubric": rubric.ref}
+    if storage.exists(meta_uri, storage_options) and storage.exists(judgments_uri, storage_options):
+        existing = storage.read_json(meta_uri, storage_options)
+        if {k: existing.get(k) for k in meta} == meta:
+            return {**existing, "judgments_uri": judgments_uri, "reused": True}
+    rows = storage.read_jsonl(evaluation["predictions_uri"], storage_options)
+    judged = judge_rows(rows, judge, rubric, max_workers, on_error)
+    storage.write_jsonl(judgments_uri, judged, storage_options)
+    meta["unscored"] = sum(j["judge_overall"] is None for j in judged)
+    storage.write_json(meta_uri, meta, storage_options)
+    return {**meta, "judgments_uri": judgments_uri, "reused": False}
+
+
+def merged_rows(predictions_uri: str, judgments_uri: str | None, storage_options: dict | None = None) -> list[dict]:
+    rows = storage.read_jsonl(predictions_uri, storage_options)
+    if judgments_uri:
+        scores = {(j["item_id"], j["model"]): j for j in storage.read_jsonl(judgments_uri, storage_options)}
+        rows = [{**r, **scores.get((r["item_id"], r["model"]), {})} for r in rows]
+    return rows
+
+
+def decide(settings: Settings, evaluation: dict, judged: dict, storage_options: dict | None = None) -> dict:
+    """Compare the candidate with base and champion and apply the gate (both pure)."""
+    from llmops.comparison import compare, comparison_table, markdown_summary
+    from llmops.gate import decide_promotion
+
+    rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
+    comparison = compare(
+        rows, resamples=settings.evaluation.bootstrap_resamples, confidence=settings.evaluation.confidence
+    )
+    decision = decide_promotion(comparison, settings.evaluation.policy())
+    return {
+        "comparison": comparison.to_dict(),
+        "decision": decision.to_dict(),
+        "table": comparison_table(comparison),
+        "markdown": markdown_summary(comparison),
+        "judge": judged.get("judge", ""),
+    }
+
+
+def report_url(settings: Settings, experiment_id: str, run_id: str, artifact_path: str) -> str | None:
+    if not settings.mlflow.ui_url:
+        return None
+    return f"{settings.mlflow.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{artifact_path}"
+
+
+def record_evaluation(
+    settings: Settings,
+    registered: dict,
+    evaluation: dict,
+    judged: dict,
+    decided: dict,
+    prompt_refs: list[str],
+    catalog: EvalCatalog,
+    lineage: dict,
+    storage_options: dict | None = None,
+) -> dict:
+    """Log the evaluation as an MLflow run nested under the candidate's training run (metrics,
+    the HTML report, predictions and judgments, the prompt versions and the evaluation catalog),
+    and tag the model version with the results, the gate's decision and a link to the report."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from llmops.comparison import Comparison, write_report
+    from llmops.gate import Decision
+    from llmops.prompts import link_to_run
+    from llmops.tracking import _find_run, _metric, client, ensure_experiment
+
+    tracking_uri, model_name = settings.mlflow.tracking_uri, registered["model_name"]
+    mlflow_client = client(tracking_uri)
+    comparison = Comparison.from_dict(decided["comparison"])
+    decision = Decision.from_dict(decided["decision"])
+    experiment_id = ensure_experiment(mlflow_client, model_name, settings.mlflow.artifact_uri)
+    run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', evaluation['job_name'])}/evaluation"
+    run = _find_run(mlflow_client, experiment_id, run_key)
+    if run is None or run.info.status != "FINISHED":
+        if run is not None:
+            mlflow_client.delete_run(run.info.run_id)
+        run = mlflow_client.create_run(
+            experiment_id,
+            run_name=evaluation["job_name"],
+            tags={
+                RUN_KEY: run_key,
+                "mlflow.parentRunId": registered["run_id"],
+                "llmops.kind": "evaluation",
+                "evaluation.judge": judged.get("judge", ""),
+                "evaluation.backend": evaluation["backend"],
+                "evaluation.job_name": evaluation["job_name"],
+                "model.version": str(registered["version"]),
+                **_prompt_tags(prompt_refs),
+                "eval_catalog.sha256": catalog.content_sha256,
+            },
+        )
+        run_id = run.info.run_id
+        metrics = []
+        for label, summary in comparison.models.items():
+            metrics += [_metric(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+        for reference, deltas in comparison.deltas.items():
+            for metric, iv in deltas.items():
+                metrics += [
+                    _metric(f"delta_vs_{reference}.{metric}", iv.mean, 0),
+                    _metric(f"delta_vs_{reference}.{metric}.low", iv.low, 0),
+                    _metric(f"delta_vs_{reference}.{metric}.high", iv.high, 0),
+                ]
+        for start in range(0, len(metrics), 900):
+            mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
+        rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
+        details = {
+            "model": f"{model_name} version {registered['version']}",
+            "dataset": f"{lineage.get('dataset_name', '')}@{lineage.get('dataset_version', '')}",
+            "judge": judged.get("judge", ""),
+            "evaluation job": f"{evaluation['job_name']} ({evaluation['backend']})",
+            "prompts": ", ".join(prompt_refs),
+            "evaluation catalog": f"{catalog.path} (sha256 {catalog.content_sha256[:12]})",
+            "airflow run": f"{lineage.get('dag_id', '')} / {lineage.get('run_id', '')}",
+            "gate": decision.verdict,
+        }
+        if "champion" in evaluation.get("versions", {}):
+            details["champion"] = f"{model_name} version {evaluation['versions']['champion']}"
+        with tempfile.TemporaryDirectory(prefix="llmops-eval-") as tmp:
+            out = Path(tmp) / "evaluation"
+            write_report(
+                comparison,
+                rows,
+                out,
+                title=f"Evaluation of {model_name} version {registered['version']}",
+                judge_label=judged.get("judge", ""),
+                details=details,
+                gate_lines=[
+                    f"{'PASS' if c['passed'] else 'FAIL'}{' (skipped)' if c['skipped'] else ''}: {c['detail']}"
+                    for c in decided["decision"]["checks"]
+                ],
+            )
+            (out / "predictions.jsonl").write_bytes(storage.jsonl_bytes(rows))
+            (out / "decision.json").write_text(json.dumps(decided["decision"], indent=2))
+            mlflow_client.log_artifacts(run_id, str(out), "evaluation")
+        link_to_run(tracking_uri, run_id, prompt_refs)
+        catalog_input = MetaDataset(
+            source=_catalog_source(catalog.path), name="eval_catalog", digest=catalog.content_sha256[:36]
+        )
+        mlflow_client.log_inputs(
+            run_id,
+            datasets=[
+                DatasetInput(catalog_input._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "evaluation")])
+            ],
+        )
+        mlflow_client.set_terminated(run_id, "FINISHED")
+        run = mlflow_client.get_run(run_id)
+
+    run_id = run.info.run_id
+    url = report_url(settings, experiment_id, run_id, "evaluation/report.html")
+    report_uri = f"{run.info.artifact_uri}/evaluation/report.html"
+    candidate = comparison.models.get("candidate", {})
+    tags = {
+        "evaluation.run_id": run_id,
+        "evaluation.report_uri": report_uri,
+        "evaluation.judge": judged.get("judge", ""),
+        **({"evaluation.report_url": url} if url else {}),
+        **_prompt_tags(prompt_refs),
+        **{f"metrics.eval.{k}": f"{v:.6g}" for k, v in candidate.items() if isinstance(v, (int, float))},
+        **decision.tags(),
+    }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, str(registered["version"]), key, str(value))
+    version = mlflow_client.get_model_version(model_name, str(registered["version"]))
+    marker = "\n\n---\n**Evaluation**"
+    description = (version.description or "").split(marker)[0]
+    link = f"[open the evaluation report]({url})" if url else f"report: `{report_uri}`"
+    description += (
+        f"{marker}: gate **{decision.verdict}**, {link}. Judge: {judged.get('judge', '')}.\n\n{decided['markdown']}"
+    )
+    mlflow_client.update_model_version(model_name, str(registered["version"]), description=description)
+    return {"run_id": run_id, "report_uri": report_uri, "report_url": url, "experiment_id": experiment_id}
+
+
+def _prompt_tags(refs: list[str]) -> dict[str, str]:
+    return {f"prompts.{ref.split('@')[0]}": ref for ref in refs}
+
+
+def _catalog_source(path: str):
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    from llmops.tracking import _uri_source
+
+    try:
+        return _uri_source(Path(path).resolve().as_uri())
+    except Exception:
+        return HTTPDatasetSource(Path(path).resolve().as_uri())
+
+
+def promote_challenger(tracking_uri: str, model_name: str, version: str, approval: dict | None) -> dict:
+    """Point the ``challenger`` alias at ``version`` (nothing serves it yet: rollout does that)."""
+    from llmops.tracking import client
+
+    mlflow_client = client(tracking_uri)
+    mlflow_client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+    return {"alias": CHALLENGER, "version": str(version), "approval": approval_status(approval)}
+
+
+def approval_status(approval: dict | None) -> dict:
+    """What the human said: not asked, approved or rejected (by whom), or rejected on timeout."""
+    if approval is None:
+        return {"status": "not_required", "by": ""}
+    chosen = (approval.get("chosen_options") or [""])[0]
+    by = approval.get("responded_by_user") or {}
+    name = by.get("name", "") if isinstance(by, dict) else str(by)
+    if chosen == "Approve":
+        return {"status": "approved", "by": name}
+    if not name:
+        return {"status": "rejected_on_timeout", "by": ""}
+    return {"status": "rejected", "by": name}
+
+
+def record_outcome(
+    tracking_uri: str, model_name: str, version: str, decision: dict, approval: dict | None, promoted: dict | None
+) -> dict:
+    """The run's final word on the candidate, as version tags; returns it."""
+    from llmops.tracking import client
+
+    status = approval_status(approval)
+    if promoted:
+        outcome = f"promoted to {CHALLENGER}"
+    elif not decision["promote"]:
+        outcome = "rejected by the gate"
+    elif status["status"] == "rejected_on_timeout":
+        outcome = "rejected: no approval before the timeout"
+    elif status["status"] == "rejected":
+        outcome = f"rejected by {status['by']}"
+    else:
+        outcome = "not promoted"
+    tags = {"promotion.outcome": outcome, "approval.status": status["status"]}
+    if status["by"]:
+        tags["approval.by"] = status["by"]
+    mlflow_client = client(tracking_uri)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, str(version), key, value)
+    return {"outcome": outcome, "version": str(version), **status}
