@@ -20,8 +20,9 @@ from urllib.parse import unquote
 
 import pytest
 import requests
+import yaml
 
-from llmops.config import PROJECT_ROOT
+from llmops.config import INCLUDE_DIR, PROJECT_ROOT
 from llmops.localstack import environment
 
 PG_HOST = os.environ.get("LLMOPS_E2E_PG_HOST", "127.0.0.1")
@@ -240,9 +241,14 @@ def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
     port = _free_port()
     (home / "mlflow").mkdir()
     (home / "tmp").mkdir()
+    config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
+    # A short evaluation: the test is about the stack, not about the model's quality.
+    config["evaluation"].update(max_test_items=6, max_new_tokens=16, bootstrap_resamples=200)
+    (home / "config.yaml").write_text(yaml.safe_dump(config))
     stack_env = {
         **environment(home),
         "LLMOPS_HOME": str(home),
+        "LLMOPS_CONFIG_FILE": str(home / "config.yaml"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_url,
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         "AIRFLOW__API__PORT": str(port),

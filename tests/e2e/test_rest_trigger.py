@@ -107,9 +107,12 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
         "force": True,
     }
     finetune_id = _trigger(stack, "llm_finetune", conf)
-    finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=400)
+    finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=600)
     assert finetune["conf"] == conf, finetune["conf"]
 
     registered = return_value(stack, "llm_finetune", finetune_id, "register_model")
     assert registered["model_name"] and str(registered["version"]).isdigit(), registered
     assert registered["metrics"]["global_step"] == 4, registered["metrics"]
+    # The candidate went through evaluation and the gate to a recorded outcome.
+    outcome = return_value(stack, "llm_finetune", finetune_id, "record_outcome")
+    assert outcome["version"] == str(registered["version"]) and outcome["outcome"], outcome

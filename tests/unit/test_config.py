@@ -42,6 +42,9 @@ def test_unknown_environment_lists_the_known_ones():
         ("data: {dataset_name: 'Has Spaces'}", "data.dataset_name"),
         ("data: {typo_field: 1}", "data.typo_field"),
         ("store_uri: /not/a/uri", "store_uri"),
+        ("evaluation: {gate: {minimum: {bogus_metric: 1}}}", "bogus_metric"),
+        ("evaluation: {gate: {non_regression: {loss: -1}}}", "margins must be >= 0"),
+        ("evaluation: {judge: oracle}", "evaluation.judge"),
     ],
 )
 def test_bad_values_fail_at_load_naming_the_field(tmp_path, yaml_text, field):
@@ -93,3 +96,13 @@ def test_the_default_tracking_uri_is_a_sqlite_file_in_the_state_folder(tmp_path,
     assert load_settings("local").mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert load_settings("local").mlflow.tracking_uri == "http://mlflow:5000"
+
+
+def test_a_config_file_can_be_named_in_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "store_uri: file:///tmp/elsewhere\nmodels: {cache_dir: /tmp/models}\n"
+        "mlflow: {tracking_uri: sqlite:///x.db, artifact_uri: file:///tmp/a}\n"
+    )
+    monkeypatch.setenv("LLMOPS_CONFIG_FILE", str(path))
+    assert load_settings().store_uri == "file:///tmp/elsewhere"
