@@ -4,8 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import yaml
+
+FAST_EVALUATION = {"max_test_items": 4, "max_new_tokens": 8, "batch_size": 8, "bootstrap_resamples": 200}
+
+
+def fast_config(folder: Path, gate: dict | None = None) -> Path:
+    """The local config with a short evaluation (and ``gate``, when given), written to ``folder``:
+    DAG tests check the pipeline's behaviour, not the model's quality."""
+    from llmops.config import INCLUDE_DIR
+
+    config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
+    config["evaluation"] = {**config["evaluation"], **FAST_EVALUATION}
+    if gate is not None:
+        config["evaluation"]["gate"] = gate
+    path = folder / f"config-{len(list(folder.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @contextmanager

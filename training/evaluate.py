@@ -162,6 +162,9 @@ def load_model(spec: ModelSpec, paths: ProcessingPaths, work: Path):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, folder)
+            if model.active_peft_config.peft_type == "LORA":
+                # Folded into the weights, a LoRA model generates as fast as its base model.
+                model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 

@@ -330,12 +330,20 @@ def load_registered(tracking_uri: str, name: str, alias: str = PRODUCTION) -> Pr
 
 def link_to_run(tracking_uri: str, run_id: str, refs: list[str]) -> None:
     """Record on an MLflow run which registered prompt versions (``name@version``) it used."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(tracking_uri)
     for ref in refs:
         name, _, version = ref.rpartition("@")
-        if version == FILE_VERSION:
+        if version == FILE_VERSION or not name:
             continue
-        client.link_prompt_version_to_run(run_id, client.get_prompt_version(name, version))
+        try:
+            prompt_version = client.get_prompt_version(name, version)
+        except MlflowException:
+            # A dataset formatted against another registry: its records still name the version.
+            continue
+        if prompt_version is not None:
+            client.link_prompt_version_to_run(run_id, prompt_version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,7 @@ def version_tags(job: dict, dataset: dict, hyperparameters: dict, lineage: dict)
         "dataset.uri": dataset["uri"],
         "dataset.manifest_uri": dataset["manifest_uri"],
         "dataset.content_sha256": dataset["content_sha256"],
+        "dataset.template": dataset.get("stages", {}).get("format", {}).get("template", ""),
         "validation.success": str(dataset["validation"]["success"]).lower(),
         "validation.result_uri": dataset["validation"]["result_uri"],
         "validation.data_docs_uri": dataset["validation"]["data_docs_uri"],
@@ -159,6 +160,10 @@ def record_training(
                 DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
             ],
         )
+        if tags["dataset.template"]:
+            from llmops.prompts import link_to_run
+
+            link_to_run(tracking_uri, run_id, [tags["dataset.template"]])
         mlflow_client.set_terminated(run_id, "FINISHED")
         run = mlflow_client.get_run(run_id)
 

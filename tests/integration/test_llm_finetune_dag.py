@@ -4,12 +4,13 @@ lineage, and a run on the champion's own dataset is skipped unless forced."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from llmops.demo import return_value
 from llmops.tracking import CHAMPION, client
-from tests.dagruns import parsed_dag, task_states
+from tests.dagruns import fast_config, parsed_dag, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -18,7 +19,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 def dag(airflow_db, curated_dataset):
     """The DAG parsed against the store that holds ``curated_dataset``."""
     home = curated_dataset["uri"].split("/store/")[0].removeprefix("file://")
-    with parsed_dag("llm_finetune", LLMOPS_HOME=home, MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db") as dag:
+    with parsed_dag(
+        "llm_finetune",
+        LLMOPS_HOME=home,
+        MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db",
+        LLMOPS_CONFIG_FILE=str(fast_config(Path(home))),
+    ) as dag:
         yield dag
 
 

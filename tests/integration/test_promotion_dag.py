@@ -13,24 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from llmops.config import INCLUDE_DIR
 from llmops.demo import return_value
 from llmops.tracking import CHALLENGER, client
-from tests.dagruns import parsed_dag, task_states
+from tests.dagruns import fast_config, parsed_dag, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
-
-FAST_EVALUATION = {"max_test_items": 4, "max_new_tokens": 8, "batch_size": 8, "bootstrap_resamples": 200}
-
-
-def config_file(folder: Path, gate: dict) -> Path:
-    config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
-    config["evaluation"] = {**config["evaluation"], **FAST_EVALUATION, "gate": gate}
-    path = folder / f"config-{len(list(folder.glob('config-*')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def parse(home: str, gate: dict):
         "llm_finetune",
         LLMOPS_HOME=home,
         MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db",
-        LLMOPS_CONFIG_FILE=str(config_file(Path(home), gate)),
+        LLMOPS_CONFIG_FILE=str(fast_config(Path(home), gate)),
     )
 
 
