@@ -106,8 +106,11 @@ def main() -> int:
     outcome = return_value(dag_run, "record_outcome")
     evaluation = return_value(dag_run, "evaluate_models")
     print()
-    print(f"Evaluation ({len(evaluation['models'])} models, {evaluation['summary']['items']} items: test split sample")
-    print(f"and the evaluation prompt catalog). Judge: {decided['judge']}")
+    print(
+        f"Evaluation of {len(evaluation['models'])} models on {evaluation['summary']['items']} items "
+        "(a sample of the test split and the evaluation catalog)"
+    )
+    print(f"  judge: {decided['judge']}")
     print(decided["table"])
     print()
     print(f"Gate: {decided['decision']['verdict'].upper()}")

@@ -280,7 +280,7 @@ def record_evaluation(
                 title=f"Evaluation of {model_name} version {registered['version']}",
                 judge_label=judged.get("judge", ""),
                 details=details,
-gate_lines=[
+                gate_lines=[
                     f"{'SKIP' if c['skipped'] else 'PASS' if c['passed'] else 'FAIL'}: {c['detail']}"
                     for c in decided["decision"]["checks"]
                 ],
