@@ -18,6 +18,7 @@ AIRFLOW_FREE = [
     ROOT / "plugins" / "llmops" / "prompts.py",
     ROOT / "plugins" / "llmops" / "comparison.py",
     ROOT / "plugins" / "llmops" / "gate.py",
+    ROOT / "plugins" / "llmops" / "evaluation.py",
 ]
 
 
