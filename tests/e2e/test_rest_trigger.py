@@ -44,7 +44,7 @@ def _trigger(stack, dag_id: str, conf: dict) -> str:
     return quote(run["dag_run_id"], safe="")
 
 
-def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float) -> dict:
+def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float, may_skip: frozenset[str] = frozenset()) -> dict:
     def finished() -> dict | None:
         run = stack.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
         return run if run["state"] in FINISHED else None
@@ -60,7 +60,8 @@ def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float) -> dict:
         dag_id, run_id
     )
     states = {ti["task_id"]: ti["state"] for ti in stack.task_instances(dag_id, run_id)}
-    assert states and set(states.values()) == {"success"}, f"{states}\n{stack.diagnostics(dag_id, run_id)}"
+    expected = {t: ("success", "skipped") if t in may_skip else ("success",) for t in states}
+    assert states and all(states[t] in expected[t] for t in states), f"{states}\n{stack.diagnostics(dag_id, run_id)}"
     return run
 
 
@@ -107,7 +108,9 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
         "force": True,
     }
     finetune_id = _trigger(stack, "llm_finetune", conf)
-    finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=600)
+    # Which of these run depends on the gate's verdict on a tiny random model (and no approval).
+    branches = frozenset({"await_approval", "promote_challenger"})
+    finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=600, may_skip=branches)
     assert finetune["conf"] == conf, finetune["conf"]
 
     registered = return_value(stack, "llm_finetune", finetune_id, "register_model")
