@@ -319,10 +319,15 @@ def llm_finetune():
     )
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def promote_challenger(registered: dict) -> dict:
-        from llmops.evaluation import promote_challenger
+    def promote_challenger(request: dict, registered: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from llmops.evaluation import approval_status, promote_challenger
 
         approval = get_current_context()["ti"].xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)
+        if request["require_approval"] and approval_status(approval)["status"] != "approved":
+            # e.g. the approval task was marked skipped or successful by hand: no answer, no promotion.
+            raise AirflowSkipException("approval was required and not given")
         return promote_challenger(
             SETTINGS.mlflow.tracking_uri, registered["model_name"], registered["version"], approval
         )
@@ -358,7 +363,7 @@ def llm_finetune():
     decided = decide_promotion(evaluation, judged)
     recorded = record_evaluation(registered, dataset, evaluation, judged, decided)
     route = route_decision(request, registered, decided, recorded)
-    promoted = promote_challenger(registered)
+    promoted = promote_challenger(request, registered)
     outcome = record_outcome(registered, decided)
     route >> await_approval >> promoted >> outcome
     route >> [promoted, outcome]

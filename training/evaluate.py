@@ -177,7 +177,10 @@ def generate(model, tokenizer, items: list[dict], config: EvalJobConfig) -> list
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     results: list[dict | None] = [None] * len(items)
-    eos = tokenizer.eos_token_id
+    # The model's own stop ids (a chat model may end its turn with a token other than eos).
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = configured if isinstance(configured, list) else [configured]
+    stops = [t for t in {*stops, tokenizer.eos_token_id} if t is not None]
     for start in range(0, len(order), config.batch_size):
         batch = order[start : start + config.batch_size]
         encoded = tokenizer(
@@ -195,15 +198,16 @@ def generate(model, tokenizer, items: list[dict], config: EvalJobConfig) -> list
                 max_new_tokens=config.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
+                eos_token_id=stops,
             )
         elapsed = time.perf_counter() - started
         new = output[:, encoded["input_ids"].shape[1] :]
         total_new = 0
         for row, index in enumerate(batch):
             ids = new[row].tolist()
-            stopped = eos in ids
-            ids = ids[: ids.index(eos)] if stopped else ids
+            end = next((i for i, t in enumerate(ids) if t in stops), None)
+            stopped = end is not None
+            ids = ids[:end] if stopped else ids
             total_new += len(ids)
             results[index] = {
                 "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmops import storage
-from llmops.config import Settings
+from llmops.config import ConfigError, Settings
 from llmops.prompts import EvalCatalog, PromptTemplate
 from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY
 
@@ -101,7 +101,13 @@ def run_evaluation(
         "base": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": None},
         "candidate": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": candidate["artifact_uri"]},
     }
-    if champion and champion.get("artifact_uri") and champion["version"] != candidate["version"]:
+    if champion and champion["version"] != candidate["version"]:
+        if not champion.get("artifact_uri"):
+            raise ConfigError(
+                f"the champion (version {champion['version']}) has no training.artifact_uri tag, so it cannot be"
+                " evaluated; without it the gate's non-regression checks would pass unchecked. Tag the version"
+                " with the URI of its model.tar.gz, or move the champion alias"
+            )
         models["champion"] = {
             "base": str(resolve_model(champion.get("base_model_name") or base_model_name, cache)),
             "artifact_uri": champion["artifact_uri"],
@@ -152,7 +158,11 @@ def judge_evaluation(
     folder = evaluation["predictions_uri"].rsplit("/", 1)[0]
     judgments_uri = storage.join(folder, "judgments.jsonl")
     meta_uri = storage.join(folder, "judgments.json")
-    meta = {"judge": judge.label, "rubric": rubric.ref}
+    meta = {
+        "judge": judge.label,
+        "rubric": rubric.ref,
+        "predictions": evaluation.get("summary", {}).get("inputs_sha256"),
+    }
     if storage.exists(meta_uri, storage_options) and storage.exists(judgments_uri, storage_options):
         existing = storage.read_json(meta_uri, storage_options)
         if {k: existing.get(k) for k in meta} == meta:
@@ -226,7 +236,17 @@ def record_evaluation(
     decision = Decision.from_dict(decided["decision"])
     experiment_id = ensure_experiment(mlflow_client, model_name, settings.mlflow.artifact_uri)
     run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', evaluation['job_name'])}/evaluation"
+    if evaluation.get("catalog_sha256") not in (None, catalog.content_sha256):
+        raise ConfigError(
+            f"{catalog.path} changed since the evaluation ran (sha256 {catalog.content_sha256[:12]}, evaluated"
+            f" {evaluation['catalog_sha256'][:12]}); clear evaluate_models to evaluate on the current catalog"
+        )
+    decided_sha256 = hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
     run = _find_run(mlflow_client, experiment_id, run_key)
+    if run is not None and run.data.tags.get("llmops.decided_sha256") != decided_sha256:
+        # Re-recorded after a new decision (say, a changed gate): the old run's report would contradict it.
+        mlflow_client.delete_run(run.info.run_id)
+        run = None
     if run is None or run.info.status != "FINISHED":
         if run is not None:
             mlflow_client.delete_run(run.info.run_id)
@@ -235,6 +255,7 @@ def record_evaluation(
             run_name=evaluation["job_name"],
             tags={
                 RUN_KEY: run_key,
+                "llmops.decided_sha256": decided_sha256,
                 "mlflow.parentRunId": registered["run_id"],
                 "llmops.kind": "evaluation",
                 "evaluation.judge": judged.get("judge", ""),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmops.comparison import Comparison, Interval, direction
+from llmops.comparison import METRICS, Comparison, Interval, direction
 
 
 class GatePolicy(BaseModel):
@@ -52,12 +52,16 @@ class GatePolicy(BaseModel):
             raise ValueError(f"margins must be >= 0 (a margin is how much worse is tolerated): {negative}")
         return value
 
-    @field_validator("improve_on_base")
+    @field_validator("improve_on_base", "non_regression")
     @classmethod
-    def _directional_metrics(cls, value: list[str]) -> list[str]:
+    def _paired_metrics(cls, value):
+        # Paired differences exist only for per-item metrics, and "worse" needs a direction.
         for metric in value:
-            if direction(metric) is None:
-                raise ValueError(f"{metric!r} has no better direction; it cannot be required to improve")
+            direction(metric)
+            if metric not in METRICS:
+                raise ValueError(f"{metric!r} is a summary, not a per-item metric: it has no paired difference")
+            if METRICS[metric].higher_is_better is None:
+                raise ValueError(f"{metric!r} has no better direction; it cannot be compared as better or worse")
         return value
 
 

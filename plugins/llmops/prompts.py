@@ -140,6 +140,12 @@ def validate_template(template: PromptTemplate, where: str) -> None:
             f" (got {template.task!r})"
         )
     required, allowed = TASK_VARIABLES[template.task]
+    users = [i for i, m in enumerate(template.messages) if m["role"] == "user"]
+    if users != [len(template.messages) - 1]:
+        raise PromptCatalogError(
+            f"{where}: template {template.name!r} must end with its only user message"
+            f" (roles: {[m['role'] for m in template.messages]})"
+        )
     used: set[str] = set()
     for i, message in enumerate(template.messages):
         try:
@@ -202,11 +208,18 @@ class EvalCatalog:
     path: str
 
 
-def load_eval_catalog(path: Path | None = None) -> EvalCatalog:
+def load_eval_catalog(path: Path | None = None, prompts_dir: Path = PROMPTS_DIR) -> EvalCatalog:
     path = Path(path or PROMPTS_DIR / EVAL_CATALOG)
     data = _read_yaml(path)
     if not isinstance(data.get("template"), str):
         raise PromptCatalogError(f"{path}: 'template' must name the instruction template that renders the items")
+    templates = load_catalog(prompts_dir)
+    instruction = sorted(n for n, t in templates.items() if t.task == "instruction")
+    if data["template"] not in instruction:
+        raise PromptCatalogError(
+            f"{path}: template {data['template']!r} is not an instruction template of the catalog"
+            f" (instruction templates: {', '.join(instruction)})"
+        )
     raw_items = data.get("items")
     if not isinstance(raw_items, list) or not raw_items:
         raise PromptCatalogError(f"{path}: 'items' must be a non-empty list")

@@ -90,10 +90,33 @@ def test_every_model_answers_every_item_and_is_measured(eval_settings, tiny_mode
     assert set(result["summary"]["models"]) == {"base", "candidate", "champion"}
     assert any(line.startswith("evaluated candidate:") for line in lines)
 
+    champion = {"version": "1", "artifact_uri": candidate, "base_model_name": str(tiny_model)}
     again = run_evaluation(
-        eval_settings, "eval-test-1", {"version": "2", "artifact_uri": candidate}, str(tiny_model), None, items
+        eval_settings, "eval-test-1", {"version": "2", "artifact_uri": candidate}, str(tiny_model), champion, items
     )
     assert again["reused"] and again["predictions_uri"] == result["predictions_uri"]
+    assert again["summary"]["inputs_sha256"] == result["summary"]["inputs_sha256"]
+
+    # The same run evaluated again after its inputs changed (here: the champion is gone) runs anew.
+    changed = run_evaluation(
+        eval_settings, "eval-test-1", {"version": "2", "artifact_uri": candidate}, str(tiny_model), None, items
+    )
+    assert not changed["reused"] and changed["models"] == ["base", "candidate"]
+    assert {r["model"] for r in storage.read_jsonl(changed["predictions_uri"])} == {"base", "candidate"}
+
+
+def test_a_champion_without_its_artifact_is_an_error_not_a_skipped_comparison(eval_settings, tiny_model, candidate):
+    from llmops.config import ConfigError
+
+    with pytest.raises(ConfigError, match="champion \\(version 1\\) has no training.artifact_uri"):
+        run_evaluation(
+            eval_settings,
+            "eval-test-4",
+            {"version": "2", "artifact_uri": candidate},
+            str(tiny_model),
+            {"version": "1", "artifact_uri": None},
+            [],
+        )
 
 
 def test_without_a_champion_only_base_and_candidate_run(eval_settings, tiny_model, curated_dataset, candidate):

@@ -198,7 +198,7 @@ def test_judge_evaluation_writes_judgments_next_to_the_predictions(evaluation):
     assert judged[1]["judge_overall"] == 1.0  # the refusal
     assert judged[0]["judge_overall"] > judged[2]["judge_overall"]  # on-topic beats unrelated
     meta = storage.read_json(f"{folder}/judgments.json")
-    assert meta == {"judge": LocalJudge.label, "rubric": RUBRIC.ref, "unscored": 0}
+    assert meta == {"judge": LocalJudge.label, "rubric": RUBRIC.ref, "predictions": None, "unscored": 0}
 
 
 def test_judge_evaluation_reuses_earlier_judgments_by_the_same_judge(evaluation):

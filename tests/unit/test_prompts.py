@@ -80,11 +80,12 @@ def test_eval_catalog_loads_and_its_hash_follows_content(tmp_path):
 def test_eval_catalog_rejects_duplicate_ids_and_unknown_kinds(tmp_path):
     path = tmp_path / "eval.yaml"
     path.write_text(
-        "template: t\nitems:\n  - {id: a, instruction: q, reference: r}\n  - {id: a, instruction: q, reference: r}\n"
+        "template: python_docs_qa\nitems:\n"
+        "  - {id: a, instruction: q, reference: r}\n  - {id: a, instruction: q, reference: r}\n"
     )
     with pytest.raises(PromptCatalogError, match=r"items\[1\]: id 'a' is used twice"):
         load_eval_catalog(path)
-    path.write_text("template: t\nitems:\n  - {id: a, kind: essay, instruction: q, reference: r}\n")
+    path.write_text("template: python_docs_qa\nitems:\n  - {id: a, kind: essay, instruction: q, reference: r}\n")
     with pytest.raises(PromptCatalogError, match=r"kind 'essay'"):
         load_eval_catalog(path)
 
@@ -118,3 +119,19 @@ def test_sync_registers_once_and_only_changes_make_new_versions(registry, tmp_pa
 def test_loading_an_unsynced_prompt_says_what_to_do(registry):
     with pytest.raises(PromptCatalogError, match="run sync_prompts first"):
         load_registered(registry, "python_docs_qa")
+
+
+def test_eval_catalog_must_name_an_instruction_template(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text("template: judge_rubric\nitems:\n  - {id: a, instruction: q, reference: r}\n")
+    with pytest.raises(PromptCatalogError, match=r"'judge_rubric' is not an instruction template.*python_docs_qa"):
+        load_eval_catalog(path)
+
+
+def test_an_instruction_template_must_end_with_its_only_user_message(tmp_path):
+    (tmp_path / "templates.yaml").write_text(
+        "templates:\n  t:\n    tags: {task: instruction}\n    messages:\n"
+        "      - {role: user, content: '{{ instruction }}'}\n      - {role: assistant, content: ok}\n"
+    )
+    with pytest.raises(PromptCatalogError, match="must end with its only user message"):
+        load_catalog(tmp_path)

@@ -138,7 +138,7 @@ def format_records(records: list[dict], template: PromptTemplate, default_source
         else:
             try:
                 system, prompt = template.render_instruction(record["instruction"], record.get("context") or "")
-            except (KeyError, ValueError) as exc:
+            except (KeyError, IndexError, ValueError) as exc:
                 raise DataQualityError(f"{where(record)}: template {template.ref} does not fit: {exc}") from None
             rendered += 1
         response = record["response"]
