@@ -1,0 +1,1 @@
+"""The inference server and (later) the local endpoint gateway; no Airflow imports."""

@@ -1,0 +1,133 @@
+"""The inference server: the SageMaker bring-your-own-container contract over HTTP.
+
+    GET  /ping          200 once the model is loaded
+    POST /invocations   {"inputs": text or chat messages,
+                         "parameters": {"max_new_tokens", "temperature", "top_p", "stop"},
+                         "adapter": optional adapter name}
+                        -> {"generated_text", "prompt_tokens", "completion_tokens", "finish_reason",
+                            "adapter", "latency_ms"}
+
+    SM_MODEL_DIR=/path/to/model python -m serving.app      # port: SAGEMAKER_BIND_TO_PORT or PORT, default 8080
+
+A request the server cannot honour (bad JSON, missing inputs, an unknown adapter, parameters out
+of range, a prompt longer than the model's context) gets a 4xx with a message saying what was
+wrong; a 5xx means a fault of the server itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_BODY_BYTES = 1_000_000
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1, le=2048)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=8)
+
+
+class InvocationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: (
+        Annotated[str, Field(min_length=1, max_length=32_000)]
+        | Annotated[list[ChatMessage], Field(min_length=1, max_length=64)]
+    )
+    parameters: Parameters = Field(default_factory=Parameters)
+    adapter: str | None = None
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def decode(body: bytes) -> InvocationRequest:
+    """The request body as a typed request; ``ValueError`` says what is wrong with it."""
+    if len(body) > MAX_BODY_BYTES:
+        raise ValueError(f"the request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the request body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or "inputs" not in data:
+        raise ValueError('the request needs "inputs": a text or a list of chat messages')
+    try:
+        return InvocationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid request: {_errors(exc)}") from None
+
+
+def create_app(loader=None):
+    """The FastAPI app; ``loader()`` returns a ``serving.model.LoadedModel`` (loaded at start-up)."""
+    from contextlib import asynccontextmanager
+
+    from serving.model import load
+
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["model"] = await run_in_threadpool(loader or load)
+        yield
+
+    app = FastAPI(title="llmops inference server", lifespan=lifespan)
+
+    @app.get("/ping")
+    def ping():
+        if "model" not in state:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "adapters": list(state["model"].adapters)}
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        try:
+            invocation = decode(await request.body())
+        except ValueError as exc:
+            status = 413 if "bytes; at most" in str(exc) else 400
+            return JSONResponse({"error": str(exc)}, status_code=status)
+        model = state["model"]
+        if invocation.adapter is not None and invocation.adapter not in model.adapters:
+            known = ", ".join(model.adapters) or "none: this server has no adapters"
+            return JSONResponse({"error": f"unknown adapter {invocation.adapter!r} (known: {known})"}, status_code=404)
+        inputs = invocation.inputs
+        if not isinstance(inputs, str):
+            inputs = [m.model_dump() for m in inputs]
+        p = invocation.parameters
+        try:
+            result = await run_in_threadpool(
+                model.generate, inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter
+            )
+        except ValueError as exc:  # the prompt does not fit the model's context
+            return JSONResponse({"error": str(exc)}, status_code=413)
+        return result
+
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("PORT") or 8080)
+    uvicorn.run(create_app(), host=os.environ.get("LLMOPS_SERVING_HOST", "0.0.0.0"), port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

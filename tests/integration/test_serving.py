@@ -1,0 +1,115 @@
+"""The inference server on a tiny model with two LoRA adapters, loaded from a folder and from a
+``model.tar.gz`` the way SageMaker hands it over."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.model import ModelLoadError, load
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+def save_adapter(tiny_model, folder, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(folder)
+    (folder / "training_config.json").write_text(json.dumps({"base_model": str(tiny_model)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    save_adapter(tiny_model, root, seed=1)
+    save_adapter(tiny_model, root / "adapters" / "other", seed=2)
+    return root
+
+
+def test_serves_the_default_and_a_named_adapter(model_dir):
+    loaded = load(model_dir)
+    assert loaded.adapters == ("default", "other")
+    with TestClient(create_app(loader=lambda: loaded)) as client:
+        assert client.get("/ping").json()["adapters"] == ["default", "other"]
+        body = {"inputs": "What does zip do?", "parameters": {"max_new_tokens": 6}}
+        first = client.post("/invocations", json=body).json()
+        other = client.post("/invocations", json={**body, "adapter": "other"}).json()
+        again = client.post("/invocations", json=body).json()
+    assert first["adapter"] == "default" and other["adapter"] == "other"
+    assert 1 <= first["completion_tokens"] <= 6 and first["prompt_tokens"] > 5
+    assert first["generated_text"] == again["generated_text"], "greedy decoding is deterministic"
+    assert first["generated_text"] != other["generated_text"], "the adapter changes the model"
+
+
+def test_loads_a_model_tarball_as_sagemaker_hands_it_over(model_dir, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(model_dir.iterdir()):
+            if path.is_file():
+                tar.add(path, arcname=path.name)
+    (tmp_path / "model.tar.gz").write_bytes(buffer.getvalue())
+    loaded = load(tmp_path)
+    assert loaded.adapters == ("default",)
+    result = loaded.generate("hi", 3, 0.0, 1.0, [], None)
+    assert result["completion_tokens"] <= 3
+
+
+def test_a_folder_without_a_model_is_refused_with_what_is_missing(tmp_path):
+    with pytest.raises(ModelLoadError, match="holds no adapter_config.json, config.json or model.tar.gz"):
+        load(tmp_path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(tmp_path / "nope")
+
+
+def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from llmops.config import PROJECT_ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(model_dir),
+        "SAGEMAKER_BIND_TO_PORT": str(port),
+        "LLMOPS_SERVING_HOST": "127.0.0.1",
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    server = subprocess.Popen([sys.executable, "-m", "serving.app"], env=env, cwd=PROJECT_ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, "the server exited"
+            time.sleep(0.5)
+        response = requests.post(f"{url}/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+        assert response.status_code == 200 and response.json()["completion_tokens"] <= 2
+        assert requests.post(f"{url}/invocations", data=b"nope", timeout=10).status_code == 400
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,78 @@
+"""The inference server's HTTP contract, with a stand-in model: what is a 4xx and what it says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import MAX_BODY_BYTES, create_app
+
+
+class FakeModel:
+    adapters = ("default", "concise")
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, inputs, max_new_tokens, temperature, top_p, stop, adapter):
+        self.calls.append((inputs, max_new_tokens, temperature, top_p, stop, adapter))
+        if isinstance(inputs, str) and inputs.startswith("too long"):
+            raise ValueError("the prompt is 5000 tokens; it exceeds the model's context of 2048 tokens")
+        return {
+            "generated_text": "ok",
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "finish_reason": "stop",
+            "adapter": adapter or "default",
+            "latency_ms": 1.0,
+        }
+
+
+@pytest.fixture
+def served():
+    model = FakeModel()
+    with TestClient(create_app(loader=lambda: model)) as client:
+        yield client, model
+
+
+def test_ping_answers_once_loaded(served):
+    client, _ = served
+    response = client.get("/ping")
+    assert response.status_code == 200 and response.json()["adapters"] == ["default", "concise"]
+
+
+def test_text_and_chat_inputs_with_parameters_reach_the_model(served):
+    client, model = served
+    response = client.post("/invocations", json={"inputs": "What is zip?", "parameters": {"max_new_tokens": 5}})
+    assert response.status_code == 200 and response.json()["generated_text"] == "ok"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is zip?"}]
+    body = {"inputs": chat, "parameters": {"temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"]}, "adapter": "concise"}
+    assert client.post("/invocations", json=body).status_code == 200
+    assert model.calls[0] == ("What is zip?", 5, 0.0, 1.0, [], None)
+    assert model.calls[1] == (chat, 128, 0.7, 0.9, ["\n\n"], "concise")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not JSON"),
+        (b"[1, 2]", 400, '"inputs"'),
+        (json.dumps({"parameters": {}}).encode(), 400, '"inputs"'),
+        (json.dumps({"inputs": ""}).encode(), 400, "inputs"),
+        (json.dumps({"inputs": "q", "parameters": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens"),
+        (json.dumps({"inputs": "q", "parameters": {"temperature": 5}}).encode(), 400, "temperature"),
+        (json.dumps({"inputs": "q", "parameters": {"top_p": 0}}).encode(), 400, "top_p"),
+        (json.dumps({"inputs": "q", "parameters": {"beams": 4}}).encode(), 400, "beams"),
+        (json.dumps({"inputs": [{"role": "robot", "content": "x"}]}).encode(), 400, "role"),
+        (json.dumps({"inputs": "q", "adapter": "nope"}).encode(), 404, "unknown adapter 'nope'"),
+        (json.dumps({"inputs": "too long prompt"}).encode(), 413, "exceeds the model's context"),
+        (b'{"inputs": "' + b"x" * MAX_BODY_BYTES + b'"}', 413, "bytes; at most"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_why(served, body, status, message):
+    client, _ = served
+    response = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
