@@ -20,8 +20,6 @@ from llmops.config import ConfigError, Settings
 from llmops.prompts import EvalCatalog, PromptTemplate
 from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY
 
-LABELS = ("base", "candidate", "champion")
-
 
 def _stable_order(record_id: str) -> str:
     return hashlib.sha256(record_id.encode()).hexdigest()

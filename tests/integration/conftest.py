@@ -34,3 +34,30 @@ def curated_dataset(tmp_path_factory) -> dict:
     published = stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
     manifest = storage.read_json(published["manifest_uri"])
     return {**manifest, "uri": published["uri"], "manifest_uri": published["manifest_uri"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_training_job(tmp_path_factory, tiny_model, curated_dataset) -> dict:
+    """A finished LoRA job on the tiny model (the local backend's result dict), in its own store."""
+    from llmops import storage
+    from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
+
+    tmp = tmp_path_factory.mktemp("tiny-training-job")
+    backend = LocalTrainingBackend(storage.to_uri(str(tmp / "store")), tmp / "jobs")
+    spec = TrainingJobSpec(
+        job_name="job-reg",
+        hyperparameters={
+            "base_model": str(tiny_model),
+            "max_steps": 4,
+            "batch_size": 4,
+            "max_eval_samples": 8,
+            "logging_steps": 1,
+            "lora_r": 4,
+        },
+        channels={
+            "train": curated_dataset["files"]["train"]["uri"],
+            "validation": curated_dataset["files"]["validation"]["uri"],
+        },
+        timeout_s=300,
+    )
+    return backend.run(spec, on_line=lambda _: None).to_dict()

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from llmops import storage
-from llmops.backends.local import LocalTrainingBackend, TrainingJobError, TrainingJobSpec
+from llmops.backends.local import TrainingJobError
 from llmops.config import PROJECT_ROOT
 from llmops.evaluation import build_items, run_evaluation
 from llmops.prompts import load_eval_catalog, load_template
@@ -22,27 +22,9 @@ SETTINGS_UPDATE = {"max_test_items": 6, "max_new_tokens": 8, "batch_size": 4, "m
 
 
 @pytest.fixture(scope="module")
-def candidate(tiny_model, curated_dataset, tmp_path_factory) -> str:
+def candidate(tiny_training_job) -> str:
     """model.tar.gz of a LoRA adapter trained for a few steps on the curated dataset."""
-    tmp = tmp_path_factory.mktemp("train")
-    spec = TrainingJobSpec(
-        job_name="job-eval",
-        hyperparameters={
-            "base_model": str(tiny_model),
-            "max_steps": 3,
-            "batch_size": 4,
-            "lora_r": 4,
-            "learning_rate": 0.01,
-            "max_eval_samples": 4,
-        },
-        channels={
-            "train": curated_dataset["files"]["train"]["uri"],
-            "validation": curated_dataset["files"]["validation"]["uri"],
-        },
-        timeout_s=300,
-    )
-    backend = LocalTrainingBackend(storage.to_uri(str(tmp / "store")), tmp / "jobs")
-    return backend.run(spec, on_line=lambda _: None).model_artifact_uri
+    return tiny_training_job["model_artifact_uri"]
 
 
 @pytest.fixture

@@ -5,33 +5,14 @@ from __future__ import annotations
 import pytest
 
 from llmops import storage
-from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
 from llmops.tracking import RUN_KEY, client, record_training
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_model, curated_dataset) -> dict:
-    tmp = tmp_path_factory.mktemp("registration")
-    backend = LocalTrainingBackend(storage.to_uri(str(tmp / "store")), tmp / "jobs")
-    spec = TrainingJobSpec(
-        job_name="job-reg",
-        hyperparameters={
-            "base_model": str(tiny_model),
-            "max_steps": 4,
-            "batch_size": 4,
-            "max_eval_samples": 8,
-            "logging_steps": 1,
-            "lora_r": 4,
-        },
-        channels={
-            "train": curated_dataset["files"]["train"]["uri"],
-            "validation": curated_dataset["files"]["validation"]["uri"],
-        },
-        timeout_s=300,
-    )
-    return backend.run(spec, on_line=lambda _: None).to_dict()
+def job(tiny_training_job) -> dict:
+    return tiny_training_job
 
 
 def _record(tmp_path, job, dataset, run_id="manual__1"):
