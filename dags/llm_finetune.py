@@ -20,7 +20,8 @@ and the gate (`evaluation.gate` in the config) decides. The comparison, the gate
 HTML report are logged to MLflow and linked from the model version. A pass moves the
 `challenger` alias to the version, after a human approves in the Airflow UI when
 `require_approval` is set (no answer before the timeout rejects). A fail, or a rejection, ends
-the run cleanly with its reasons on the version; nothing moves toward serving.
+the run cleanly with its reasons on the version; nothing moves toward serving. A new
+`challenger` updates the challenger Asset, which starts `llm_rollout`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from llmops.config import get_settings
 from llmops.finetune import BACKENDS
 from llmops.orchestration import (
     APPROVAL_RESPONSE_KEY,
+    challenger_asset,
     curated_dataset_asset,
     fail_without_retry,
     recorded_approval_operator,
@@ -318,7 +320,7 @@ def llm_finetune():
         retries=0,
     )
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[challenger_asset(SETTINGS)])
     def promote_challenger(request: dict, registered: dict) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 

@@ -144,6 +144,38 @@ class EvaluationConfig(_Strict):
             raise ValueError("gate: " + format_validation_error(exc).strip()) from None
 
 
+class ServingConfig(_Strict):
+    """Where models serve and how ``llm_rollout`` moves traffic (``rollout``: a ``RolloutPolicy``)."""
+
+    backend: Literal["local"] = "local"
+    gateway_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://")
+    endpoint_name: str = Field("python-docs-assistant", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$", max_length=63)
+    capture_uri: str = Field(min_length=1, description="the data capture destination (folder, file:// or s3://)")
+    sampling_percentage: int = Field(100, ge=0, le=100)
+    deploy_timeout_minutes: float = Field(15, gt=0)
+    replay_max_new_tokens: int = Field(48, ge=1, le=2048)
+    replay_concurrency: int = Field(2, ge=1, le=64)
+    rollout: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _rollout_is_a_policy(self) -> ServingConfig:
+        self.policy()
+        return self
+
+    def policy(self, overrides: dict[str, Any] | None = None):
+        from llmops.rollout import RolloutPolicy
+
+        data = dict(self.rollout)
+        for key, value in (overrides or {}).items():
+            section, _, name = key.rpartition(".")
+            target = data.setdefault(section, {}) if section else data
+            target[name] = value
+        try:
+            return RolloutPolicy.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError("rollout: " + format_validation_error(exc).strip()) from None
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str
     artifact_uri: str
@@ -167,6 +199,7 @@ class Settings(_Strict):
     mlflow: MlflowConfig
     finetune: FinetuneConfig = FinetuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    serving: ServingConfig
     aws: AwsConfig = AwsConfig()
 
     @model_validator(mode="after")

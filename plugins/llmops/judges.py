@@ -96,18 +96,31 @@ class LocalJudge:
         on_topic = float(row.get("question_similarity") or 0.0)
         chrf = float(row.get("chrf") or 0.0) / 100
         repetition = float(row.get("repetition") or 0.0)
+        relevance = _clamp((on_topic - 0.1) / 0.6)
+        has_reference = bool((row.get("reference") or "").strip())
         # MiniLM similarity of unrelated English sentences sits around 0.1-0.2; a paraphrase of the
         # reference is around 0.8 and up. A correct short answer is fully accurate whatever its length.
-        accuracy = 1.0 if row.get("exact_match") == 1.0 else _clamp((0.75 * similarity + 0.25 * chrf - 0.15) / 0.65)
-        relevance = _clamp((on_topic - 0.1) / 0.6)
+        # Without a reference (live traffic), accuracy cannot be measured: relevance stands in for it.
+        if not has_reference:
+            accuracy = relevance
+        elif row.get("exact_match") == 1.0:
+            accuracy = 1.0
+        else:
+            accuracy = _clamp((0.75 * similarity + 0.25 * chrf - 0.15) / 0.65)
         words = max(1, len(response.split()))
-        reference_words = max(1, len((row.get("reference") or "").split()))
+        reference_words = max(1, len(row["reference"].split())) if has_reference else 40  # a typical answer
         ratio = words / reference_words
         # Too short says too little; far too long pads. Repetition is never detail.
         detail = _clamp(min(ratio, 2.0 / ratio) if ratio > 1 else ratio) * (1 - repetition)
         helpfulness = (0.6 * accuracy + 0.4 * relevance) * (1 - repetition) * (0.8 if row.get("truncated") else 1.0)
         signals = {"helpfulness": helpfulness, "relevance": relevance, "accuracy": accuracy, "detail": detail}
         scores = {c: _scale(signals.get(c, (accuracy + relevance) / 2)) for c in criteria}
+        if not has_reference:
+            return Judgment(
+                scores,
+                f"no reference (accuracy from relevance): similarity to question {on_topic:.2f}, "
+                f"{words} words, repetition {repetition:.2f}",
+            )
         return Judgment(
             scores,
             f"similarity to reference {similarity:.2f}, to question {on_topic:.2f}, chrF {chrf * 100:.0f}, "

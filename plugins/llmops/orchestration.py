@@ -29,6 +29,15 @@ def curated_dataset_asset(settings: Settings, name: str | None = None):
     return Asset(name=f"curated_dataset.{name}", uri=storage.join(settings.datasets_uri(), name), group="llmops")
 
 
+def challenger_asset(settings: Settings):
+    """The Asset ``llm_finetune`` updates when it moves the ``challenger`` alias; ``llm_rollout``
+    is scheduled on it."""
+    from airflow.sdk import Asset
+
+    name = settings.finetune.model_name
+    return Asset(name=f"challenger.{name}", uri=f"llmops://models/{name}/challenger", group="llmops")
+
+
 def data_config_from_params(settings: Settings, params: dict[str, Any]) -> DataConfig:
     """Per-run overrides from the trigger form, validated into the same type as the YAML."""
     overrides = {k: v for k, v in params.items() if k in DataConfig.model_fields and v is not None}

@@ -1,0 +1,264 @@
+"""
+### llm_rollout: serve a challenger in shadow, shift traffic to it in steps, promote or roll back
+
+Starts when `llm_finetune` moves the `challenger` alias (the challenger Asset), or from the
+trigger form with a model version.
+
+plan_rollout → deploy_champion (no champion yet) → promote
+plan_rollout → deploy_shadow → compare_shadow → shift_traffic_<step>… → promote | roll_back
+→ record_rollout
+
+* **No champion yet:** the candidate is deployed alone, answers a smoke test, and becomes the
+  `champion`.
+* **Otherwise:** the candidate shadows the champion (a mirrored copy of every request, never
+  seen by callers); a traffic sample is replayed (recent captured prompts, topped up from the
+  evaluation catalog) and the shadow's answers are compared with the champion's on the same
+  requests: judge win rate, error rate, latency. Then traffic moves to it in the steps of
+  `serving.rollout.traffic_steps`, each followed by a guardrail check (error rate, p99 latency,
+  online judge score). A pass at every step promotes it: the `champion` alias moves, the old
+  variant retires, and both versions record endpoint, variant and weight as tags. A failed check
+  rolls back at once: traffic returns to the champion and the candidate is tagged rejected with
+  the reasons. A task that fails outright also restores the champion before the run fails.
+
+Every decision comes from `llmops.rollout` (pure functions of the measurements, with reasons);
+`record_rollout` logs the measurements to an MLflow run linked from the candidate's version.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+
+from llmops.config import get_settings
+from llmops.orchestration import challenger_asset, fail_without_retry
+from llmops.rollout import step_label
+
+SETTINGS = get_settings()
+POLICY = SETTINGS.serving.policy()
+STEPS = [f"shift_traffic_{step_label(share)}" for share in POLICY.traffic_steps]
+# Form fields that override the policy for one run: Param name -> policy field.
+POLICY_PARAMS = {
+    "replay_requests": "replay_requests",
+    "step_requests": "step_requests",
+    "min_shadow_win_rate": "shadow.min_win_rate",
+    "max_error_rate": "guardrails.max_error_rate",
+    "max_p99_latency_ms": "guardrails.max_p99_latency_ms",
+}
+DEPLOY_TIMEOUT = timedelta(minutes=SETTINGS.serving.deploy_timeout_minutes * 2 + 10)
+
+
+def _log(message: str) -> None:
+    import logging
+
+    logging.getLogger("airflow.task").info(message)
+
+
+def _context() -> tuple[dict, object, str]:
+    """(plan, policy, run key) of this run, from ``plan_rollout``'s result and the form; skips the
+    task when there is nothing to roll out."""
+    context = get_current_context()
+    plan = context["ti"].xcom_pull(task_ids="plan_rollout")
+    if plan is None:
+        _skip("nothing to roll out")
+    params = context["params"]
+    policy = SETTINGS.serving.policy({POLICY_PARAMS[k]: params[k] for k in POLICY_PARAMS if params.get(k) is not None})
+    return plan, policy, f"{context['dag'].dag_id}/{context['run_id']}"
+
+
+def _skip(reason: str):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    raise AirflowSkipException(reason)
+
+
+def _failed_decision(ti) -> dict | None:
+    """The first phase of this run whose decision says stop, or None."""
+    for task_id in ["compare_shadow", *STEPS]:
+        result = ti.xcom_pull(task_ids=task_id)
+        if result and not result["decision"]["promote"]:
+            return {"phase": task_id, **result["decision"]}
+    return None
+
+
+@dag(
+    dag_id="llm_rollout",
+    schedule=[challenger_asset(SETTINGS)],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # one rollout at a time moves an endpoint's traffic
+    doc_md=__doc__,
+    tags=["llmops", "serving"],
+    default_args={"owner": "llmops", "retries": 1, "retry_delay": timedelta(seconds=30)},
+    params={
+        "model_version": Param(
+            "",
+            type="string",
+            title="Model version",
+            description=f"A version of {SETTINGS.finetune.model_name} to roll out; empty: the current challenger.",
+        ),
+        "replay_requests": Param(POLICY.replay_requests, type="integer", minimum=0, title="Shadow replay requests"),
+        "step_requests": Param(
+            POLICY.step_requests,
+            type="integer",
+            minimum=0,
+            title="Requests per traffic step",
+            description="Replayed at each A/B step (0: judge live traffic only).",
+        ),
+        "min_shadow_win_rate": Param(
+            POLICY.shadow.min_win_rate,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum shadow win rate",
+            description="Share of paired answers the judge must prefer the challenger's (ties count half).",
+        ),
+        "max_error_rate": Param(
+            POLICY.guardrails.max_error_rate, type="number", minimum=0, maximum=1, title="Guardrail: max error rate"
+        ),
+        "max_p99_latency_ms": Param(
+            POLICY.guardrails.max_p99_latency_ms,
+            type="number",
+            exclusiveMinimum=0,
+            title="Guardrail: max p99 latency (ms)",
+        ),
+    },
+)
+def llm_rollout():
+    @task
+    @fail_without_retry
+    def plan_rollout() -> dict:
+        from llmops.deployment import plan_rollout
+
+        plan = plan_rollout(SETTINGS, get_current_context()["params"]["model_version"] or None)
+        _log(f"{plan['action']}: {plan['reason']}")
+        if plan["action"] == "nothing":
+            _skip(plan["reason"])
+        return plan
+
+    @task(execution_timeout=DEPLOY_TIMEOUT)
+    def deploy_champion() -> dict:
+        from llmops.deployment import deploy_first
+
+        plan, _, run_key = _context()
+        if plan["action"] != "first_deploy":
+            _skip(f"there is a champion (version {plan['champion']['version']}): the candidate goes through shadow")
+        return deploy_first(SETTINGS, plan, run_key, _log)
+
+    @task(execution_timeout=DEPLOY_TIMEOUT)
+    def deploy_shadow() -> dict:
+        from llmops.deployment import deploy_shadow
+
+        plan, _, run_key = _context()
+        if plan["action"] != "rollout":
+            _skip("no champion yet: nothing to shadow")
+        return deploy_shadow(SETTINGS, plan, run_key, _log)
+
+    @task(execution_timeout=DEPLOY_TIMEOUT)
+    def compare_shadow() -> dict:
+        from llmops.deployment import evaluate_shadow
+
+        plan, policy, run_key = _context()
+        result = evaluate_shadow(SETTINGS, plan, policy, run_key, _log)
+        _log(f"shadow {result['decision']['verdict']}:\n  " + "\n  ".join(result["decision"]["reasons"]))
+        return result
+
+    def traffic_step(share: float):
+        @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=DEPLOY_TIMEOUT)
+        def shift() -> dict:
+            from llmops.deployment import traffic_step
+
+            plan, policy, run_key = _context()
+            ti = get_current_context()["ti"]
+            stopped = _failed_decision(ti)
+            if stopped is not None:
+                _skip(f"{stopped['phase']} said roll back")
+            result = traffic_step(SETTINGS, plan, policy, run_key, share, ti.xcom_pull(task_ids="compare_shadow"), _log)
+            _log(
+                f"step {result['label']} {result['decision']['verdict']}:\n  "
+                + "\n  ".join(result["decision"]["reasons"])
+            )
+            return result
+
+        return shift()
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
+    def promote() -> dict:
+        from llmops.deployment import promote
+
+        plan, _, run_key = _context()
+        if plan["action"] == "rollout" and _failed_decision(get_current_context()["ti"]) is not None:
+            _skip("the rollout rolled back")
+        return promote(SETTINGS, plan, run_key, _log)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
+    def roll_back() -> dict:
+        from llmops.deployment import roll_back
+
+        plan, _, run_key = _context()
+        stopped = _failed_decision(get_current_context()["ti"])
+        if stopped is None:
+            _skip("every check passed")
+        return roll_back(SETTINGS, plan, run_key, [f"{stopped['phase']}: {r}" for r in stopped["reasons"]], _log)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def record_rollout() -> dict:
+        from llmops.deployment import record_rollout
+
+        plan, policy, _ = _context()
+        context = get_current_context()
+        ti = context["ti"]
+        promoted, rolled_back = ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="roll_back")
+        phases = {
+            "deploy": ti.xcom_pull(task_ids="deploy_champion") or ti.xcom_pull(task_ids="deploy_shadow"),
+            "shadow": ti.xcom_pull(task_ids="compare_shadow"),
+            "steps": [s for s in (ti.xcom_pull(task_ids=t) for t in STEPS) if s],
+            "promoted": promoted,
+            "rolled_back": rolled_back,
+            "outcome": "promoted" if promoted else "rolled back" if rolled_back else "unfinished",
+        }
+        lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]}
+        recorded = record_rollout(SETTINGS, plan, policy, lineage, phases)
+        _log(f"version {plan['candidate']['version']}: {recorded['outcome']} (MLflow run {recorded['run_id']})")
+        return recorded
+
+    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
+    def restore_on_failure() -> None:
+        """A task failed outright: put all traffic back on the champion, mark the candidate, fail."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from llmops.deployment import roll_back
+
+        context = get_current_context()
+        ti = context["ti"]
+        states = ti.get_task_states(context["dag"].dag_id, run_ids=[context["run_id"]]).get(context["run_id"], {})
+        failed = sorted(t for t, state in states.items() if state == "failed") or ["an unknown task"]
+        plan = ti.xcom_pull(task_ids="plan_rollout")
+        if plan is None:
+            raise AirflowFailException(f"the rollout could not be planned ({', '.join(failed)} failed); nothing moved")
+        run_key = f"{context['dag'].dag_id}/{context['run_id']}"
+        roll_back(SETTINGS, plan, run_key, [f"the rollout failed at {', '.join(failed)}"], _log)
+        raise AirflowFailException(f"rollout failed at {', '.join(failed)}; the champion serves all traffic")
+
+    plan = plan_rollout()
+    first = deploy_champion()
+    shadow = deploy_shadow()
+    compared = compare_shadow()
+    promoted, rolled_back, recorded = promote(), roll_back(), record_rollout()
+    plan >> [first, shadow]
+    shadow >> compared
+    previous = compared
+    steps = []
+    for share in POLICY.traffic_steps:
+        step = traffic_step(share)
+        previous >> step
+        steps.append(step)
+        previous = step
+    first >> promoted
+    previous >> [promoted, rolled_back]
+    [promoted, rolled_back] >> recorded
+    [plan, first, shadow, compared, *steps, promoted, rolled_back, recorded] >> restore_on_failure()
+
+
+llm_rollout()

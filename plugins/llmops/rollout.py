@@ -1,0 +1,248 @@
+"""Rollout decisions: a typed ``RolloutPolicy`` and pure functions of what was observed.
+
+A challenger goes through three phases, each ending in a ``Decision`` (``llmops.gate``'s:
+``promote`` means "go on", and every check says why):
+
+1. **Shadow.** It receives mirrored copies of traffic next to the champion. ``compare_shadow``
+   turns the paired answers' judge scores, error counts and latencies into a ``ShadowComparison``;
+   ``decide_shadow`` checks it against ``policy.shadow`` (enough pairs, judge win rate, error
+   rate, latency ratio).
+2. **A/B steps.** Traffic moves to it in ``policy.traffic_steps`` (for example 10% → 50% → 100%);
+   after each step ``check_guardrails`` looks at the step's window (its error rate, p99 latency
+   and online judge score against the champion's) and says continue or roll back.
+3. **Promote or roll back**, done by the DAG.
+
+Nothing here knows Airflow, MLflow, the gateway or SageMaker: the same functions decide on the
+local gateway and on a SageMaker endpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmops.gate import Check, Decision
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShadowCriteria(_Strict):
+    min_pairs: int = Field(8, ge=1, description="paired answers needed for a verdict")
+    min_win_rate: float = Field(0.4, ge=0, le=1, description="share of pairs the judge prefers the shadow (ties: half)")
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_latency_ratio: float = Field(2.0, gt=0, description="shadow p95 latency / champion p95 latency")
+
+
+class Guardrails(_Strict):
+    min_invocations: int = Field(4, ge=1, description="challenger requests in a step needed for a verdict")
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_p99_latency_ms: float = Field(60_000, gt=0)
+    max_judge_drop: float = Field(
+        1.0, ge=0, description="how far (1-10 scale) the challenger's online judge mean may fall below the champion's"
+    )
+
+
+class RolloutPolicy(_Strict):
+    traffic_steps: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0], min_length=1, max_length=10)
+    replay_requests: int = Field(16, ge=0, description="requests replayed through the endpoint in the shadow phase")
+    step_requests: int = Field(12, ge=0, description="requests replayed per traffic step (0: live traffic only)")
+    bake_seconds: float = Field(0, ge=0, description="time each step waits for live traffic before its verdict")
+    lookback_hours: float = Field(24, gt=0, description="how far back captured prompts are sampled for replay")
+    shadow: ShadowCriteria = ShadowCriteria()
+    guardrails: Guardrails = Guardrails()
+
+    @field_validator("traffic_steps")
+    @classmethod
+    def _increasing_to_all(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in steps):
+            raise ValueError(f"each traffic step is a share of traffic in (0, 1], got {steps}")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"traffic steps must increase, got {steps}")
+        if steps[-1] != 1.0:
+            raise ValueError(f"the last traffic step must send all traffic (1.0) to the challenger, got {steps[-1]}")
+        return steps
+
+
+def step_label(share: float) -> str:
+    """``0.1`` -> ``10pct``: a step's name in task ids and tags."""
+    return f"{round(share * 100):d}pct"
+
+
+def step_weights(share: float, champion_variant: str, challenger_variant: str) -> dict[str, float]:
+    """The production variants' weights at a step: ``share`` of traffic to the challenger."""
+    return {champion_variant: round(1.0 - share, 6), challenger_variant: round(share, 6)}
+
+
+def step_request_budget(share: float, policy: RolloutPolicy) -> tuple[int, int]:
+    """(at least, at most) requests to replay in a step: at least ``step_requests``, and enough
+    that the challenger, drawn with probability ``share``, very likely gets ``min_invocations``."""
+    if policy.step_requests == 0:
+        return 0, 0
+    needed = math.ceil(policy.guardrails.min_invocations / share)
+    return max(policy.step_requests, needed), max(policy.step_requests, 6 * needed)
+
+
+@dataclass(frozen=True)
+class VariantWindow:
+    """What one variant did in a time window (from the gateway's or CloudWatch's metrics)."""
+
+    invocations: int
+    errors: int
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.invocations if self.invocations else 0.0
+
+
+def win_rate(pairs: list[tuple[float | None, float | None]]) -> tuple[float | None, int]:
+    """Share of (challenger score, champion score) pairs where the challenger scores higher,
+    ties counting half; pairs with a missing score are left out. Returns (rate, pairs used)."""
+    scored = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not scored:
+        return None, 0
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scored)
+    return wins / len(scored), len(scored)
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    pairs: int
+    win_rate: float | None
+    challenger_judge_mean: float | None
+    champion_judge_mean: float | None
+    shadow: VariantWindow
+    champion: VariantWindow
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShadowComparison:
+        return cls(**{**data, "shadow": VariantWindow(**data["shadow"]), "champion": VariantWindow(**data["champion"])})
+
+
+def compare_shadow(
+    scores: list[tuple[float | None, float | None]], shadow: VariantWindow, champion: VariantWindow
+) -> ShadowComparison:
+    rate, used = win_rate(scores)
+    mine = [a for a, _ in scores if a is not None]
+    theirs = [b for _, b in scores if b is not None]
+    return ShadowComparison(
+        pairs=used,
+        win_rate=rate,
+        challenger_judge_mean=sum(mine) / len(mine) if mine else None,
+        champion_judge_mean=sum(theirs) / len(theirs) if theirs else None,
+        shadow=shadow,
+        champion=champion,
+    )
+
+
+def decide_shadow(comparison: ShadowComparison, policy: RolloutPolicy) -> Decision:
+    """Go on to A/B only when the shadow answered enough paired requests, won often enough with
+    the judge, erred rarely enough and was not too slow next to the champion."""
+    criteria = policy.shadow
+    checks = []
+    enough = comparison.pairs >= criteria.min_pairs
+    checks.append(Check("shadow_pairs", enough, f"{comparison.pairs} paired answers (need {criteria.min_pairs})"))
+    if enough and comparison.win_rate is not None:
+        ok = comparison.win_rate >= criteria.min_win_rate
+        checks.append(
+            Check(
+                "shadow_win_rate",
+                ok,
+                f"judge win rate {comparison.win_rate:.2f} {'>=' if ok else '<'} {criteria.min_win_rate:.2f}"
+                f" (challenger {comparison.challenger_judge_mean:.2f}"
+                f" vs champion {comparison.champion_judge_mean:.2f})",
+            )
+        )
+    else:
+        checks.append(Check("shadow_win_rate", False, "no judge verdict: too few paired answers"))
+    rate = comparison.shadow.error_rate
+    ok = comparison.shadow.invocations > 0 and rate <= criteria.max_error_rate
+    checks.append(
+        Check(
+            "shadow_error_rate",
+            ok,
+            f"shadow error rate {rate:.1%} of {comparison.shadow.invocations} (at most {criteria.max_error_rate:.1%})"
+            if comparison.shadow.invocations
+            else "the shadow answered no requests",
+        )
+    )
+    mine, theirs = comparison.shadow.p95_ms, comparison.champion.p95_ms
+    if mine is None or not theirs:
+        checks.append(Check("shadow_latency", False, "no latency to compare: a variant answered no requests"))
+    else:
+        ratio = mine / theirs
+        ok = ratio <= criteria.max_latency_ratio
+        checks.append(
+            Check(
+                "shadow_latency",
+                ok,
+                f"p95 latency {mine:.0f} ms vs champion {theirs:.0f} ms: {ratio:.2f}x"
+                f" ({'within' if ok else 'beyond'} {criteria.max_latency_ratio:g}x)",
+            )
+        )
+    return Decision(all(c.passed for c in checks), tuple(checks))
+
+
+def check_guardrails(
+    label: str,
+    challenger: VariantWindow,
+    challenger_judge_mean: float | None,
+    champion_judge_mean: float | None,
+    policy: RolloutPolicy,
+) -> Decision:
+    """After a traffic step: continue only if the challenger served enough requests in the step,
+    with an error rate, p99 latency and online judge score inside the guardrails. Too little
+    traffic is no verdict, and no verdict rolls back (never promote on missing evidence)."""
+    rails = policy.guardrails
+    checks = []
+    enough = challenger.invocations >= rails.min_invocations
+    checks.append(
+        Check(
+            f"{label}_traffic",
+            enough,
+            f"step {label}: the challenger served {challenger.invocations} requests (need {rails.min_invocations})",
+        )
+    )
+    ok = enough and challenger.error_rate <= rails.max_error_rate
+    checks.append(
+        Check(
+            f"{label}_error_rate",
+            ok,
+            f"step {label}: error rate {challenger.error_rate:.1%} (at most {rails.max_error_rate:.1%})",
+        )
+    )
+    if challenger.p99_ms is None:
+        checks.append(Check(f"{label}_p99_latency", False, f"step {label}: no latency measured"))
+    else:
+        ok = challenger.p99_ms <= rails.max_p99_latency_ms
+        checks.append(
+            Check(
+                f"{label}_p99_latency",
+                ok,
+                f"step {label}: p99 latency {challenger.p99_ms:.0f} ms ({'within' if ok else 'above'}"
+                f" {rails.max_p99_latency_ms:.0f} ms)",
+            )
+        )
+    if challenger_judge_mean is None or champion_judge_mean is None:
+        checks.append(Check(f"{label}_judge", False, f"step {label}: no online judge score"))
+    else:
+        drop = champion_judge_mean - challenger_judge_mean
+        ok = drop <= rails.max_judge_drop
+        checks.append(
+            Check(
+                f"{label}_judge",
+                ok,
+                f"step {label}: online judge {challenger_judge_mean:.2f} vs champion {champion_judge_mean:.2f}"
+                f" ({'within' if ok else 'beyond'} the allowed drop of {rails.max_judge_drop:g})",
+            )
+        )
+    return Decision(all(c.passed for c in checks), tuple(checks))

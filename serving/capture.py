@@ -1,0 +1,371 @@
+"""Data capture in SageMaker's layout: a writer for the local gateway, one reader for both.
+
+Files sit where SageMaker puts them, under the capture destination::
+
+    <destination>/<endpoint>/<variant>/<yyyy>/<mm>/<dd>/<hh>/<MM-SS-mmm>-<uuid>.jsonl
+
+one JSON object per line, one line per captured request::
+
+    {"captureData": {"endpointInput":  {"observedContentType": "application/json", "mode": "INPUT",
+                                        "data": "...", "encoding": "JSON"},
+                     "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
+                                        "data": "...", "encoding": "JSON"}},
+     "eventMetadata": {"eventId": "...", "inferenceTime": "2026-11-22T10:00:00.123Z", "inferenceId": "..."},
+     "eventVersion": "0"}
+
+``data`` holds the payload as text when its content type is a JSON (or CSV) type, else base64.
+The gateway adds fields SageMaker does not write, all in ``eventMetadata``: ``endpointName``,
+``variantName``, ``latencyMs``, ``statusCode``, ``shadow`` and, on a shadow's record, the
+``sourceEventId`` of the production request it mirrors. The reader takes the endpoint and variant
+from the path, so it reads SageMaker's own files as well (where the extra fields are absent).
+
+The writer never blocks the request path: records go to a queue that a thread drains to the
+files, flushing after each batch. ``close()`` drains the queue before it returns, so every
+record submitted before shutdown is on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+EVENT_VERSION = "0"
+_MEDIA_JSON = ("application/json",)
+_MEDIA_CSV = ("text/csv",)
+
+
+class CaptureFormatError(ValueError):
+    """A capture file holds a line that is not a capture record."""
+
+
+def local_root(destination: str) -> Path:
+    """The folder of a local capture destination (a path or a ``file://`` URI)."""
+    if destination.startswith("file://"):
+        return Path(destination.removeprefix("file://"))
+    if "://" in destination:
+        raise ValueError(f"the local gateway captures to a folder or a file:// URI, not {destination!r}")
+    return Path(destination)
+
+
+def encode_payload(body: bytes, content_type: str | None, json_types=_MEDIA_JSON, csv_types=_MEDIA_CSV) -> dict:
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in json_types or media in csv_types:
+        try:
+            return {"data": body.decode("utf-8"), "encoding": "JSON" if media in json_types else "CSV"}
+        except UnicodeDecodeError:
+            pass
+    return {"data": base64.b64encode(body).decode("ascii"), "encoding": "BASE64"}
+
+
+def capture_record(
+    *,
+    endpoint: str,
+    variant: str,
+    request: bytes | None,
+    request_type: str | None,
+    response: bytes | None,
+    response_type: str | None,
+    status_code: int,
+    latency_ms: float,
+    inference_time: datetime,
+    event_id: str | None = None,
+    inference_id: str | None = None,
+    shadow: bool = False,
+    source_event_id: str | None = None,
+    json_types=_MEDIA_JSON,
+    csv_types=_MEDIA_CSV,
+) -> dict:
+    """One capture record; ``request``/``response`` None leaves that side out (CaptureMode)."""
+    data: dict = {}
+    if request is not None:
+        data["endpointInput"] = {
+            "observedContentType": request_type or "",
+            "mode": "INPUT",
+            **encode_payload(request, request_type, json_types, csv_types),
+        }
+    if response is not None:
+        data["endpointOutput"] = {
+            "observedContentType": response_type or "",
+            "mode": "OUTPUT",
+            **encode_payload(response, response_type, json_types, csv_types),
+        }
+    metadata = {
+        "eventId": event_id or str(uuid.uuid4()),
+        "inferenceTime": inference_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        + f"{inference_time.microsecond // 1000:03d}Z",
+    }
+    if inference_id:
+        metadata["inferenceId"] = inference_id
+    metadata.update(endpointName=endpoint, variantName=variant, latencyMs=round(latency_ms, 3), statusCode=status_code)
+    if shadow:
+        metadata["shadow"] = True
+        metadata["sourceEventId"] = source_event_id
+    return {"captureData": data, "eventMetadata": metadata, "eventVersion": EVENT_VERSION}
+
+
+class CaptureWriter:
+    """Appends records to hourly JSONL files from a background thread.
+
+    ``submit`` only enqueues (the caller never waits for a disk); ``close`` writes what is queued
+    and closes the files. Files roll over every hour and at ``max_file_bytes``.
+    """
+
+    def __init__(self, max_file_bytes: int = 64 * 1024 * 1024, flush_interval: float = 0.2):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._files: dict[tuple[Path, str, str, str], tuple[object, int]] = {}
+        self._max_file_bytes = max_file_bytes
+        self._flush_interval = flush_interval
+        self._closed = threading.Event()
+        self.written = 0
+        self.failed = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("the capture writer is closed")
+        self._queue.put((destination, endpoint, variant, record))
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 60) -> None:
+        """Write every queued record, then close the files."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._flush_interval)
+            except queue.Empty:
+                continue
+            batch = [item]
+            while len(batch) < 10_000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(entry is None for entry in batch)
+            for entry in batch:
+                if entry is not None:
+                    self._write(*entry)
+            for handle, _ in self._files.values():
+                handle.flush()
+            if stop:
+                for handle, _ in self._files.values():
+                    handle.close()
+                self._files.clear()
+                return
+
+    def _write(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+        moment = record["eventMetadata"]["inferenceTime"]
+        hour = f"{moment[0:4]}/{moment[5:7]}/{moment[8:10]}/{moment[11:13]}"
+        key = (destination, endpoint, variant, hour)
+        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            handle, size = self._files.get(key, (None, 0))
+            if handle is None or size + len(line) > self._max_file_bytes:
+                if handle is not None:
+                    handle.close()
+                self._close_other_hours(key)
+                folder = destination / endpoint / variant / hour
+                folder.mkdir(parents=True, exist_ok=True)
+                now = datetime.now(UTC)
+                name = f"{now:%M-%S}-{now.microsecond // 1000:03d}-{uuid.uuid4()}.jsonl"
+                handle, size = open(folder / name, "ab"), 0  # noqa: SIM115 - kept open across batches
+            handle.write(line)
+            self._files[key] = (handle, size + len(line))
+            self.written += 1
+        except OSError as exc:  # a full or read-only disk must not take the gateway down; it is counted
+            self.failed += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _close_other_hours(self, key: tuple) -> None:
+        for other in [k for k in self._files if k[:3] == key[:3] and k[3] != key[3]]:
+            self._files.pop(other)[0].close()
+
+
+@dataclass(frozen=True)
+class CapturedRecord:
+    endpoint: str
+    variant: str
+    event_id: str
+    inference_time: datetime
+    request: str | None
+    request_type: str | None
+    response: str | None
+    response_type: str | None
+    inference_id: str | None = None
+    latency_ms: float | None = None
+    status_code: int | None = None
+    shadow: bool = False
+    source_event_id: str | None = None
+    path: str = ""
+
+    def request_json(self):
+        return _as_json(self.request)
+
+    def response_json(self):
+        return _as_json(self.response)
+
+
+def _as_json(text: str | None):
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _decode(side: dict | None) -> tuple[str | None, str | None]:
+    if not side:
+        return None, None
+    data = side.get("data")
+    if data is None:
+        return None, side.get("observedContentType")
+    if side.get("encoding") == "BASE64":
+        raw = base64.b64decode(data)
+        try:
+            data = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            data = raw.decode("latin-1")
+    return data, side.get("observedContentType")
+
+
+def parse_time(text: str) -> datetime:
+    text = text.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_record(line: str, endpoint: str, variant: str, where: str = "") -> CapturedRecord:
+    """One JSONL line of a capture file; ``endpoint`` and ``variant`` come from its path."""
+    try:
+        data = json.loads(line)
+        capture = data["captureData"]
+        metadata = data["eventMetadata"]
+        request, request_type = _decode(capture.get("endpointInput"))
+        response, response_type = _decode(capture.get("endpointOutput"))
+        return CapturedRecord(
+            endpoint=metadata.get("endpointName", endpoint),
+            variant=metadata.get("variantName", variant),
+            event_id=metadata["eventId"],
+            inference_time=parse_time(metadata["inferenceTime"]),
+            request=request,
+            request_type=request_type,
+            response=response,
+            response_type=response_type,
+            inference_id=metadata.get("inferenceId"),
+            latency_ms=metadata.get("latencyMs"),
+            status_code=metadata.get("statusCode"),
+            shadow=bool(metadata.get("shadow", False)),
+            source_event_id=metadata.get("sourceEventId"),
+            path=where,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CaptureFormatError(f"{where}: not a capture record ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass
+class CaptureScan:
+    """What a read found: the records, and the lines it had to skip (with where and why)."""
+
+    records: list[CapturedRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    files: int = 0
+
+
+def _filesystem(destination: str):
+    if "://" not in destination or destination.startswith("file://"):
+        return None, str(local_root(destination))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(destination)
+    return fs, root
+
+
+def _hours_between(start: datetime | None, end: datetime | None) -> set[str] | None:
+    if start is None or end is None or end - start > timedelta(days=31):
+        return None
+    hours, moment = set(), start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    while moment <= end:
+        hours.add(moment.strftime("%Y/%m/%d/%H"))
+        moment += timedelta(hours=1)
+    return hours
+
+
+def _listing(fs, root: str, endpoint: str | None) -> Iterator[tuple[str, str, str, str]]:
+    """(path, endpoint, variant, yyyy/mm/dd/hh) of every capture file under ``root``."""
+    if fs is None:
+        base = Path(root)
+        pattern = f"{endpoint or '*'}/*/*/*/*/*/*.jsonl"
+        for path in sorted(base.glob(pattern)):
+            parts = path.relative_to(base).parts
+            yield str(path), parts[0], parts[1], "/".join(parts[2:6])
+        return
+    prefix = f"{root.rstrip('/')}/{endpoint or '*'}"
+    for path in sorted(fs.glob(f"{prefix}/*/*/*/*/*/*.jsonl")):
+        parts = path[len(root.rstrip("/")) + 1 :].split("/")
+        yield path, parts[0], parts[1], "/".join(parts[2:6])
+
+
+def read_capture(
+    destination: str,
+    endpoint: str | None = None,
+    variants: Iterable[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> CaptureScan:
+    """Every record under ``destination`` (a folder, ``file://`` or ``s3://`` URI), optionally of
+    one endpoint and some variants, with ``start <= inferenceTime < end``; sorted by time. A
+    line cut short by a writer still writing is left for the next read; a malformed line is
+    skipped and reported."""
+    fs, root = _filesystem(destination)
+    wanted = set(variants) if variants is not None else None
+    hours = _hours_between(start, end)
+    scan = CaptureScan()
+    if fs is None and not Path(root).is_dir():
+        return scan
+    for path, endpoint_name, variant, hour in _listing(fs, root, endpoint):
+        if (wanted is not None and variant not in wanted) or (hours is not None and hour not in hours):
+            continue
+        scan.files += 1
+        if fs is None:
+            with open(path, "rb") as handle:
+                content = handle.read()
+        else:
+            content = fs.cat_file(path)
+        lines = content.split(b"\n")
+        for number, raw in enumerate(lines[:-1], start=1):  # the last piece follows the last newline
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = parse_record(raw.decode("utf-8"), endpoint_name, variant, where)
+            except (CaptureFormatError, UnicodeDecodeError) as exc:
+                scan.skipped.append(str(exc))
+                continue
+            if (start is None or record.inference_time >= start) and (end is None or record.inference_time < end):
+                scan.records.append(record)
+        # An unterminated last line is a writer mid-write (not a record yet), or a file cut short.
+        if lines[-1].strip() and not fs and time.time() - os.path.getmtime(path) > 60:
+            scan.skipped.append(f"{path}:{len(lines)}: an unterminated last line (the file was cut short)")
+    scan.records.sort(key=lambda r: r.inference_time)
+    return scan

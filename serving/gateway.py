@@ -1,0 +1,809 @@
+"""The local endpoint gateway: the twin of a SageMaker real-time endpoint, on one machine.
+
+    python -m serving.gateway --port 8090 --state-dir .llmops/gateway
+
+**Runtime.** ``POST /endpoints/{name}/invocations`` speaks the SageMaker runtime wire protocol,
+so the unmodified boto3 ``sagemaker-runtime`` client (``endpoint_url`` set to the gateway) can
+``invoke_endpoint``. A request goes to a production variant drawn by weight, or to the one named
+by ``TargetVariant``; the response names it in ``x-Amzn-Invoked-Production-Variant``. Errors come
+back as SageMaker's: ``ValidationError`` (400) for a bad request, ``ModelError`` (424) when the
+model server answered with an error or not at all.
+
+**Shadow.** A copy of a share of the requests goes to the shadow variant after the caller has its
+answer, through a bounded queue drained by a few workers: the caller never waits for the shadow
+and never sees its errors (a full queue drops the copy and counts it).
+
+**Capture.** With a ``DataCaptureConfig``, a sampled share of requests is written, response and
+all, in SageMaker's Data Capture layout (see ``serving.capture``), production and shadow alike;
+the shadow's record points at the production record it mirrors.
+
+**Control.** ``/control/...`` takes the SageMaker API's request bodies: models, endpoint configs
+(immutable), endpoints (create, update to another config, update weights, describe, delete) and
+per-variant metrics. Every variant runs in its own model server process (``serving.app``), so a
+crashing variant cannot take another down. The state is saved in ``--state-dir`` and restored at
+start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from serving.capture import CaptureWriter, capture_record, local_root
+from serving.endpoints import (
+    EndpointConfigSpec,
+    EndpointSpec,
+    ModelSpec,
+    RoutingError,
+    UpdateEndpointSpec,
+    UpdateWeightsSpec,
+    choose_variant,
+    shadow_share,
+)
+from serving.metrics import VariantMetrics
+
+log = logging.getLogger("llmops.gateway")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker's real-time limit
+FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
+VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def aws_error(status: int, code: str, message: str, **extra) -> JSONResponse:
+    """An error the AWS SDKs parse: ``x-amzn-ErrorType`` names it, the body says why."""
+    return JSONResponse(
+        {"__type": code, "message": message, **extra}, status_code=status, headers={"x-amzn-ErrorType": code}
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class VariantServer:
+    """One model server: a ``serving.app`` process this gateway started, or a server at a URL."""
+
+    def __init__(self, key: str, model: ModelSpec, state_dir: Path, startup_timeout: float):
+        self.key = key
+        self.model = model
+        self.state_dir = state_dir
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        container = model.PrimaryContainer
+        self.url = container.ContainerUrl.rstrip("/") if container.ContainerUrl else ""
+        self.log_path = state_dir / "logs" / f"{key}.log"
+
+    def _model_dir(self) -> Path:
+        source = self.model.PrimaryContainer.ModelDataUrl
+        if source.startswith("file://") or "://" not in source:
+            path = local_root(source)
+            if path.is_dir():
+                return path
+            if not path.is_file():
+                raise ControlError(400, f"model {self.model.ModelName}: no model data at {source}")
+        # A model.tar.gz is copied next to the server, as SageMaker copies it to /opt/ml/model.
+        target = self.state_dir / "models" / self.model.ModelName
+        tarball = target / "model.tar.gz"
+        if not tarball.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            partial = target / f".model.tar.gz.{uuid.uuid4().hex}"
+            if "://" not in source or source.startswith("file://"):
+                shutil.copyfile(local_root(source), partial)
+            else:
+                import fsspec
+
+                with fsspec.open(source, "rb") as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            partial.replace(tarball)
+        return target
+
+    async def start(self, client: httpx.AsyncClient) -> None:
+        if self.process is None and not self.model.PrimaryContainer.ContainerUrl:
+            port = _free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            env = {
+                **os.environ,
+                **self.model.PrimaryContainer.Environment,
+                "SM_MODEL_DIR": str(await asyncio.to_thread(self._model_dir)),
+                "PORT": str(port),
+                "LLMOPS_SERVING_HOST": "127.0.0.1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+            }
+            env.pop("SAGEMAKER_BIND_TO_PORT", None)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as out:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "serving.app"],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=PROJECT_ROOT,
+                    start_new_session=True,
+                )
+            log.info("variant %s: model server pid %s on %s", self.key, self.process.pid, self.url)
+        await self._wait_healthy(client)
+
+    async def _wait_healthy(self, client: httpx.AsyncClient) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ControlError(
+                    500,
+                    f"the model server of {self.key} exited with code {self.process.returncode}: {self.log_tail()}",
+                )
+            try:
+                response = await client.get(f"{self.url}/ping", timeout=5)
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+        await self.stop()
+        raise ControlError(
+            500, f"the model server of {self.key} did not answer /ping within {self.startup_timeout:.0f}s"
+        )
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def stop(self, timeout: float = 15) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            await asyncio.to_thread(process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.wait)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one request needs, swapped as a whole when the endpoint changes (never mutated)."""
+
+    config: EndpointConfigSpec
+    weights: dict[str, float]
+    servers: dict[str, VariantServer]
+    shadow: str | None
+    shadow_share: float
+    capture_root: Path | None
+    capture_input: bool
+    capture_output: bool
+    sampling: float
+
+
+def make_routing(config: EndpointConfigSpec, weights: dict[str, float], servers: dict[str, VariantServer]) -> Routing:
+    shadow = config.ShadowProductionVariants[0] if config.ShadowProductionVariants else None
+    capture = config.DataCaptureConfig
+    enabled = capture is not None and capture.EnableCapture
+    return Routing(
+        config=config,
+        weights=weights,
+        servers=servers,
+        shadow=shadow.VariantName if shadow else None,
+        shadow_share=shadow_share(weights, shadow.InitialVariantWeight) if shadow else 0.0,
+        capture_root=local_root(capture.DestinationS3Uri) if enabled else None,
+        capture_input=enabled and capture.captures("Input"),
+        capture_output=enabled and capture.captures("Output"),
+        sampling=capture.InitialSamplingPercentage / 100 if enabled else 0.0,
+    )
+
+
+@dataclass
+class Endpoint:
+    name: str
+    config_name: str
+    status: str = "Creating"
+    failure_reason: str | None = None
+    routing: Routing | None = None
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    modified: datetime = field(default_factory=lambda: datetime.now(UTC))
+    metrics: dict[str, VariantMetrics] = field(default_factory=dict)
+
+    def variant_metrics(self, variant: str) -> VariantMetrics:
+        if variant not in self.metrics:
+            self.metrics[variant] = VariantMetrics()
+        return self.metrics[variant]
+
+
+@dataclass
+class Mirror:
+    endpoint: Endpoint
+    routing: Routing
+    body: bytes
+    headers: dict[str, str]
+    source_event_id: str
+    inference_id: str | None
+    capture: bool
+
+
+class Gateway:
+    def __init__(
+        self,
+        state_dir: Path,
+        startup_timeout: float = 600,
+        invoke_timeout: float = 60,
+        shadow_workers: int = 4,
+        shadow_queue: int = 1024,
+    ):
+        self.state_dir = Path(state_dir)
+        self.startup_timeout = startup_timeout
+        self.invoke_timeout = invoke_timeout
+        self.models: dict[str, ModelSpec] = {}
+        self.configs: dict[str, EndpointConfigSpec] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.servers: dict[str, VariantServer] = {}
+        self.writer = CaptureWriter()
+        self._shadow_workers = shadow_workers
+        self._shadow_queue_size = shadow_queue
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.client: httpx.AsyncClient | None = None
+        self.shadow_queue: asyncio.Queue[Mirror] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "gateway.json"
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), timeout=self.invoke_timeout
+        )
+        self.shadow_queue = asyncio.Queue(maxsize=self._shadow_queue_size)
+        for _ in range(self._shadow_workers):
+            self._spawn(self._shadow_worker())
+        await self._restore()
+
+    async def stop(self, drain_seconds: float = 30) -> None:
+        """Finish mirrored requests (up to ``drain_seconds``), write every captured record, stop
+        the model servers this gateway started."""
+        if self.shadow_queue is not None:
+            try:
+                await asyncio.wait_for(self.shadow_queue.join(), drain_seconds)
+            except TimeoutError:
+                log.warning("%d shadow copies were not sent before shutdown", self.shadow_queue.qsize())
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.to_thread(self.writer.close)
+        await asyncio.gather(*(server.stop() for server in self.servers.values()))
+        if self.client is not None:
+            await self.client.aclose()
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _save(self) -> None:
+        state = {
+            "models": [m.model_dump() for m in self.models.values()],
+            "endpoint_configs": [c.model_dump() for c in self.configs.values()],
+            "endpoints": [
+                {
+                    "EndpointName": e.name,
+                    "EndpointConfigName": e.routing.config.EndpointConfigName if e.routing else e.config_name,
+                    "Weights": e.routing.weights if e.routing else None,
+                }
+                for e in self.endpoints.values()
+            ],
+        }
+        partial = self.state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(state, indent=1))
+        partial.replace(self.state_file)
+
+    async def _restore(self) -> None:
+        if not self.state_file.is_file():
+            return
+        state = json.loads(self.state_file.read_text())
+        for data in state.get("models", []):
+            model = ModelSpec.model_validate(data)
+            self.models[model.ModelName] = model
+        for data in state.get("endpoint_configs", []):
+            config = EndpointConfigSpec.model_validate(data)
+            self.configs[config.EndpointConfigName] = config
+        for data in state.get("endpoints", []):
+            endpoint = Endpoint(data["EndpointName"], data["EndpointConfigName"])
+            self.endpoints[endpoint.name] = endpoint
+            self._spawn(self._bring_up(endpoint, self.configs[endpoint.config_name], data.get("Weights")))
+
+    # -- control ----------------------------------------------------------------------------------
+
+    async def create_model(self, model: ModelSpec) -> dict:
+        async with self._lock:
+            existing = self.models.get(model.ModelName)
+            if existing is not None and existing != model:
+                raise ControlError(409, f"model {model.ModelName} exists with another definition")
+            source = model.PrimaryContainer.ModelDataUrl
+            if source and ("://" not in source or source.startswith("file://")) and not local_root(source).exists():
+                raise ControlError(400, f"model {model.ModelName}: no model data at {source}")
+            self.models[model.ModelName] = model
+            self._save()
+        return {"ModelArn": arn("model", model.ModelName)}
+
+    async def create_endpoint_config(self, config: EndpointConfigSpec) -> dict:
+        async with self._lock:
+            existing = self.configs.get(config.EndpointConfigName)
+            if existing is not None and existing != config:
+                raise ControlError(
+                    409,
+                    f"endpoint config {config.EndpointConfigName} exists with other content (configs are immutable)",
+                )
+            missing = sorted({v.ModelName for v in config.variants} - set(self.models))
+            if missing:
+                raise ControlError(400, f"unknown model(s): {', '.join(missing)}; create them first")
+            if config.DataCaptureConfig is not None:
+                try:
+                    local_root(config.DataCaptureConfig.DestinationS3Uri)
+                except ValueError as exc:
+                    raise ControlError(400, str(exc)) from None
+            self.configs[config.EndpointConfigName] = config
+            self._save()
+        return {"EndpointConfigArn": arn("endpoint-config", config.EndpointConfigName)}
+
+    def _config(self, name: str) -> EndpointConfigSpec:
+        if name not in self.configs:
+            raise ControlError(404, f"endpoint config {name} does not exist")
+        return self.configs[name]
+
+    def endpoint(self, name: str) -> Endpoint:
+        if name not in self.endpoints:
+            raise ControlError(404, f"endpoint {name} does not exist")
+        return self.endpoints[name]
+
+    async def create_endpoint(self, spec: EndpointSpec) -> dict:
+        async with self._lock:
+            config = self._config(spec.EndpointConfigName)
+            existing = self.endpoints.get(spec.EndpointName)
+            if existing is not None:
+                if existing.config_name == spec.EndpointConfigName and existing.status != "Failed":
+                    return {"EndpointArn": arn("endpoint", spec.EndpointName)}
+                raise ControlError(409, f"endpoint {spec.EndpointName} exists (status {existing.status})")
+            endpoint = Endpoint(spec.EndpointName, spec.EndpointConfigName)
+            self.endpoints[endpoint.name] = endpoint
+            self._save()
+            self._spawn(self._bring_up(endpoint, config))
+        return {"EndpointArn": arn("endpoint", spec.EndpointName)}
+
+    async def update_endpoint(self, name: str, spec: UpdateEndpointSpec) -> dict:
+        async with self._lock:
+            endpoint = self.endpoint(name)
+            config = self._config(spec.EndpointConfigName)
+            if endpoint.status != "InService":
+                raise ControlError(400, f"endpoint {name} is {endpoint.status}; it can be updated when InService")
+            endpoint.status, endpoint.failure_reason = "Updating", None
+            self._spawn(self._bring_up(endpoint, config))
+        return {"EndpointArn": arn("endpoint", name)}
+
+    async def _bring_up(self, endpoint: Endpoint, config: EndpointConfigSpec, weights: dict | None = None) -> None:
+        """Start the config's variant servers (reusing running ones), then switch traffic to them
+        at once. A failure keeps the previous config serving (or fails a new endpoint)."""
+        started: list[VariantServer] = []
+        servers: dict[str, VariantServer] = {}
+        try:
+            for variant in config.variants:
+                key = f"{endpoint.name}-{variant.VariantName}-{variant.ModelName}"
+                server = self.servers.get(key)
+                if server is None or server.model != self.models[variant.ModelName]:
+                    server = VariantServer(key, self.models[variant.ModelName], self.state_dir, self.startup_timeout)
+                    started.append(server)
+                    await server.start(self.client)
+                servers[variant.VariantName] = server
+        except Exception as exc:
+            await asyncio.gather(*(s.stop() for s in started))
+            reason = str(exc) if isinstance(exc, ControlError) else f"{type(exc).__name__}: {exc}"
+            async with self._lock:
+                endpoint.failure_reason = reason
+                endpoint.status = "InService" if endpoint.routing is not None else "Failed"
+                endpoint.modified = datetime.now(UTC)
+            log.error("endpoint %s: %s", endpoint.name, reason)
+            return
+        async with self._lock:
+            if weights is None or set(weights) != {v.VariantName for v in config.ProductionVariants}:
+                weights = {v.VariantName: v.InitialVariantWeight for v in config.ProductionVariants}
+            endpoint.routing = make_routing(config, dict(weights), servers)
+            endpoint.config_name = config.EndpointConfigName
+            endpoint.status, endpoint.modified = "InService", datetime.now(UTC)
+            for server in started:
+                self.servers[server.key] = server
+            retired = [s for s in self.servers.values() if not self._in_use(s)]
+            for server in retired:
+                del self.servers[server.key]
+            self._save()
+        await asyncio.gather(*(s.stop() for s in retired))
+
+    def _in_use(self, server: VariantServer) -> bool:
+        return any(
+            e.routing is not None and any(s is server for s in e.routing.servers.values())
+            for e in self.endpoints.values()
+        )
+
+    async def update_weights(self, name: str, spec: UpdateWeightsSpec) -> dict:
+        async with self._lock:
+            endpoint = self.endpoint(name)
+            if endpoint.status != "InService" or endpoint.routing is None:
+                raise ControlError(400, f"endpoint {name} is {endpoint.status}; weights change when InService")
+            routing = endpoint.routing
+            unknown = sorted({w.VariantName for w in spec.DesiredWeightsAndCapacities} - set(routing.weights))
+            if unknown:
+                raise ControlError(
+                    400,
+                    f"not production variants of {name}: {', '.join(unknown)} (variants: {', '.join(routing.weights)})",
+                )
+            weights = {**routing.weights, **{w.VariantName: w.DesiredWeight for w in spec.DesiredWeightsAndCapacities}}
+            if sum(weights.values()) <= 0:
+                raise ControlError(400, "at least one production variant needs a weight above 0")
+            endpoint.routing = make_routing(routing.config, weights, routing.servers)
+            endpoint.modified = datetime.now(UTC)
+            self._save()
+        return {"EndpointArn": arn("endpoint", name)}
+
+    async def delete_endpoint(self, name: str) -> None:
+        async with self._lock:
+            endpoint = self.endpoints.pop(name, None)
+            if endpoint is None:
+                raise ControlError(404, f"endpoint {name} does not exist")
+            endpoint.routing = None
+            retired = [s for s in self.servers.values() if not self._in_use(s)]
+            for server in retired:
+                del self.servers[server.key]
+            self._save()
+        await asyncio.gather(*(s.stop() for s in retired))
+
+    def describe(self, name: str) -> dict:
+        endpoint = self.endpoint(name)
+        routing = endpoint.routing
+
+        def variants(specs, weights=None):
+            return [
+                {
+                    "VariantName": v.VariantName,
+                    "ModelName": v.ModelName,
+                    "CurrentWeight": (weights or {}).get(v.VariantName, v.InitialVariantWeight),
+                    "DesiredWeight": (weights or {}).get(v.VariantName, v.InitialVariantWeight),
+                    "CurrentInstanceCount": 1,
+                    "DesiredInstanceCount": 1,
+                    "Url": routing.servers[v.VariantName].url,
+                }
+                for v in specs
+            ]
+
+        described = {
+            "EndpointName": endpoint.name,
+            "EndpointArn": arn("endpoint", endpoint.name),
+            "EndpointConfigName": endpoint.config_name,
+            "EndpointStatus": endpoint.status,
+            "CreationTime": endpoint.created.isoformat(),
+            "LastModifiedTime": endpoint.modified.isoformat(),
+            "ProductionVariants": variants(routing.config.ProductionVariants, routing.weights) if routing else [],
+            "ShadowProductionVariants": variants(routing.config.ShadowProductionVariants) if routing else [],
+        }
+        if endpoint.failure_reason:
+            described["FailureReason"] = endpoint.failure_reason
+        capture = routing.config.DataCaptureConfig if routing else None
+        if capture is not None:
+            described["DataCaptureConfig"] = {
+                "EnableCapture": capture.EnableCapture,
+                "CaptureStatus": "Started" if capture.EnableCapture else "Stopped",
+                "CurrentSamplingPercentage": capture.InitialSamplingPercentage,
+                "DestinationS3Uri": capture.DestinationS3Uri,
+            }
+        return described
+
+    def metrics(self, name: str, since: float | None = None) -> dict:
+        endpoint = self.endpoint(name)
+        return {
+            "EndpointName": name,
+            "Since": since,
+            "Variants": {variant: m.summary(since) for variant, m in endpoint.metrics.items()},
+            "ShadowPending": self.shadow_queue.qsize() if self.shadow_queue else 0,
+            "Capture": {
+                "Written": self.writer.written,
+                "Failed": self.writer.failed,
+                "Pending": self.writer.pending(),
+                "LastError": self.writer.last_error,
+            },
+        }
+
+    # -- runtime ----------------------------------------------------------------------------------
+
+    async def invoke(self, name: str, body: bytes, headers) -> Response:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            return aws_error(400, "ValidationError", f"Endpoint {name} of account 000000000000 not found.")
+        routing = endpoint.routing
+        if routing is None:
+            return aws_error(400, "ValidationError", f"Endpoint {name} is {endpoint.status}, not in service.")
+        if len(body) > MAX_PAYLOAD_BYTES:
+            return aws_error(
+                413, "ValidationError", f"the payload is {len(body)} bytes; at most {MAX_PAYLOAD_BYTES} are accepted"
+            )
+        try:
+            variant = choose_variant(routing.weights, headers.get("x-amzn-sagemaker-target-variant"))
+        except RoutingError as exc:
+            return aws_error(400, "ValidationError", str(exc))
+        forward = {h: headers[h] for h in FORWARDED_HEADERS if h in headers}
+        inference_id = headers.get("x-amzn-sagemaker-inference-id")
+        moment = datetime.now(UTC)
+        started = time.perf_counter()
+        model_response, failure = None, None
+        try:
+            model_response = await self.client.post(
+                f"{routing.servers[variant].url}/invocations", content=body, headers=forward
+            )
+        except httpx.TimeoutException:
+            failure = f"the model of variant {variant} did not answer within {self.invoke_timeout:.0f}s"
+        except httpx.HTTPError as exc:
+            failure = f"the model server of variant {variant} is not reachable ({type(exc).__name__})"
+        latency_ms = (time.perf_counter() - started) * 1000
+        status = model_response.status_code if model_response is not None else 502
+        endpoint.variant_metrics(variant).observe(latency_ms, status)
+
+        if model_response is not None and status < 400:
+            response = Response(
+                model_response.content,
+                status_code=200,
+                media_type=model_response.headers.get("content-type", "application/json"),
+                headers={VARIANT_HEADER: variant},
+            )
+            if "x-amzn-sagemaker-custom-attributes" in model_response.headers:
+                response.headers["X-Amzn-SageMaker-Custom-Attributes"] = model_response.headers[
+                    "x-amzn-sagemaker-custom-attributes"
+                ]
+        else:
+            original = model_response.text[:2000] if model_response is not None else failure
+            kind = "client" if 400 <= status < 500 else "server"
+            response = aws_error(
+                424,
+                "ModelError",
+                f"Received {kind} error ({status}) from variant {variant} with message {original!r}.",
+                OriginalStatusCode=status,
+                OriginalMessage=original,
+                ErrorCode=f"{kind.upper()}_ERROR_FROM_MODEL",
+            )
+            response.headers[VARIANT_HEADER] = variant
+
+        event_id = str(uuid.uuid4())
+        sampled = routing.capture_root is not None and random.random() < routing.sampling
+        if sampled:
+            self._capture(
+                routing,
+                endpoint.name,
+                variant,
+                body,
+                forward,
+                response,
+                status,
+                latency_ms,
+                moment,
+                event_id,
+                inference_id,
+            )
+        if routing.shadow is not None and random.random() < routing.shadow_share:
+            mirror = Mirror(endpoint, routing, body, forward, event_id, inference_id, sampled)
+            try:
+                self.shadow_queue.put_nowait(mirror)
+            except asyncio.QueueFull:
+                endpoint.variant_metrics(routing.shadow).dropped += 1
+        return response
+
+    def _capture(
+        self,
+        routing,
+        endpoint,
+        variant,
+        body,
+        headers,
+        response,
+        status,
+        latency_ms,
+        moment,
+        event_id,
+        inference_id,
+        shadow=False,
+        source_event_id=None,
+    ) -> None:
+        capture = routing.config.DataCaptureConfig
+        types = capture.CaptureContentTypeHeader
+        record = capture_record(
+            endpoint=endpoint,
+            variant=variant,
+            request=body if routing.capture_input else None,
+            request_type=headers.get("content-type"),
+            response=bytes(response.body) if routing.capture_output else None,
+            response_type=response.headers.get("content-type"),
+            status_code=status,
+            latency_ms=latency_ms,
+            inference_time=moment,
+            event_id=event_id,
+            inference_id=inference_id,
+            shadow=shadow,
+            source_event_id=source_event_id,
+            json_types=tuple(types.JsonContentTypes),
+            csv_types=tuple(types.CsvContentTypes),
+        )
+        self.writer.submit(routing.capture_root, endpoint, variant, record)
+
+    async def _shadow_worker(self) -> None:
+        while True:
+            mirror = await self.shadow_queue.get()
+            try:
+                await self._send_to_shadow(mirror)
+            except Exception:
+                log.exception("shadow copy of %s failed", mirror.source_event_id)
+            finally:
+                self.shadow_queue.task_done()
+
+    async def _send_to_shadow(self, mirror: Mirror) -> None:
+        routing, variant = mirror.routing, mirror.routing.shadow
+        moment = datetime.now(UTC)
+        started = time.perf_counter()
+        try:
+            answer = await self.client.post(
+                f"{routing.servers[variant].url}/invocations", content=mirror.body, headers=mirror.headers
+            )
+            status, content, media = answer.status_code, answer.content, answer.headers.get("content-type")
+        except httpx.HTTPError as exc:
+            status, content, media = 502, f"unreachable: {type(exc).__name__}".encode(), "text/plain"
+        latency_ms = (time.perf_counter() - started) * 1000
+        mirror.endpoint.variant_metrics(variant).observe(latency_ms, status)
+        if mirror.capture:
+            response = Response(content, status_code=status, media_type=media or "application/octet-stream")
+            self._capture(
+                routing,
+                mirror.endpoint.name,
+                variant,
+                mirror.body,
+                mirror.headers,
+                response,
+                status,
+                latency_ms,
+                moment,
+                None,
+                mirror.inference_id,
+                True,
+                mirror.source_event_id,
+            )
+
+
+def arn(kind: str, name: str) -> str:
+    return f"arn:aws:sagemaker:local:000000000000:{kind}/{name.lower()}"
+
+
+def _body(model: type[BaseModel], data: bytes):
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ControlError(400, f"invalid {model.__name__}: {problems}") from None
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app = FastAPI(title="llmops endpoint gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(ControlError)
+    async def control_error(request, exc: ControlError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "ok", "endpoints": {name: e.status for name, e in gateway.endpoints.items()}}
+
+    @app.post("/endpoints/{name}/invocations")
+    async def invocations(name: str, request: Request):
+        return await gateway.invoke(name, await request.body(), request.headers)
+
+    @app.post("/control/models")
+    async def create_model(request: Request):
+        return await gateway.create_model(_body(ModelSpec, await request.body()))
+
+    @app.get("/control/models/{name}")
+    async def describe_model(name: str):
+        if name not in gateway.models:
+            raise ControlError(404, f"model {name} does not exist")
+        return gateway.models[name].model_dump()
+
+    @app.post("/control/endpoint-configs")
+    async def create_endpoint_config(request: Request):
+        return await gateway.create_endpoint_config(_body(EndpointConfigSpec, await request.body()))
+
+    @app.get("/control/endpoint-configs/{name}")
+    async def describe_endpoint_config(name: str):
+        return gateway._config(name).model_dump()
+
+    @app.get("/control/endpoints")
+    async def list_endpoints():
+        return {"Endpoints": [gateway.describe(name) for name in sorted(gateway.endpoints)]}
+
+    @app.post("/control/endpoints")
+    async def create_endpoint(request: Request):
+        return await gateway.create_endpoint(_body(EndpointSpec, await request.body()))
+
+    @app.get("/control/endpoints/{name}")
+    async def describe_endpoint(name: str):
+        return gateway.describe(name)
+
+    @app.put("/control/endpoints/{name}")
+    async def update_endpoint(name: str, request: Request):
+        return await gateway.update_endpoint(name, _body(UpdateEndpointSpec, await request.body()))
+
+    @app.post("/control/endpoints/{name}/weights")
+    async def update_weights(name: str, request: Request):
+        return await gateway.update_weights(name, _body(UpdateWeightsSpec, await request.body()))
+
+    @app.delete("/control/endpoints/{name}")
+    async def delete_endpoint(name: str):
+        await gateway.delete_endpoint(name)
+        return {"EndpointName": name, "deleted": True}
+
+    @app.get("/control/endpoints/{name}/metrics")
+    async def metrics(name: str, since: float | None = None):
+        return gateway.metrics(name, since)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=os.environ.get("LLMOPS_GATEWAY_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090")))
+    parser.add_argument("--state-dir", default=os.environ.get("LLMOPS_GATEWAY_STATE", ".llmops/gateway"))
+    parser.add_argument("--startup-timeout", type=float, default=600, help="seconds a model server may take to load")
+    parser.add_argument("--invoke-timeout", type=float, default=60, help="seconds a model may take to answer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gateway = Gateway(Path(args.state_dir), args.startup_timeout, args.invoke_timeout)
+    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Running the endpoint gateway and stand-in model servers as real processes, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
+
+
+@contextmanager
+def _process(command: list[str], health: str, log: Path) -> Iterator[subprocess.Popen]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_http(health, process)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def running_gateway(state_dir: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m serving.gateway`` on a free port; yields (its URL, the process). Leaving the
+    block stops it with SIGTERM, as a service manager would."""
+    port = free_port()
+    command = [sys.executable, "-m", "serving.gateway", "--port", str(port), "--state-dir", str(state_dir), *extra]
+    with _process(command, f"http://127.0.0.1:{port}/ping", state_dir.parent / f"{state_dir.name}.log") as process:
+        yield f"http://127.0.0.1:{port}", process
+
+
+@contextmanager
+def running_fake(mode: str, log_dir: Path, delay: float = 0.0, name: str | None = None) -> Iterator[str]:
+    """A stand-in model server (``tests.fakecontainer``); yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.fakecontainer", str(port), mode, str(delay)]
+    os.environ["FAKE_NAME"] = name or mode
+    try:
+        with _process(command, f"http://127.0.0.1:{port}/ping", log_dir / f"fake-{port}.log"):
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        os.environ.pop("FAKE_NAME", None)
+
+
+def wait_in_service(control: httpx.Client, endpoint: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described = control.get(f"/control/endpoints/{endpoint}").json()
+        if described["EndpointStatus"] in ("InService", "Failed"):
+            return described
+        time.sleep(0.2)
+    raise TimeoutError(f"endpoint {endpoint} not in service after {timeout}s")
