@@ -290,7 +290,7 @@ class Gateway:
             self._spawn(self._shadow_worker())
         await self._restore()
 
-    async def stop(self, drain_seconds: float = 30) -> None:
+    async def stop(self, drain_seconds: float = 10) -> None:
         """Finish mirrored requests (up to ``drain_seconds``), write every captured record, stop
         the model servers this gateway started."""
         if self.shadow_queue is not None:
@@ -802,7 +802,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gateway = Gateway(Path(args.state_dir), args.startup_timeout, args.invoke_timeout)
-    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", access_log=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn.run(
+        create_app(gateway),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ def create_app(name: str, mode: str, delay: float = 0.0) -> Starlette:
         except (ValueError, AttributeError):
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
         answer = {"generated_text": f"{name} says: {inputs}", "prompt_tokens": 1, "completion_tokens": 3}
-        return Response(json.dumps(answer), media_type="application/json")
+        # Custom attributes come back as they went in, as a SageMaker container may answer them.
+        attributes = request.headers.get("x-amzn-sagemaker-custom-attributes")
+        headers = {"X-Amzn-SageMaker-Custom-Attributes": attributes} if attributes else None
+        return Response(json.dumps(answer), media_type="application/json", headers=headers)
 
     return Starlette(routes=[Route("/ping", ping), Route("/invocations", invocations, methods=["POST"])])
 

@@ -150,7 +150,9 @@ class ServingConfig(_Strict):
     backend: Literal["local"] = "local"
     gateway_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://")
     endpoint_name: str = Field("python-docs-assistant", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$", max_length=63)
-    capture_uri: str = Field(min_length=1, description="the data capture destination (folder, file:// or s3://)")
+    capture_uri: str = Field(
+        min_length=1, description="the data capture destination (folder, file:// or s3://); default <store_uri>/capture"
+    )
     sampling_percentage: int = Field(100, ge=0, le=100)
     deploy_timeout_minutes: float = Field(15, gt=0)
     replay_max_new_tokens: int = Field(48, ge=1, le=2048)
@@ -201,6 +203,15 @@ class Settings(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig
     aws: AwsConfig = AwsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("store_uri"), str):
+            serving = dict(data.get("serving") or {})
+            serving.setdefault("capture_uri", f"{data['store_uri'].rstrip('/')}/capture")
+            data = {**data, "serving": serving}
+        return data
 
     @model_validator(mode="after")
     def _store_is_uri(self) -> Settings:

@@ -8,11 +8,16 @@ the dataset version, its manifest and the Data Docs; then runs ``llm_finetune`` 
 SmolLM2-135M-Instruct, a few minutes on a laptop CPU), which evaluates the candidate against the
 base model (and the champion, once there is one) and gates it, and prints the held-out loss
 before and after, the registered MLflow model version, the comparison table with confidence
-intervals, the gate's verdict with its reasons, and where the HTML report is.
+intervals, the gate's verdict with its reasons, and where the HTML report is. Finally it starts
+the local endpoint gateway (it keeps running; ``make down`` stops it) and runs ``llm_rollout``: the
+first run deploys the candidate as the champion; a later run takes the new challenger through
+shadow and A/B traffic steps to promotion or rollback. It ends by showing how to call the
+endpoint with curl and boto3.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from llmops.localstack import apply_environment, migrate_db
@@ -120,6 +125,60 @@ def main() -> int:
     print(f"Report:          {recorded['report_url'] or recorded['report_uri']}")
     print("                 (make up, then open it; it is linked from the model version's page)")
     print(f"Tracking:        {settings.mlflow.tracking_uri}")
+    if not (outcome or {}).get("outcome", "").startswith("promoted"):
+        print("\nNo new challenger: nothing to roll out.")
+        return 0
+    return rollout(settings)
+
+
+def rollout(settings) -> int:
+    from llmops.localstack import up
+
+    print("\nStarting the local endpoint gateway (it keeps running; `make down` stops it)...", flush=True)
+    if up(components=("gateway",)) != 0:
+        return 1
+    print("Running llm_rollout...", flush=True)
+    dag_run = run_dag("llm_rollout")
+    plan = return_value(dag_run, "plan_rollout")
+    if dag_run.state != "success":
+        print(f"llm_rollout ended in state {dag_run.state}; see the task logs above.", file=sys.stderr)
+        return 1
+    print()
+    print(f"Rollout: {plan['reason'] if plan else 'nothing to roll out'}")
+    shadow = return_value(dag_run, "compare_shadow")
+    if shadow:
+        c = shadow["comparison"]
+        print(f"  shadow:        {shadow['decision']['verdict'].upper()} on {c['pairs']} paired answers")
+        for reason in shadow["decision"]["reasons"]:
+            print(f"                 - {reason}")
+    from llmops.rollout import step_label
+
+    for share in settings.serving.policy().traffic_steps:
+        step = return_value(dag_run, f"shift_traffic_{step_label(share)}")
+        if step:
+            print(f"  {step['label']:>5} traffic: {step['decision']['verdict'].upper()}")
+            for reason in step["decision"]["reasons"]:
+                print(f"                 - {reason}")
+    promoted, rolled_back = return_value(dag_run, "promote"), return_value(dag_run, "roll_back")
+    if promoted:
+        print(f"  outcome:       version {promoted['champion']} is the champion")
+    if rolled_back:
+        print(f"  outcome:       version {rolled_back['rolled_back']} rolled back; the champion keeps serving")
+    url, endpoint = settings.serving.gateway_url, settings.serving.endpoint_name
+    print()
+    print(f"Endpoint {endpoint} on the local gateway {url}. With curl:")
+    body = json.dumps({"inputs": "How do I reverse a list in Python?", "parameters": {"max_new_tokens": 64}})
+    print(f"  curl -s {url}/endpoints/{endpoint}/invocations -H 'Content-Type: application/json' -d '{body}'")
+    print("With boto3 (any credentials: the gateway does not check signatures):")
+    print(
+        "  import boto3, json\n"
+        f"  runtime = boto3.client('sagemaker-runtime', endpoint_url='{url}', region_name='us-east-1',\n"
+        "                         aws_access_key_id='x', aws_secret_access_key='x')\n"
+        f"  r = runtime.invoke_endpoint(EndpointName='{endpoint}', ContentType='application/json',\n"
+        "                             Body=json.dumps({'inputs': 'What does len() do?'}))\n"
+        "  print(r['InvokedProductionVariant'], json.loads(r['Body'].read())['generated_text'])"
+    )
+    print(f"  captured traffic: {settings.serving.capture_uri}")
     return 0
 
 

@@ -3,7 +3,7 @@
 One place defines the environment every local entry point shares (the demo, the tests and
 ``make up``), so they cannot drift apart.
 
-    python -m llmops.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow
+    python -m llmops.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow, gateway
     python -m llmops.localstack down
     python -m llmops.localstack env      # print the environment as shell exports
 """
@@ -25,7 +25,9 @@ from llmops.config import PROJECT_ROOT, default_home
 
 AIRFLOW_PORT = int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080"))
 MLFLOW_PORT = int(os.environ.get("LLMOPS_MLFLOW_PORT", "5000"))
+GATEWAY_PORT = int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090"))
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+COMPONENTS = (*AIRFLOW_COMPONENTS, "mlflow", "gateway")
 
 
 def _secret(home: Path, name: str) -> str:
@@ -126,9 +128,11 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def up(timeout: float = 180) -> int:
+def up(timeout: float = 180, components: tuple[str, ...] = COMPONENTS) -> int:
+    """Start ``components`` (those not already running) in the background and wait until they answer."""
     env = apply_environment()
-    migrate_db(env)
+    if set(components) & set(AIRFLOW_COMPONENTS):
+        migrate_db(env)
     home = Path(env["LLMOPS_HOME"])
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
     logs = home / "logs"
@@ -149,7 +153,18 @@ def up(timeout: float = 180) -> int:
         "--workers",
         "1",
     ]
+    commands["gateway"] = [
+        sys.executable,
+        "-m",
+        "serving.gateway",
+        "--port",
+        str(GATEWAY_PORT),
+        "--state-dir",
+        str(home / "gateway"),
+    ]
     for name, command in commands.items():
+        if name not in components:
+            continue
         pid_file = _pid_dir(env) / f"{name}.pid"
         if pid_file.is_file() and _alive(int(pid_file.read_text())):
             print(f"{name}: already running (pid {pid_file.read_text().strip()})")
@@ -168,9 +183,13 @@ def up(timeout: float = 180) -> int:
     checks = {
         "Airflow UI": (f"http://localhost:{AIRFLOW_PORT}/api/v2/monitor/health", f"http://localhost:{AIRFLOW_PORT}"),
         "MLflow UI": (f"http://127.0.0.1:{MLFLOW_PORT}/health", f"http://localhost:{MLFLOW_PORT}"),
+        "Endpoint gateway": (f"http://127.0.0.1:{GATEWAY_PORT}/ping", f"http://127.0.0.1:{GATEWAY_PORT}"),
     }
+    owner = {"Airflow UI": "api-server", "MLflow UI": "mlflow", "Endpoint gateway": "gateway"}
     ok = True
     for label, (health, url) in checks.items():
+        if owner[label] not in components:
+            continue
         if _wait_http(health, timeout):
             print(f"{label}: {url}")
         else:

@@ -145,3 +145,43 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "require_approval",
     } <= set(params.keys())
     assert all(params.get_param(k).description or params.get_param(k).schema.get("title") for k in params)
+
+
+def test_llm_rollout_graph_schedule_and_form(stack_env):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import TriggerRule
+
+    from llmops.config import get_settings
+
+    settings = get_settings()
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_rollout.py")).dags["llm_rollout"]
+    steps = [f"shift_traffic_{round(s * 100)}pct" for s in settings.serving.policy().traffic_steps]
+    chain = ["plan_rollout", "deploy_shadow", "compare_shadow", *steps, "promote", "record_rollout"]
+    for upstream, downstream in itertools.pairwise(chain):
+        assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    assert {"deploy_champion", "promote"} <= {*dag.get_task("plan_rollout").downstream_task_ids, "promote"}
+    assert "promote" in dag.get_task("deploy_champion").downstream_task_ids
+    assert "roll_back" in dag.get_task(steps[-1]).downstream_task_ids
+    assert "record_rollout" in dag.get_task("roll_back").downstream_task_ids
+    # A failure anywhere reaches the task that puts traffic back on the champion.
+    restore = dag.get_task("restore_on_failure")
+    assert restore.trigger_rule == TriggerRule.ONE_FAILED
+    assert restore.upstream_task_ids == set(dag.task_ids) - {"restore_on_failure"}
+    assert dag.max_active_runs == 1 and not dag.catchup
+    assert "challenger.python-docs-assistant" in str(dag.timetable.asset_condition)
+    assert {
+        "model_version",
+        "replay_requests",
+        "step_requests",
+        "min_shadow_win_rate",
+        "max_error_rate",
+        "max_p99_latency_ms",
+    } <= set(dag.params.keys())
+
+
+def test_finetune_hands_a_new_challenger_to_rollout(stack_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_finetune.py")).dags["llm_finetune"]
+    outlets = dag.get_task("promote_challenger").outlets
+    assert [o.name for o in outlets] == ["challenger.python-docs-assistant"]

@@ -19,6 +19,8 @@ AIRFLOW_FREE = [
     ROOT / "plugins" / "llmops" / "comparison.py",
     ROOT / "plugins" / "llmops" / "gate.py",
     ROOT / "plugins" / "llmops" / "evaluation.py",
+    ROOT / "plugins" / "llmops" / "rollout.py",
+    ROOT / "plugins" / "llmops" / "deployment.py",
 ]
 
 
