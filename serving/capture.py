@@ -58,6 +58,8 @@ def local_root(destination: str) -> Path:
 
 def encode_payload(body: bytes, content_type: str | None, json_types=_MEDIA_JSON, csv_types=_MEDIA_CSV) -> dict:
     media = (content_type or "").split(";")[0].strip().lower()
+    json_types = {t.split(";")[0].strip().lower() for t in json_types}
+    csv_types = {t.split(";")[0].strip().lower() for t in csv_types}
     if media in json_types or media in csv_types:
         try:
             return {"data": body.decode("utf-8"), "encoding": "JSON" if media in json_types else "CSV"}
@@ -292,13 +294,27 @@ class CaptureScan:
     files: int = 0
 
 
-def _filesystem(destination: str):
-    if "://" not in destination or destination.startswith("file://"):
-        return None, str(local_root(destination))
-    import fsspec
+class _S3:
+    """Listing and reading capture files under an ``s3://`` destination with boto3."""
 
-    fs, root = fsspec.core.url_to_fs(destination)
-    return fs, root
+    def __init__(self, destination: str, client=None):
+        import boto3
+
+        bucket, _, prefix = destination.removeprefix("s3://").partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.client = client or boto3.client("s3")
+
+    def listing(self, endpoint: str | None) -> Iterator[tuple[str, str, str, str]]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + (f"{endpoint}/" if endpoint else "")):
+            for item in page.get("Contents", []):
+                parts = item["Key"][len(root) :].split("/")
+                if len(parts) == 7 and parts[-1].endswith(".jsonl"):
+                    yield item["Key"], parts[0], parts[1], "/".join(parts[2:6])
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
 
 def _hours_between(start: datetime | None, end: datetime | None) -> set[str] | None:
@@ -311,19 +327,11 @@ def _hours_between(start: datetime | None, end: datetime | None) -> set[str] | N
     return hours
 
 
-def _listing(fs, root: str, endpoint: str | None) -> Iterator[tuple[str, str, str, str]]:
+def _local_listing(root: Path, endpoint: str | None) -> Iterator[tuple[str, str, str, str]]:
     """(path, endpoint, variant, yyyy/mm/dd/hh) of every capture file under ``root``."""
-    if fs is None:
-        base = Path(root)
-        pattern = f"{endpoint or '*'}/*/*/*/*/*/*.jsonl"
-        for path in sorted(base.glob(pattern)):
-            parts = path.relative_to(base).parts
-            yield str(path), parts[0], parts[1], "/".join(parts[2:6])
-        return
-    prefix = f"{root.rstrip('/')}/{endpoint or '*'}"
-    for path in sorted(fs.glob(f"{prefix}/*/*/*/*/*/*.jsonl")):
-        parts = path[len(root.rstrip("/")) + 1 :].split("/")
-        yield path, parts[0], parts[1], "/".join(parts[2:6])
+    for path in sorted(root.glob(f"{endpoint or '*'}/*/*/*/*/*/*.jsonl")):
+        parts = path.relative_to(root).parts
+        yield str(path), parts[0], parts[1], "/".join(parts[2:6])
 
 
 def read_capture(
@@ -332,26 +340,29 @@ def read_capture(
     variants: Iterable[str] | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
+    s3_client=None,
 ) -> CaptureScan:
     """Every record under ``destination`` (a folder, ``file://`` or ``s3://`` URI), optionally of
     one endpoint and some variants, with ``start <= inferenceTime < end``; sorted by time. A
     line cut short by a writer still writing is left for the next read; a malformed line is
-    skipped and reported."""
-    fs, root = _filesystem(destination)
+    skipped and reported. ``s3_client``: a boto3 S3 client for ``s3://`` (default: boto3's)."""
+    s3 = _S3(destination, s3_client) if destination.startswith("s3://") else None
+    root = None if s3 else local_root(destination)
     wanted = set(variants) if variants is not None else None
     hours = _hours_between(start, end)
     scan = CaptureScan()
-    if fs is None and not Path(root).is_dir():
+    if s3 is None and not root.is_dir():
         return scan
-    for path, endpoint_name, variant, hour in _listing(fs, root, endpoint):
+    listing = s3.listing(endpoint) if s3 else _local_listing(root, endpoint)
+    for path, endpoint_name, variant, hour in listing:
         if (wanted is not None and variant not in wanted) or (hours is not None and hour not in hours):
             continue
         scan.files += 1
-        if fs is None:
+        if s3 is None:
             with open(path, "rb") as handle:
                 content = handle.read()
         else:
-            content = fs.cat_file(path)
+            content = s3.read(path)
         lines = content.split(b"\n")
         for number, raw in enumerate(lines[:-1], start=1):  # the last piece follows the last newline
             if not raw.strip():
@@ -359,13 +370,16 @@ def read_capture(
             where = f"{path}:{number}"
             try:
                 record = parse_record(raw.decode("utf-8"), endpoint_name, variant, where)
-            except (CaptureFormatError, UnicodeDecodeError) as exc:
+            except CaptureFormatError as exc:
                 scan.skipped.append(str(exc))
+                continue
+            except UnicodeDecodeError as exc:
+                scan.skipped.append(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})")
                 continue
             if (start is None or record.inference_time >= start) and (end is None or record.inference_time < end):
                 scan.records.append(record)
         # An unterminated last line is a writer mid-write (not a record yet), or a file cut short.
-        if lines[-1].strip() and not fs and time.time() - os.path.getmtime(path) > 60:
+        if lines[-1].strip() and s3 is None and time.time() - os.path.getmtime(path) > 60:
             scan.skipped.append(f"{path}:{len(lines)}: an unterminated last line (the file was cut short)")
     scan.records.sort(key=lambda r: r.inference_time)
     return scan

@@ -116,11 +116,13 @@ class VariantServer:
             partial = target / f".model.tar.gz.{uuid.uuid4().hex}"
             if "://" not in source or source.startswith("file://"):
                 shutil.copyfile(local_root(source), partial)
-            else:
-                import fsspec
+            elif source.startswith("s3://"):
+                import boto3
 
-                with fsspec.open(source, "rb") as src, open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                bucket, _, key = source.removeprefix("s3://").partition("/")
+                boto3.client("s3").download_file(bucket, key, str(partial))
+            else:
+                raise ControlError(400, f"model {self.model.ModelName}: cannot fetch {source}")
             partial.replace(tarball)
         return target
 

@@ -132,8 +132,8 @@ def compare_shadow(
     scores: list[tuple[float | None, float | None]], shadow: VariantWindow, champion: VariantWindow
 ) -> ShadowComparison:
     rate, used = win_rate(scores)
-    mine = [a for a, _ in scores if a is not None]
-    theirs = [b for _, b in scores if b is not None]
+    complete = [(a, b) for a, b in scores if a is not None and b is not None]
+    mine, theirs = [a for a, _ in complete], [b for _, b in complete]
     return ShadowComparison(
         pairs=used,
         win_rate=rate,
@@ -212,7 +212,9 @@ def check_guardrails(
             f"step {label}: the challenger served {challenger.invocations} requests (need {rails.min_invocations})",
         )
     )
-    ok = enough and challenger.error_rate <= rails.max_error_rate
+    if not enough:  # no verdict on the rest: too little to measure
+        return Decision(False, tuple(checks))
+    ok = challenger.error_rate <= rails.max_error_rate
     checks.append(
         Check(
             f"{label}_error_rate",

@@ -4,7 +4,6 @@ to promotion, or rolled back by a guardrail; against a real gateway serving tiny
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
