@@ -300,8 +300,10 @@ class Gateway:
                 await asyncio.wait_for(self.shadow_queue.join(), drain_seconds)
             except TimeoutError:
                 log.warning("%d shadow copies were not sent before shutdown", self.shadow_queue.qsize())
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(self.writer.close)
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
         if self.client is not None:
@@ -427,7 +429,10 @@ class Gateway:
                     started.append(server)
                     await server.start(self.client)
                 servers[variant.VariantName] = server
-        except Exception as exc:
+        except asyncio.CancelledError:  # the gateway is stopping: no half-started server may outlive it
+            await asyncio.shield(asyncio.gather(*(s.stop() for s in started)))
+            raise
+        except Exception as exc:  # any start failure becomes the endpoint's FailureReason
             await asyncio.gather(*(s.stop() for s in started))
             reason = str(exc) if isinstance(exc, ControlError) else f"{type(exc).__name__}: {exc}"
             async with self._lock:
@@ -667,7 +672,7 @@ class Gateway:
             mirror = await self.shadow_queue.get()
             try:
                 await self._send_to_shadow(mirror)
-            except Exception:
+            except Exception:  # nothing a shadow does may reach a caller or stop this worker
                 log.exception("shadow copy of %s failed", mirror.source_event_id)
             finally:
                 self.shadow_queue.task_done()

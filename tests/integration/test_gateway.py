@@ -698,11 +698,6 @@ def running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serving/gateway.py Gateway.stop cancels a _bring_up in progress, and _bring_up only stops the "
-    "servers it started on Exception, not on CancelledError: the model server process outlives the gateway",
-)
 def test_stopping_the_gateway_while_a_model_server_starts_leaves_no_process_behind(tmp_path):
     # A folder that is no model: serving.app takes seconds to import torch before it fails, so it is
     # still starting when the gateway is told to stop.
