@@ -347,8 +347,9 @@ def request_prompt(payload) -> tuple[str, str]:
 
 
 def replay_items(settings: Settings, count: int, lookback_hours: float, now: datetime | None = None) -> list[dict]:
-    """``count`` prompts to replay: distinct prompts captured on the endpoint's production variants
-    in the last ``lookback_hours`` (newest first), topped up from the evaluation catalog."""
+    """Up to ``count`` distinct prompts to replay (``replay`` cycles through them): prompts captured
+    on the endpoint's production variants in the last ``lookback_hours`` (newest first), topped up
+    from the evaluation catalog."""
     from serving.capture import read_capture
 
     now = now or datetime.now(UTC)
@@ -373,9 +374,7 @@ def replay_items(settings: Settings, count: int, lookback_hours: float, now: dat
         if len(items) >= count:
             return items
     catalog = [i for i in catalog_items(settings) if i["prompt"] not in seen]
-    while len(items) < count and catalog:
-        items.append(catalog[len(items) % len(catalog)] if len(items) >= len(catalog) else catalog.pop(0))
-    return items[:count]
+    return items + catalog[: count - len(items)]
 
 
 def invocation_body(item: dict, max_new_tokens: int) -> bytes:
