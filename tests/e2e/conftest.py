@@ -28,7 +28,7 @@ from llmops.localstack import environment
 PG_HOST = os.environ.get("LLMOPS_E2E_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("LLMOPS_E2E_PG_PORT", "5432"))
 PG_ROLES = ("postgres", "root")
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "gateway")
 LOG_TAIL = 80
 STOP_TIMEOUT = 20
 
@@ -105,8 +105,18 @@ class AirflowStack:
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")
-        commands = {name: [airflow, name] for name in COMPONENTS}
+        commands = {name: [airflow, name] for name in COMPONENTS if name != "gateway"}
         commands["api-server"] += ["--port", str(self.port)]
+        gateway_port = self.env["LLMOPS_GATEWAY_URL"].rsplit(":", 1)[1]
+        commands["gateway"] = [
+            sys.executable,
+            "-m",
+            "serving.gateway",
+            "--port",
+            gateway_port,
+            "--state-dir",
+            str(self.home / "gateway"),
+        ]
         for name, command in commands.items():
             with open(self.logs / f"{name}.log", "ab") as log:
                 self.processes[name] = subprocess.Popen(
@@ -244,6 +254,7 @@ def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
     config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
     # A short evaluation: the test is about the stack, not about the model's quality.
     config["evaluation"].update(max_test_items=6, max_new_tokens=16, bootstrap_resamples=200)
+    config["serving"].update(replay_max_new_tokens=8)
     (home / "config.yaml").write_text(yaml.safe_dump(config))
     stack_env = {
         **environment(home),
@@ -252,6 +263,7 @@ def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_url,
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         "AIRFLOW__API__PORT": str(port),
+        "LLMOPS_GATEWAY_URL": f"http://127.0.0.1:{_free_port()}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         # The scheduler serves task logs on a fixed port (8793) by default: a stack from
         # ``make up`` or a second test session would collide with it.

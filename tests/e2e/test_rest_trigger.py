@@ -1,5 +1,6 @@
-"""Both DAGs triggered over the REST API on a real Airflow stack (api-server, scheduler,
-dag-processor, LocalExecutor, PostgreSQL): a run's ``conf`` reaches the tasks as Params."""
+"""The DAGs triggered over the REST API on a real Airflow stack (api-server, scheduler,
+dag-processor, LocalExecutor, PostgreSQL, and the endpoint gateway): a run's ``conf`` reaches
+the tasks as Params, and the fine-tuned version ends up serving behind the gateway."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.tinymodel import build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-DAGS = ("llm_data_prep", "llm_finetune")
+DAGS = ("llm_data_prep", "llm_finetune", "llm_rollout")
 FINISHED = ("success", "failed")
 
 
@@ -119,3 +120,36 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
     # The candidate went through evaluation and the gate to a recorded outcome.
     outcome = return_value(stack, "llm_finetune", finetune_id, "record_outcome")
     assert outcome["version"] == str(registered["version"]) and outcome["outcome"], outcome
+
+    # The trigger form of llm_rollout, with the version just registered: no champion yet, so it is
+    # deployed alone, answers a smoke test, and becomes the champion serving behind the gateway.
+    rollout_id = _trigger(stack, "llm_rollout", {"model_version": str(registered["version"])})
+    may_skip = frozenset({"deploy_shadow", "compare_shadow", "roll_back", "restore_on_failure"}) | {
+        t for t in _task_ids(stack, "llm_rollout") if t.startswith("shift_traffic_")
+    }
+    _wait_for_run(stack, "llm_rollout", rollout_id, timeout=300, may_skip=may_skip)
+    plan = return_value(stack, "llm_rollout", rollout_id, "plan_rollout")
+    assert plan["action"] == "first_deploy", plan
+    promoted = return_value(stack, "llm_rollout", rollout_id, "promote")
+    assert promoted["champion"] == str(registered["version"]), promoted
+
+    import boto3
+
+    runtime = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=stack.env["LLMOPS_GATEWAY_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
+    answer = runtime.invoke_endpoint(
+        EndpointName=plan["endpoint"],
+        ContentType="application/json",
+        Body=json.dumps({"inputs": "What does len() do?", "parameters": {"max_new_tokens": 4}}),
+    )
+    assert answer["InvokedProductionVariant"] == f"v{registered['version']}"
+    assert "generated_text" in json.loads(answer["Body"].read())
+
+
+def _task_ids(stack, dag_id: str) -> set[str]:
+    return {t["task_id"] for t in stack.request("GET", f"/api/v2/dags/{dag_id}/tasks")["tasks"]}
