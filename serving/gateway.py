@@ -449,17 +449,17 @@ class Gateway:
             endpoint.status, endpoint.modified = "InService", datetime.now(UTC)
             for server in started:
                 self.servers[server.key] = server
-            retired = [s for s in self.servers.values() if not self._in_use(s)]
-            for server in retired:
-                del self.servers[server.key]
-            self._save()
+            retired = self._release_unused()
         await asyncio.gather(*(s.stop() for s in retired))
 
-    def _in_use(self, server: VariantServer) -> bool:
-        return any(
-            e.routing is not None and any(s is server for s in e.routing.servers.values())
-            for e in self.endpoints.values()
-        )
+    def _release_unused(self) -> list[VariantServer]:
+        """Forget the servers no endpoint routes to (the caller stops them, outside the lock)."""
+        used = {id(s) for e in self.endpoints.values() if e.routing is not None for s in e.routing.servers.values()}
+        retired = [s for s in self.servers.values() if id(s) not in used]
+        for server in retired:
+            del self.servers[server.key]
+        self._save()
+        return retired
 
     async def update_weights(self, name: str, spec: UpdateWeightsSpec) -> dict:
         async with self._lock:
@@ -487,10 +487,7 @@ class Gateway:
             if endpoint is None:
                 raise ControlError(404, f"endpoint {name} does not exist")
             endpoint.routing = None
-            retired = [s for s in self.servers.values() if not self._in_use(s)]
-            for server in retired:
-                del self.servers[server.key]
-            self._save()
+            retired = self._release_unused()
         await asyncio.gather(*(s.stop() for s in retired))
 
     def describe(self, name: str) -> dict:

@@ -229,6 +229,17 @@ def apply_config(settings: Settings, backend, config_request: dict) -> dict:
     return wait_in_service(backend, endpoint, name, settings.serving.deploy_timeout_minutes * 60)
 
 
+def serve_alone(settings: Settings, backend, version: dict, phase: str, run_key: str) -> str:
+    """Move the endpoint to a config where ``version`` takes all traffic; returns the config's name."""
+    ensure_models(settings, backend, [version])
+    name = config_name(settings.serving.endpoint_name, phase, run_key)
+    request = endpoint_config_request(
+        name, settings.serving.endpoint_name, {version["version"]: 1.0}, None, capture_config(settings)
+    )
+    apply_config(settings, backend, request)
+    return name
+
+
 def ensure_models(settings: Settings, backend, versions: list[dict]) -> None:
     """``CreateModel`` for each version ({"version", "artifact_uri"}), idempotent."""
     environment = serving_environment(settings)
@@ -572,13 +583,7 @@ def deploy_first(settings: Settings, plan: dict, run_key: str, log: Callable[[st
     """No champion yet: serve the candidate alone, and check it answers (a few catalog prompts)."""
     backend = backend_for(settings)
     candidate = plan["candidate"]
-    ensure_models(settings, backend, [candidate])
-    name = config_name(plan["endpoint"], "initial", run_key)
-    apply_config(
-        settings,
-        backend,
-        endpoint_config_request(name, plan["endpoint"], {candidate["version"]: 1.0}, None, capture_config(settings)),
-    )
+    name = serve_alone(settings, backend, candidate, "initial", run_key)
     log(f"endpoint {plan['endpoint']} serves version {candidate['version']} ({name})")
     smoke = replay(settings, backend, catalog_items(settings)[:3], 3, tag=f"smoke-{run_key[-20:]}")
     failed = [r for r in smoke if r["status"] != 200]
@@ -743,13 +748,7 @@ def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], N
 
     backend = backend_for(settings)
     endpoint, candidate, previous = plan["endpoint"], plan["candidate"], plan["champion"]
-    name = config_name(endpoint, "final", run_key)
-    ensure_models(settings, backend, [candidate])
-    apply_config(
-        settings,
-        backend,
-        endpoint_config_request(name, endpoint, {candidate["version"]: 1.0}, None, capture_config(settings)),
-    )
+    name = serve_alone(settings, backend, candidate, "final", run_key)
     client(settings.mlflow.tracking_uri).set_registered_model_alias(plan["model_name"], CHAMPION, candidate["version"])
     _drop_challenger_alias(settings, candidate["version"])
     now = _now()
@@ -799,13 +798,7 @@ def roll_back(
         if described["EndpointStatus"] == IN_SERVICE and mine in production and theirs in production:
             backend.update_endpoint_weights(endpoint, {theirs: 1.0, mine: 0.0})
             log(f"traffic back on {theirs}")
-        restored = config_name(endpoint, "restored", run_key)
-        ensure_models(settings, backend, [champion])
-        apply_config(
-            settings,
-            backend,
-            endpoint_config_request(restored, endpoint, {champion["version"]: 1.0}, None, capture_config(settings)),
-        )
+        restored = serve_alone(settings, backend, champion, "restored", run_key)
     _tag_version(
         settings,
         candidate["version"],
