@@ -138,6 +138,7 @@ def llm_rollout():
         return plan
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
+    @fail_without_retry
     def deploy_champion() -> dict:
         from llmops.deployment import deploy_first
 
@@ -147,6 +148,7 @@ def llm_rollout():
         return deploy_first(SETTINGS, plan, run_key, _log)
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
+    @fail_without_retry
     def deploy_shadow() -> dict:
         from llmops.deployment import deploy_shadow
 
@@ -156,6 +158,7 @@ def llm_rollout():
         return deploy_shadow(SETTINGS, plan, run_key, _log)
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
+    @fail_without_retry
     def compare_shadow() -> dict:
         from llmops.deployment import evaluate_shadow
 
@@ -166,6 +169,7 @@ def llm_rollout():
 
     def traffic_step(share: float):
         @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=DEPLOY_TIMEOUT)
+        @fail_without_retry
         def shift() -> dict:
             from llmops.deployment import traffic_step
 
@@ -184,6 +188,7 @@ def llm_rollout():
         return shift()
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
+    @fail_without_retry
     def promote() -> dict:
         from llmops.deployment import promote
 

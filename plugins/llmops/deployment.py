@@ -33,6 +33,11 @@ class DeploymentError(RuntimeError):
     """The endpoint could not be brought to the state asked for; the message says why."""
 
 
+class DeploymentRejected(DeploymentError):
+    """The endpoint's control plane refused the request (bad model data, unknown name, conflict):
+    asking again cannot help."""
+
+
 # -- names and requests (pure) ------------------------------------------------------------------
 
 
@@ -130,7 +135,8 @@ class LocalGatewayBackend:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            raise DeploymentError(f"{method} {path}: {message}")
+            kind = DeploymentRejected if 400 <= response.status_code < 500 else DeploymentError
+            raise kind(f"{method} {path}: {message}")
         return response.json()
 
     def create_model(self, request: dict) -> dict:
@@ -292,7 +298,7 @@ def plan_rollout(settings: Settings, requested_version: str | None) -> dict:
         try:
             candidate = mlflow_client.get_model_version(name, str(requested_version))
         except MlflowException:
-            raise DeploymentError(f"{name} has no version {requested_version}") from None
+            raise DeploymentRejected(f"{name} has no version {requested_version}") from None
     else:
         candidate = by_alias(CHALLENGER)
     plan = {

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from llmops import storage
 from llmops.config import ConfigError, DataConfig, Settings, format_validation_error
 from llmops.data.records import DataQualityError
+from llmops.deployment import DeploymentRejected
 from llmops.prompts import PromptCatalogError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,7 +67,7 @@ def fail_without_retry(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (DataQualityError, ConfigError, PromptCatalogError) as exc:
+        except (DataQualityError, ConfigError, PromptCatalogError, DeploymentRejected) as exc:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc

@@ -162,3 +162,24 @@ def test_a_challenger_that_breaks_a_guardrail_is_rolled_back_at_the_first_step(s
     tags = mlflow_client.get_model_version("python-docs-assistant", "2").tags
     assert tags["rollout.status"] == "rolled_back" and "p99 latency" in tags["rollout.reasons"]
     assert tags["rollout.outcome"] == "rolled back" and tags["serving.weight"] == "0.0"
+
+
+def test_a_rollout_that_fails_outright_puts_traffic_back_on_the_champion_and_fails(stack):
+    mlflow_client = client(stack["tracking"])
+    mlflow_client.set_registered_model_alias("python-docs-assistant", CHALLENGER, "1")
+    assert run_rollout(stack).state == "success"
+    # A version whose training artifact is gone: the gateway refuses to create its model.
+    broken = mlflow_client.create_model_version(
+        "python-docs-assistant",
+        source="/nowhere",
+        tags={"training.artifact_uri": f"file://{stack['home']}/gone/model.tar.gz"},
+    )
+    run = run_rollout(stack, model_version=str(broken.version))
+    states = task_states(run)
+    assert run.state == "failed", states
+    assert states["deploy_shadow"] == "failed" and states["restore_on_failure"] == "failed", states
+    assert alias(stack["tracking"], CHAMPION) == "1"
+    assert serving(stack["url"]) == {"v1": 1.0}
+    assert invoke(stack["url"])[0] == "v1"
+    tags = mlflow_client.get_model_version("python-docs-assistant", str(broken.version)).tags
+    assert tags["rollout.status"] == "rolled_back" and "deploy_shadow" in tags["rollout.reasons"]
