@@ -45,6 +45,7 @@ POLICY_PARAMS = {
     "min_shadow_win_rate": "shadow.min_win_rate",
     "max_error_rate": "guardrails.max_error_rate",
     "max_p99_latency_ms": "guardrails.max_p99_latency_ms",
+    "bake_seconds": "bake_seconds",
 }
 DEPLOY_TIMEOUT = timedelta(minutes=SETTINGS.serving.deploy_timeout_minutes * 2 + 10)
 
@@ -71,6 +72,12 @@ def _skip(reason: str):
     from airflow.sdk.exceptions import AirflowSkipException
 
     raise AirflowSkipException(reason)
+
+
+def _all_passed(ti) -> bool:
+    """Every phase of a shadow rollout ran and said go on: promotion needs evidence, not silence."""
+    results = [ti.xcom_pull(task_ids=task_id) for task_id in ["compare_shadow", *STEPS]]
+    return all(result and result["decision"]["promote"] for result in results)
 
 
 def _failed_decision(ti) -> dict | None:
@@ -122,6 +129,13 @@ def _failed_decision(ti) -> dict | None:
             type="number",
             exclusiveMinimum=0,
             title="Guardrail: max p99 latency (ms)",
+        ),
+        "bake_seconds": Param(
+            POLICY.bake_seconds,
+            type="number",
+            minimum=0,
+            title="Bake time per step (s)",
+            description="How long each traffic step lets live traffic flow before its guardrail check.",
         ),
     },
 )
@@ -193,8 +207,8 @@ def llm_rollout():
         from llmops.deployment import promote
 
         plan, _, run_key = _context()
-        if plan["action"] == "rollout" and _failed_decision(get_current_context()["ti"]) is not None:
-            _skip("the rollout rolled back")
+        if plan["action"] == "rollout" and not _all_passed(get_current_context()["ti"]):
+            _skip("not every phase of the rollout passed")
         return promote(SETTINGS, plan, run_key, _log)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
@@ -242,9 +256,17 @@ def llm_rollout():
         plan = ti.xcom_pull(task_ids="plan_rollout")
         if plan is None:
             raise AirflowFailException(f"the rollout could not be planned ({', '.join(failed)} failed); nothing moved")
+        from llmops.deployment import current_champion
+
+        if states.get("promote") == "success" or current_champion(SETTINGS) == plan["candidate"]["version"]:
+            raise AirflowFailException(
+                f"version {plan['candidate']['version']} was promoted, then {', '.join(failed)} failed;"
+                " nothing was rolled back"
+            )
         run_key = f"{context['dag'].dag_id}/{context['run_id']}"
-        roll_back(SETTINGS, plan, run_key, [f"the rollout failed at {', '.join(failed)}"], _log)
-        raise AirflowFailException(f"rollout failed at {', '.join(failed)}; the champion serves all traffic")
+        roll_back(SETTINGS, plan, run_key, [f"the rollout failed at {', '.join(failed)}"], _log, reject=False)
+        what = "the champion serves all traffic" if plan["champion"] else "nothing serves yet"
+        raise AirflowFailException(f"rollout failed at {', '.join(failed)}; {what}")
 
     plan = plan_rollout()
     first = deploy_champion()
@@ -263,7 +285,8 @@ def llm_rollout():
     first >> promoted
     previous >> [promoted, rolled_back]
     [promoted, rolled_back] >> recorded
-    [plan, first, shadow, compared, *steps, promoted, rolled_back, recorded] >> restore_on_failure()
+    # Not record_rollout: bookkeeping that fails after a promotion must not undo it.
+    [plan, first, shadow, compared, *steps, promoted, rolled_back] >> restore_on_failure()
 
 
 llm_rollout()

@@ -27,7 +27,9 @@ record submitted before shutdown is on disk.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
 import queue
 import threading
@@ -148,6 +150,13 @@ class CaptureWriter:
         self._closed.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._failed(f"{self.pending()} records were still queued after {timeout:.0f}s")
+            logging.getLogger("llmops.capture").error("capture: %s", self.last_error)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -164,14 +173,28 @@ class CaptureWriter:
             stop = any(entry is None for entry in batch)
             for entry in batch:
                 if entry is not None:
-                    self._write(*entry)
-            for handle, _ in self._files.values():
-                handle.flush()
+                    try:
+                        self._write(*entry)
+                    except Exception as exc:  # never let one record stop the thread that writes them all
+                        self._failed(f"{type(exc).__name__}: {exc}")
+            for key, (handle, _) in list(self._files.items()):
+                try:
+                    handle.flush()
+                except OSError as exc:  # a full disk shows here with buffered files: count, reopen later
+                    self._failed(f"{type(exc).__name__}: {exc}")
+                    self._files.pop(key)
+                    with contextlib.suppress(OSError):
+                        handle.close()
             if stop:
                 for handle, _ in self._files.values():
-                    handle.close()
+                    with contextlib.suppress(OSError):
+                        handle.close()
                 self._files.clear()
                 return
+
+    def _failed(self, error: str) -> None:
+        self.failed += 1
+        self.last_error = error
 
     def _write(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
         moment = record["eventMetadata"]["inferenceTime"]
@@ -193,8 +216,7 @@ class CaptureWriter:
             self._files[key] = (handle, size + len(line))
             self.written += 1
         except OSError as exc:  # a full or read-only disk must not take the gateway down; it is counted
-            self.failed += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failed(f"{type(exc).__name__}: {exc}")
 
     def _close_other_hours(self, key: tuple) -> None:
         for other in [k for k in self._files if k[:3] == key[:3] and k[3] != key[3]]:

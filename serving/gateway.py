@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -96,6 +97,7 @@ class VariantServer:
         self.state_dir = state_dir
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.inflight = 0  # requests sent to it and not answered yet
         container = model.PrimaryContainer
         self.url = container.ContainerUrl.rstrip("/") if container.ContainerUrl else ""
         self.log_path = state_dir / "logs" / f"{key}.log"
@@ -149,6 +151,8 @@ class VariantServer:
                     cwd=PROJECT_ROOT,
                     start_new_session=True,
                 )
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.pid_file.write_text(str(self.process.pid))
             log.info("variant %s: model server pid %s on %s", self.key, self.process.pid, self.url)
         await self._wait_healthy(client)
 
@@ -178,8 +182,20 @@ class VariantServer:
         except OSError:
             return "(no log)"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "servers" / f"{self.key}.pid"
+
+    async def retire(self, grace: float) -> None:
+        """Stop once the requests already sent to it are answered (at most ``grace`` seconds)."""
+        deadline = time.monotonic() + grace
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def stop(self, timeout: float = 15) -> None:
         process, self.process = self.process, None
+        self.pid_file.unlink(missing_ok=True)
         if process is None or process.poll() is not None:
             return
         try:
@@ -230,15 +246,18 @@ class Endpoint:
     config_name: str
     status: str = "Creating"
     failure_reason: str | None = None
+    pending_config: str | None = None  # the config an update is moving to
     routing: Routing | None = None
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
     modified: datetime = field(default_factory=lambda: datetime.now(UTC))
     metrics: dict[str, VariantMetrics] = field(default_factory=dict)
+    shadow_metrics: dict[str, VariantMetrics] = field(default_factory=dict)
 
-    def variant_metrics(self, variant: str) -> VariantMetrics:
-        if variant not in self.metrics:
-            self.metrics[variant] = VariantMetrics()
-        return self.metrics[variant]
+    def variant_metrics(self, variant: str, shadow: bool = False) -> VariantMetrics:
+        table = self.shadow_metrics if shadow else self.metrics
+        if variant not in table:
+            table[variant] = VariantMetrics()
+        return table[variant]
 
 
 @dataclass
@@ -258,7 +277,7 @@ class Gateway:
         state_dir: Path,
         startup_timeout: float = 600,
         invoke_timeout: float = 60,
-        shadow_workers: int = 4,
+        shadow_workers: int = 1,
         shadow_queue: int = 1024,
     ):
         self.state_dir = Path(state_dir)
@@ -324,6 +343,7 @@ class Gateway:
                     "EndpointName": e.name,
                     "EndpointConfigName": e.routing.config.EndpointConfigName if e.routing else e.config_name,
                     "Weights": e.routing.weights if e.routing else None,
+                    "PendingConfigName": e.pending_config,
                 }
                 for e in self.endpoints.values()
             ],
@@ -332,7 +352,22 @@ class Gateway:
         partial.write_text(json.dumps(state, indent=1))
         partial.replace(self.state_file)
 
+    def _reap_orphans(self) -> None:
+        """Model servers a previous gateway started and could not stop (it was killed): stop them."""
+        for pid_file in (self.state_dir / "servers").glob("*.pid"):
+            try:
+                pid = int(pid_file.read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                cmdline = b""
+            if b"serving.app" in cmdline:
+                log.warning("stopping model server pid %s left behind by a previous gateway", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            pid_file.unlink(missing_ok=True)
+
     async def _restore(self) -> None:
+        self._reap_orphans()
         if not self.state_file.is_file():
             return
         state = json.loads(self.state_file.read_text())
@@ -345,7 +380,14 @@ class Gateway:
         for data in state.get("endpoints", []):
             endpoint = Endpoint(data["EndpointName"], data["EndpointConfigName"])
             self.endpoints[endpoint.name] = endpoint
-            self._spawn(self._bring_up(endpoint, self.configs[endpoint.config_name], data.get("Weights")))
+            self._spawn(self._restore_endpoint(endpoint, data.get("Weights"), data.get("PendingConfigName")))
+
+    async def _restore_endpoint(self, endpoint: Endpoint, weights: dict | None, pending: str | None) -> None:
+        """Serve the endpoint's config again, then finish the update it was in (if any)."""
+        await self._bring_up(endpoint, self.configs[endpoint.config_name], weights)
+        if pending and pending in self.configs and endpoint.status == "InService":
+            endpoint.status, endpoint.pending_config = "Updating", pending
+            await self._bring_up(endpoint, self.configs[pending])
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -412,6 +454,8 @@ class Gateway:
             if endpoint.status != "InService":
                 raise ControlError(400, f"endpoint {name} is {endpoint.status}; it can be updated when InService")
             endpoint.status, endpoint.failure_reason = "Updating", None
+            endpoint.pending_config = config.EndpointConfigName
+            self._save()
             self._spawn(self._bring_up(endpoint, config))
         return {"EndpointArn": arn("endpoint", name)}
 
@@ -436,8 +480,9 @@ class Gateway:
             await asyncio.gather(*(s.stop() for s in started))
             reason = str(exc) if isinstance(exc, ControlError) else f"{type(exc).__name__}: {exc}"
             async with self._lock:
-                endpoint.failure_reason = reason
+                endpoint.failure_reason, endpoint.pending_config = reason, None
                 endpoint.status = "InService" if endpoint.routing is not None else "Failed"
+                self._save()
                 endpoint.modified = datetime.now(UTC)
             log.error("endpoint %s: %s", endpoint.name, reason)
             return
@@ -445,12 +490,12 @@ class Gateway:
             if weights is None or set(weights) != {v.VariantName for v in config.ProductionVariants}:
                 weights = {v.VariantName: v.InitialVariantWeight for v in config.ProductionVariants}
             endpoint.routing = make_routing(config, dict(weights), servers)
-            endpoint.config_name = config.EndpointConfigName
+            endpoint.config_name, endpoint.pending_config = config.EndpointConfigName, None
             endpoint.status, endpoint.modified = "InService", datetime.now(UTC)
             for server in started:
                 self.servers[server.key] = server
             retired = self._release_unused()
-        await asyncio.gather(*(s.stop() for s in retired))
+        await asyncio.gather(*(s.retire(self.invoke_timeout) for s in retired))
 
     def _release_unused(self) -> list[VariantServer]:
         """Forget the servers no endpoint routes to (the caller stops them, outside the lock)."""
@@ -488,7 +533,7 @@ class Gateway:
                 raise ControlError(404, f"endpoint {name} does not exist")
             endpoint.routing = None
             retired = self._release_unused()
-        await asyncio.gather(*(s.stop() for s in retired))
+        await asyncio.gather(*(s.retire(self.invoke_timeout) for s in retired))
 
     def describe(self, name: str) -> dict:
         endpoint = self.endpoint(name)
@@ -520,6 +565,11 @@ class Gateway:
         }
         if endpoint.failure_reason:
             described["FailureReason"] = endpoint.failure_reason
+        if endpoint.pending_config:
+            described["PendingDeploymentSummary"] = {
+                "EndpointConfigName": endpoint.pending_config,
+                "StartTime": endpoint.modified.isoformat(),
+            }
         capture = routing.config.DataCaptureConfig if routing else None
         if capture is not None:
             described["DataCaptureConfig"] = {
@@ -536,6 +586,7 @@ class Gateway:
             "EndpointName": name,
             "Since": since,
             "Variants": {variant: m.summary(since) for variant, m in endpoint.metrics.items()},
+            "ShadowVariants": {variant: m.summary(since) for variant, m in endpoint.shadow_metrics.items()},
             "ShadowPending": self.shadow_queue.qsize() if self.shadow_queue else 0,
             "Capture": {
                 "Written": self.writer.written,
@@ -565,19 +616,21 @@ class Gateway:
         forward = {h: headers[h] for h in FORWARDED_HEADERS if h in headers}
         inference_id = headers.get("x-amzn-sagemaker-inference-id")
         moment = datetime.now(UTC)
+        server = routing.servers[variant]
         started = time.perf_counter()
         model_response, failure = None, None
+        server.inflight += 1
         try:
-            model_response = await self.client.post(
-                f"{routing.servers[variant].url}/invocations", content=body, headers=forward
-            )
+            model_response = await self.client.post(f"{server.url}/invocations", content=body, headers=forward)
         except httpx.TimeoutException:
             failure = f"the model of variant {variant} did not answer within {self.invoke_timeout:.0f}s"
         except httpx.HTTPError as exc:
             failure = f"the model server of variant {variant} is not reachable ({type(exc).__name__})"
+        finally:
+            server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000
         status = model_response.status_code if model_response is not None else 502
-        endpoint.variant_metrics(variant).observe(latency_ms, status)
+        endpoint.variant_metrics(variant).observe(latency_ms, status, moment.timestamp())
 
         if model_response is not None and status < 400:
             response = Response(
@@ -624,7 +677,7 @@ class Gateway:
             try:
                 self.shadow_queue.put_nowait(mirror)
             except asyncio.QueueFull:
-                endpoint.variant_metrics(routing.shadow).dropped += 1
+                endpoint.variant_metrics(routing.shadow, shadow=True).dropped += 1
         return response
 
     def _capture(
@@ -676,17 +729,19 @@ class Gateway:
 
     async def _send_to_shadow(self, mirror: Mirror) -> None:
         routing, variant = mirror.routing, mirror.routing.shadow
+        server = routing.servers[variant]
         moment = datetime.now(UTC)
         started = time.perf_counter()
+        server.inflight += 1
         try:
-            answer = await self.client.post(
-                f"{routing.servers[variant].url}/invocations", content=mirror.body, headers=mirror.headers
-            )
+            answer = await self.client.post(f"{server.url}/invocations", content=mirror.body, headers=mirror.headers)
             status, content, media = answer.status_code, answer.content, answer.headers.get("content-type")
         except httpx.HTTPError as exc:
             status, content, media = 502, f"unreachable: {type(exc).__name__}".encode(), "text/plain"
+        finally:
+            server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000
-        mirror.endpoint.variant_metrics(variant).observe(latency_ms, status)
+        mirror.endpoint.variant_metrics(variant, shadow=True).observe(latency_ms, status, moment.timestamp())
         if mirror.capture:
             response = Response(content, status_code=status, media_type=media or "application/octet-stream")
             self._capture(
@@ -803,9 +858,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", default=os.environ.get("LLMOPS_GATEWAY_STATE", ".llmops/gateway"))
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds a model server may take to load")
     parser.add_argument("--invoke-timeout", type=float, default=60, help="seconds a model may take to answer")
+    parser.add_argument(
+        "--shadow-workers",
+        type=int,
+        default=1,
+        help="shadow copies in flight at once; a model server answers one request at a time, so more would only"
+        " queue there and count as the shadow's latency",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    gateway = Gateway(Path(args.state_dir), args.startup_timeout, args.invoke_timeout)
+    gateway = Gateway(Path(args.state_dir), args.startup_timeout, args.invoke_timeout, args.shadow_workers)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(
         create_app(gateway),

@@ -24,9 +24,10 @@ class VariantMetrics:
         self.errors_5xx = 0
         self.dropped = 0  # shadow copies not sent: the mirror queue was full
 
-    def observe(self, latency_ms: float, status: int) -> None:
+    def observe(self, latency_ms: float, status: int, at: float | None = None) -> None:
+        """One request: its latency, its status, and when it started (default: now)."""
         with self._lock:
-            self._recent.append((time.time(), latency_ms, status))
+            self._recent.append((time.time() if at is None else at, latency_ms, status))
             self.invocations += 1
             if 400 <= status < 500:
                 self.errors_4xx += 1

@@ -156,7 +156,7 @@ class ServingConfig(_Strict):
     sampling_percentage: int = Field(100, ge=0, le=100)
     deploy_timeout_minutes: float = Field(15, gt=0)
     replay_max_new_tokens: int = Field(48, ge=1, le=2048)
-    replay_concurrency: int = Field(2, ge=1, le=64)
+    replay_concurrency: int = Field(1, ge=1, le=64)
     rollout: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

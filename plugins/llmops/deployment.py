@@ -142,6 +142,9 @@ class LocalGatewayBackend:
     def create_model(self, request: dict) -> dict:
         return self._call("POST", "/control/models", request)
 
+    def describe_model(self, name: str) -> dict | None:
+        return self._call("GET", f"/control/models/{name}", missing_ok=True)
+
     def create_endpoint_config(self, request: dict) -> dict:
         return self._call("POST", "/control/endpoint-configs", request)
 
@@ -161,10 +164,11 @@ class LocalGatewayBackend:
         body = {"DesiredWeightsAndCapacities": [{"VariantName": v, "DesiredWeight": w} for v, w in weights.items()]}
         return self._call("POST", f"/control/endpoints/{name}/weights", body)
 
-    def variant_windows(self, name: str, since: float) -> dict[str, VariantWindow]:
+    def variant_windows(self, name: str, since: float, shadow: bool = False) -> dict[str, VariantWindow]:
+        """What each production (or shadow) variant did with the requests that started after ``since``."""
         metrics = self._call("GET", f"/control/endpoints/{name}/metrics?since={since}")
         windows = {}
-        for variant, summary in metrics["Variants"].items():
+        for variant, summary in metrics["ShadowVariants" if shadow else "Variants"].items():
             latency = summary["ModelLatency"]
             windows[variant] = VariantWindow(
                 invocations=summary["Invocations"],
@@ -204,35 +208,46 @@ def wait_in_service(backend, endpoint: str, config: str, timeout: float, poll: f
         status = described["EndpointStatus"]
         if status == IN_SERVICE and described["EndpointConfigName"] == config:
             return described
-        if status == "Failed" or (status == IN_SERVICE and described.get("FailureReason")):
+        if status == "Failed" or status == IN_SERVICE:  # settled on another config: the update did not happen
+            why = described.get("FailureReason") or "the update was not applied"
             raise DeploymentError(
-                f"endpoint {endpoint} did not move to config {config}: {described.get('FailureReason', status)}"
-                f" (it serves {described['EndpointConfigName']})"
+                f"endpoint {endpoint} did not move to config {config}: {why} (it serves"
+                f" {described['EndpointConfigName']}, status {status})"
             )
         if time.monotonic() > deadline:
             raise DeploymentError(f"endpoint {endpoint} still {status} after {timeout:.0f}s (waiting for {config})")
         time.sleep(poll)
 
 
+def wait_settled(backend, endpoint: str, timeout: float, poll: float = 1.0) -> dict | None:
+    """The endpoint's description once no create or update is in progress (None: no endpoint)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        described = backend.describe_endpoint(endpoint)
+        if described is None or described["EndpointStatus"] not in ("Creating", "Updating"):
+            return described
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"endpoint {endpoint} still {described['EndpointStatus']} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
 def apply_config(settings: Settings, backend, config_request: dict) -> dict:
     """Create the config (idempotent) and move the endpoint to it, creating the endpoint if needed
-    (or re-creating one that failed); returns the endpoint's description once it serves it."""
+    (or re-creating one that failed); returns the endpoint's description once it serves it. A
+    create or update already in progress (a retried task's) is waited out first."""
     endpoint = settings.serving.endpoint_name
     name = config_request["EndpointConfigName"]
+    timeout = settings.serving.deploy_timeout_minutes * 60
     backend.create_endpoint_config(config_request)
-    described = backend.describe_endpoint(endpoint)
+    described = wait_settled(backend, endpoint, timeout)
     if described is not None and described["EndpointStatus"] == "Failed":
         backend.delete_endpoint(endpoint)
         described = None
     if described is None:
         backend.create_endpoint(endpoint, name)
     elif described["EndpointConfigName"] != name:
-        if described["EndpointStatus"] != IN_SERVICE:
-            wait_in_service(
-                backend, endpoint, described["EndpointConfigName"], settings.serving.deploy_timeout_minutes * 60
-            )
         backend.update_endpoint(endpoint, name)
-    return wait_in_service(backend, endpoint, name, settings.serving.deploy_timeout_minutes * 60)
+    return wait_in_service(backend, endpoint, name, timeout)
 
 
 def serve_alone(settings: Settings, backend, version: dict, phase: str, run_key: str) -> str:
@@ -247,9 +262,13 @@ def serve_alone(settings: Settings, backend, version: dict, phase: str, run_key:
 
 
 def ensure_models(settings: Settings, backend, versions: list[dict]) -> None:
-    """``CreateModel`` for each version ({"version", "artifact_uri"}), idempotent."""
-    environment = serving_environment(settings)
+    """``CreateModel`` for each version ({"version", "artifact_uri"}) not defined yet."""
+    environment = None
     for version in versions:
+        name = model_resource_name(settings.serving.endpoint_name, version["version"])
+        if backend.describe_model(name) is not None:
+            continue  # defined at its first deploy; a model, like its environment, does not change
+        environment = serving_environment(settings) if environment is None else environment
         backend.create_model(
             model_request(settings.serving.endpoint_name, version["version"], version["artifact_uri"], environment)
         )
@@ -374,7 +393,7 @@ def replay_items(settings: Settings, count: int, lookback_hours: float, now: dat
     scan = read_capture(settings.serving.capture_uri, settings.serving.endpoint_name, start=start, end=now)
     items, seen = [], set()
     for record in reversed(scan.records):
-        if record.shadow or record.status_code not in (None, 200):
+        if record.shadow or not (record.status_code is None or 200 <= record.status_code < 300):
             continue
         system, prompt = request_prompt(record.request_json())
         if prompt and prompt not in seen:
@@ -462,7 +481,7 @@ def wait_for_shadow(backend, endpoint: str, shadow_variant: str, expected: int, 
     sent after the callers have their answers); returns how many it answered."""
     deadline = time.monotonic() + timeout
     while True:
-        window = backend.variant_windows(endpoint, since).get(shadow_variant)
+        window = backend.variant_windows(endpoint, since, shadow=True).get(shadow_variant)
         answered = window.invocations if window else 0
         if answered >= expected or time.monotonic() > deadline:
             return answered
@@ -484,7 +503,8 @@ def captured_rows(records, references: dict[str, dict]) -> list[dict]:
     rows = []
     for record in records:
         _, prompt = request_prompt(record.request_json())
-        answer = record.response_json() if record.status_code in (None, 200) else None
+        answered = record.status_code is None or 200 <= record.status_code < 300
+        answer = record.response_json() if answered else None
         response = answer.get("generated_text", "") if isinstance(answer, dict) else ""
         item = references.get(prompt, {})
         rows.append(
@@ -546,9 +566,22 @@ def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
 
 
 def shadow_pairs(records) -> list[tuple]:
-    """(shadow record, production record) of every mirrored request whose both sides were captured."""
-    production = {r.event_id: r for r in records if not r.shadow}
-    return [(r, production[r.source_event_id]) for r in records if r.shadow and r.source_event_id in production]
+    """(shadow record, production record) of every mirrored request whose both sides were captured:
+    by the production event a shadow record names (this gateway), else by their shared
+    ``inferenceId`` (SageMaker's capture; the replay gives every request its own)."""
+    production = [r for r in records if not r.shadow]
+    by_event = {r.event_id: r for r in production}
+    by_inference = {r.inference_id: r for r in production if r.inference_id}
+    pairs = []
+    for record in records:
+        if not record.shadow:
+            continue
+        source = by_event.get(record.source_event_id) if record.source_event_id else None
+        if source is None and record.inference_id:
+            source = by_inference.get(record.inference_id)
+        if source is not None:
+            pairs.append((record, source))
+    return pairs
 
 
 def mean(values) -> float | None:
@@ -579,6 +612,11 @@ def _drop_challenger_alias(settings: Settings, version: str) -> None:
         return
     if str(current.version) == str(version):
         mlflow_client.delete_registered_model_alias(settings.finetune.model_name, CHALLENGER)
+
+
+def _soon() -> datetime:
+    """An end for reads of capture up to now (bounds the hour folders a read lists)."""
+    return datetime.fromtimestamp(time.time() + 60, UTC)
 
 
 def _now() -> str:
@@ -635,9 +673,14 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     endpoint = plan["endpoint"]
     mine, theirs = variant_name(plan["candidate"]["version"]), variant_name(plan["champion"]["version"])
     items = replay_items(settings, max(policy.replay_requests, 1), policy.lookback_hours)
+    sampled = settings.serving.sampling_percentage / 100
+    if sampled <= 0:
+        raise DeploymentRejected("data capture is off (sampling_percentage 0): shadow answers cannot be compared")
     since = time.time()
-    started = datetime.fromtimestamp(since - 1, UTC)
-    results = replay(settings, backend, items, policy.replay_requests, tag=f"shadow-{run_key[-20:]}")
+    started = datetime.fromtimestamp(since - 0.001, UTC)  # inferenceTime is cut to the millisecond
+    # Enough requests that, at the capture's sampling rate, about replay_requests pairs are captured.
+    requests = math.ceil(policy.replay_requests / sampled)
+    results = replay(settings, backend, items, requests, tag=f"shadow-{run_key[-20:]}")
     log(f"replayed {len(results)} requests ({sum(r['status'] == 200 for r in results)} answered)")
     answered = wait_for_shadow(
         backend, endpoint, mine, len(results), since, settings.serving.deploy_timeout_minutes * 60
@@ -646,7 +689,7 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     expected = math.floor(answered * settings.serving.sampling_percentage / 100)
 
     def scan():
-        return read_capture(settings.serving.capture_uri, endpoint, [mine, theirs], start=started)
+        return read_capture(settings.serving.capture_uri, endpoint, [mine, theirs], start=started, end=_soon())
 
     wait_for_capture(settings, lambda: len(shadow_pairs(scan().records)), expected)
     pairs = shadow_pairs(scan().records)
@@ -656,7 +699,7 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     windows = backend.variant_windows(endpoint, since)
     comparison = compare_shadow(
         [(scores[2 * i], scores[2 * i + 1]) for i in range(len(pairs))],
-        windows.get(mine, VariantWindow(0, 0)),
+        backend.variant_windows(endpoint, since, shadow=True).get(mine, VariantWindow(0, 0)),
         windows.get(theirs, VariantWindow(0, 0)),
     )
     decision = decide_shadow(comparison, policy)
@@ -709,8 +752,8 @@ def traffic_step(
     log(f"step {label}: weights {weights}")
 
     since = time.time()
-    started = datetime.fromtimestamp(since - 1, UTC)
-    least, most = step_request_budget(share, policy)
+    started = datetime.fromtimestamp(since - 0.001, UTC)
+    least, most = step_request_budget(share, policy, settings.serving.sampling_percentage)
     rails = policy.guardrails
     results = replay(
         settings,
@@ -729,19 +772,24 @@ def traffic_step(
     expected = math.floor(window.invocations * settings.serving.sampling_percentage / 100)
 
     def records():
-        return read_capture(settings.serving.capture_uri, endpoint, [mine], start=started).records
+        scan = read_capture(settings.serving.capture_uri, endpoint, [mine], start=started, end=_soon())
+        return [r for r in scan.records if not r.shadow]
 
     wait_for_capture(settings, lambda: len(records()), expected)
     references = {i["prompt"]: i for i in shadow["items"]}
     scores = score_rows(settings, captured_rows(records(), references))
     judged = mean(scores)
-    decision = check_guardrails(label, window, judged, shadow["comparison"]["champion_judge_mean"], policy)
+    scored = sum(s is not None for s in scores)
+    decision = check_guardrails(
+        label, window, judged, shadow["comparison"]["champion_judge_mean"], policy, judged_answers=scored
+    )
     return {
         "label": label,
         "share": share,
         "weights": weights,
         "window": window.__dict__,
         "judge_mean": judged,
+        "judged_answers": scored,
         "replayed": len(results),
         "decision": decision.to_dict(),
     }
@@ -786,39 +834,60 @@ def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], N
     return {"champion": candidate["version"], "previous": previous["version"] if previous else None, "config": name}
 
 
+def current_champion(settings: Settings) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    from llmops.tracking import client
+
+    try:
+        version = client(settings.mlflow.tracking_uri).get_model_version_by_alias(
+            settings.finetune.model_name, CHAMPION
+        )
+    except MlflowException:
+        return None
+    return str(version.version)
+
+
 def roll_back(
-    settings: Settings, plan: dict, run_key: str, reasons: list[str], log: Callable[[str], None] = print
+    settings: Settings,
+    plan: dict,
+    run_key: str,
+    reasons: list[str],
+    log: Callable[[str], None] = print,
+    reject: bool = True,
 ) -> dict:
-    """Traffic returns to the champion at once (weights), then the candidate's variant retires;
-    the candidate is tagged rejected with the reasons and loses the ``challenger`` alias."""
+    """Traffic returns to the champion at once (weights), then the endpoint serves it alone again
+    (re-created if it is gone). With ``reject`` (a failed check) the candidate is tagged rejected
+    with the reasons and loses the ``challenger`` alias; without (the rollout itself failed) it is
+    tagged failed and keeps the alias, so it can be rolled out again."""
     backend = backend_for(settings)
     endpoint, candidate, champion = plan["endpoint"], plan["candidate"], plan["champion"]
     described = backend.describe_endpoint(endpoint)
     restored = None
     if champion is None:
-        if described is not None:
-            backend.delete_endpoint(endpoint)  # nothing served before this run
-    elif described is not None:
+        # Nothing served before this run; unless the candidate became the champion after all.
+        if described is not None and current_champion(settings) != candidate["version"]:
+            backend.delete_endpoint(endpoint)
+    else:
         mine, theirs = variant_name(candidate["version"]), variant_name(champion["version"])
-        production = {v["VariantName"] for v in described.get("ProductionVariants", [])}
-        if described["EndpointStatus"] == IN_SERVICE and mine in production and theirs in production:
+        production = {v["VariantName"] for v in (described or {}).get("ProductionVariants", [])}
+        if described and described["EndpointStatus"] == IN_SERVICE and {mine, theirs} <= production:
             backend.update_endpoint_weights(endpoint, {theirs: 1.0, mine: 0.0})
             log(f"traffic back on {theirs}")
         restored = serve_alone(settings, backend, champion, "restored", run_key)
-    _tag_version(
-        settings,
-        candidate["version"],
-        {
-            "rollout.status": "rolled_back",
-            "rollout.reasons": "; ".join(reasons) or "unspecified",
-            "rollout.rolled_back_at": _now(),
-            "serving.status": "rejected",
-            "serving.weight": 0.0,
-        },
-    )
-    _drop_challenger_alias(settings, candidate["version"])
+    tags = {
+        "rollout.status": "rolled_back" if reject else "failed",
+        "rollout.reasons": "; ".join(reasons) or "unspecified",
+        "rollout.rolled_back_at": _now(),
+        "serving.weight": 0.0,
+    }
+    if reject:
+        tags["serving.status"] = "rejected"
+    _tag_version(settings, candidate["version"], tags)
+    if reject:
+        _drop_challenger_alias(settings, candidate["version"])
     log(f"version {candidate['version']} rolled back: " + "; ".join(reasons))
-    return {"rolled_back": candidate["version"], "reasons": reasons, "config": restored}
+    return {"rolled_back": candidate["version"], "reasons": reasons, "config": restored, "rejected": reject}
 
 
 def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases: dict) -> dict:

@@ -22,7 +22,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmops.gate import Check, Decision
 
@@ -45,6 +45,7 @@ class Guardrails(_Strict):
     max_judge_drop: float = Field(
         1.0, ge=0, description="how far (1-10 scale) the challenger's online judge mean may fall below the champion's"
     )
+    min_judged: int = Field(2, ge=1, description="the challenger's answers in a step the judge must have scored")
 
 
 class RolloutPolicy(_Strict):
@@ -55,6 +56,12 @@ class RolloutPolicy(_Strict):
     lookback_hours: float = Field(24, gt=0, description="how far back captured prompts are sampled for replay")
     shadow: ShadowCriteria = ShadowCriteria()
     guardrails: Guardrails = Guardrails()
+
+    @model_validator(mode="after")
+    def _steps_see_traffic(self) -> RolloutPolicy:
+        if self.step_requests == 0 and self.bake_seconds == 0:
+            raise ValueError("with step_requests 0 (live traffic only) a step needs bake_seconds > 0 to see any")
+        return self
 
     @field_validator("traffic_steps")
     @classmethod
@@ -78,12 +85,15 @@ def step_weights(share: float, champion_variant: str, challenger_variant: str) -
     return {champion_variant: round(1.0 - share, 6), challenger_variant: round(share, 6)}
 
 
-def step_request_budget(share: float, policy: RolloutPolicy) -> tuple[int, int]:
+def step_request_budget(share: float, policy: RolloutPolicy, sampling_percentage: float = 100) -> tuple[int, int]:
     """(at least, at most) requests to replay in a step: at least ``step_requests``, and enough
-    that the challenger, drawn with probability ``share``, very likely gets ``min_invocations``."""
+    that the challenger, drawn with probability ``share``, very likely gets ``min_invocations``
+    and has ``min_judged`` of its answers captured at the capture's sampling rate."""
     if policy.step_requests == 0:
         return 0, 0
-    needed = math.ceil(policy.guardrails.min_invocations / share)
+    rails = policy.guardrails
+    wanted = max(rails.min_invocations, math.ceil(rails.min_judged * 100 / max(sampling_percentage, 1)))
+    needed = math.ceil(wanted / share)
     return max(policy.step_requests, needed), max(policy.step_requests, 6 * needed)
 
 
@@ -198,6 +208,7 @@ def check_guardrails(
     challenger_judge_mean: float | None,
     champion_judge_mean: float | None,
     policy: RolloutPolicy,
+    judged_answers: int | None = None,
 ) -> Decision:
     """After a traffic step: continue only if the challenger served enough requests in the step,
     with an error rate, p99 latency and online judge score inside the guardrails. Too little
@@ -236,6 +247,15 @@ def check_guardrails(
         )
     if challenger_judge_mean is None or champion_judge_mean is None:
         checks.append(Check(f"{label}_judge", False, f"step {label}: no online judge score"))
+    elif judged_answers is not None and judged_answers < rails.min_judged:
+        checks.append(
+            Check(
+                f"{label}_judge",
+                False,
+                f"step {label}: the judge scored {judged_answers} of the challenger's answers"
+                f" (need {rails.min_judged})",
+            )
+        )
     else:
         drop = champion_judge_mean - challenger_judge_mean
         ok = drop <= rails.max_judge_drop

@@ -163,10 +163,11 @@ def test_llm_rollout_graph_schedule_and_form(stack_env):
     assert "promote" in dag.get_task("deploy_champion").downstream_task_ids
     assert "roll_back" in dag.get_task(steps[-1]).downstream_task_ids
     assert "record_rollout" in dag.get_task("roll_back").downstream_task_ids
-    # A failure anywhere reaches the task that puts traffic back on the champion.
+    # A failure anywhere before the bookkeeping reaches the task that puts traffic back on the
+    # champion; a failed record_rollout must not undo a promotion.
     restore = dag.get_task("restore_on_failure")
     assert restore.trigger_rule == TriggerRule.ONE_FAILED
-    assert restore.upstream_task_ids == set(dag.task_ids) - {"restore_on_failure"}
+    assert restore.upstream_task_ids == set(dag.task_ids) - {"restore_on_failure", "record_rollout"}
     assert dag.max_active_runs == 1 and not dag.catchup
     assert "challenger.python-docs-assistant" in str(dag.timetable.asset_condition)
     assert {
@@ -176,6 +177,7 @@ def test_llm_rollout_graph_schedule_and_form(stack_env):
         "min_shadow_win_rate",
         "max_error_rate",
         "max_p99_latency_ms",
+        "bake_seconds",
     } <= set(dag.params.keys())
 
 

@@ -156,7 +156,8 @@ def gateway(tmp_path_factory, fakes):
     """One gateway for the module, with a model per fake; yields (URL, a control client)."""
     state = tmp_path_factory.mktemp("shared") / "gateway"
     with (
-        running_gateway(state, "--startup-timeout", str(STARTUP_TIMEOUT)) as (url, _),
+        # Several shadow copies at once: the slow stand-in sleeps without holding a CPU.
+        running_gateway(state, "--startup-timeout", str(STARTUP_TIMEOUT), "--shadow-workers", "8") as (url, _),
         httpx.Client(base_url=url, timeout=30) as control,
     ):
         for name, fake_url in fakes.items():
@@ -372,7 +373,7 @@ def test_a_slow_shadow_never_delays_the_caller(gateway):
     # Every request was mirrored (the shadow's weight equals the production weight), and the
     # shadow's answers arrive in the background.
     shadow = wait_for(
-        lambda: (m := metrics(control, "shadowed-slow")["Variants"].get("slow", {})).get("Invocations") == calls and m,
+        lambda: (m := metrics(control, "shadowed-slow")["ShadowVariants"].get("slow", {})).get("Invocations") == calls and m,
         timeout=calls * SLOW_SHADOW_DELAY / 4 + 20,
         what="the shadow did not see every mirrored request",
     )
@@ -407,7 +408,7 @@ def test_a_crashing_shadow_never_reaches_the_caller(gateway, crashing_fake):
 
     shadow = wait_for(
         lambda: (
-            (m := metrics(control, "shadowed-crash")["Variants"].get("crashing", {})).get("Invocations") == calls and m
+            (m := metrics(control, "shadowed-crash")["ShadowVariants"].get("crashing", {})).get("Invocations") == calls and m
         ),
         timeout=30,
         what="the shadow did not see every mirrored request",

@@ -182,4 +182,6 @@ def test_a_rollout_that_fails_outright_puts_traffic_back_on_the_champion_and_fai
     assert serving(stack["url"]) == {"v1": 1.0}
     assert invoke(stack["url"])[0] == "v1"
     tags = mlflow_client.get_model_version("python-docs-assistant", str(broken.version)).tags
-    assert tags["rollout.status"] == "rolled_back" and "deploy_shadow" in tags["rollout.reasons"]
+    # A failure is not a verdict on the model: it is marked failed, not rejected.
+    assert tags["rollout.status"] == "failed" and "deploy_shadow" in tags["rollout.reasons"]
+    assert "serving.status" not in tags

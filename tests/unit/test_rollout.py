@@ -129,7 +129,25 @@ def test_step_weights_are_rounded_clean():
 
 
 def test_no_step_requests_means_live_traffic_only():
-    assert step_request_budget(0.1, RolloutPolicy(step_requests=0)) == (0, 0)
+    assert step_request_budget(0.1, RolloutPolicy(step_requests=0, bake_seconds=600)) == (0, 0)
+
+
+def test_live_traffic_only_needs_time_to_see_traffic():
+    with pytest.raises(ValidationError, match="bake_seconds > 0"):
+        RolloutPolicy(step_requests=0)
+
+
+def test_a_low_sampling_rate_asks_for_more_requests_per_step():
+    policy = RolloutPolicy()
+    assert step_request_budget(0.5, policy, 20)[0] > step_request_budget(0.5, policy, 100)[0]
+
+
+def test_a_step_with_too_few_judged_answers_rolls_back():
+    decision = check_guardrails(
+        "10pct", VariantWindow(12, 0, 100.0, 200.0), 9.0, 6.0, RolloutPolicy(), judged_answers=1
+    )
+    assert not decision.promote
+    assert any("judge scored 1" in reason for reason in decision.reasons)
 
 
 def binomial_below(k: int, n: int, p: float) -> float:
