@@ -373,7 +373,9 @@ def test_a_slow_shadow_never_delays_the_caller(gateway):
     # Every request was mirrored (the shadow's weight equals the production weight), and the
     # shadow's answers arrive in the background.
     shadow = wait_for(
-        lambda: (m := metrics(control, "shadowed-slow")["ShadowVariants"].get("slow", {})).get("Invocations") == calls and m,
+        lambda: (
+            (m := metrics(control, "shadowed-slow")["ShadowVariants"].get("slow", {})).get("Invocations") == calls and m
+        ),
         timeout=calls * SLOW_SHADOW_DELAY / 4 + 20,
         what="the shadow did not see every mirrored request",
     )
@@ -408,7 +410,8 @@ def test_a_crashing_shadow_never_reaches_the_caller(gateway, crashing_fake):
 
     shadow = wait_for(
         lambda: (
-            (m := metrics(control, "shadowed-crash")["ShadowVariants"].get("crashing", {})).get("Invocations") == calls and m
+            (m := metrics(control, "shadowed-crash")["ShadowVariants"].get("crashing", {})).get("Invocations") == calls
+            and m
         ),
         timeout=30,
         what="the shadow did not see every mirrored request",
@@ -724,3 +727,23 @@ def test_stopping_the_gateway_while_a_model_server_starts_leaves_no_process_behi
     finally:
         if pid is not None and running(pid):
             os.killpg(pid, signal.SIGKILL)  # its own session: its pid is its group's
+
+
+def test_a_model_server_left_behind_by_a_killed_gateway_is_stopped_at_the_next_start(tmp_path):
+    import subprocess
+    import sys
+
+    state = tmp_path / "gateway"
+    (state / "servers").mkdir(parents=True)
+    # Stands in for a model server whose gateway was SIGKILLed: same command-line marker, own session.
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "serving.app"], start_new_session=True
+    )
+    (state / "servers" / "ep-v1-m.pid").write_text(str(orphan.pid))
+    try:
+        with running_gateway(state):
+            assert orphan.wait(timeout=30) == -signal.SIGKILL
+        assert not (state / "servers" / "ep-v1-m.pid").exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
