@@ -532,6 +532,9 @@ def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
 
     if not rows:
         return []
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar is noise in task logs
     embedder = Embedder(resolve_model(settings.models.embedding, settings.models.cache_dir))
     responses = [r["response"] for r in rows]
     with_reference = [i for i, r in enumerate(rows) if r["reference"]]
