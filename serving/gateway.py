@@ -661,16 +661,17 @@ class Gateway:
         if sampled:
             self._capture(
                 routing,
-                endpoint.name,
-                variant,
-                body,
-                forward,
-                response,
-                status,
-                latency_ms,
-                moment,
-                event_id,
-                inference_id,
+                endpoint=endpoint.name,
+                variant=variant,
+                request=body,
+                request_type=forward.get("content-type"),
+                response=bytes(response.body),
+                response_type=response.headers.get("content-type"),
+                status_code=status,
+                latency_ms=latency_ms,
+                inference_time=moment,
+                event_id=event_id,
+                inference_id=inference_id,
             )
         if routing.shadow is not None and random.random() < routing.shadow_share:
             mirror = Mirror(endpoint, routing, body, forward, event_id, inference_id, sampled)
@@ -680,42 +681,18 @@ class Gateway:
                 endpoint.variant_metrics(routing.shadow, shadow=True).dropped += 1
         return response
 
-    def _capture(
-        self,
-        routing,
-        endpoint,
-        variant,
-        body,
-        headers,
-        response,
-        status,
-        latency_ms,
-        moment,
-        event_id,
-        inference_id,
-        shadow=False,
-        source_event_id=None,
-    ) -> None:
-        capture = routing.config.DataCaptureConfig
-        types = capture.CaptureContentTypeHeader
+    def _capture(self, routing: Routing, *, request: bytes, response: bytes, **fields) -> None:
+        """Queue one capture record (``fields``: ``serving.capture.capture_record``'s), keeping the
+        sides the config's capture options ask for."""
+        types = routing.config.DataCaptureConfig.CaptureContentTypeHeader
         record = capture_record(
-            endpoint=endpoint,
-            variant=variant,
-            request=body if routing.capture_input else None,
-            request_type=headers.get("content-type"),
-            response=bytes(response.body) if routing.capture_output else None,
-            response_type=response.headers.get("content-type"),
-            status_code=status,
-            latency_ms=latency_ms,
-            inference_time=moment,
-            event_id=event_id,
-            inference_id=inference_id,
-            shadow=shadow,
-            source_event_id=source_event_id,
+            request=request if routing.capture_input else None,
+            response=response if routing.capture_output else None,
             json_types=tuple(types.JsonContentTypes),
             csv_types=tuple(types.CsvContentTypes),
+            **fields,
         )
-        self.writer.submit(routing.capture_root, endpoint, variant, record)
+        self.writer.submit(routing.capture_root, fields["endpoint"], fields["variant"], record)
 
     async def _shadow_worker(self) -> None:
         while True:
@@ -743,21 +720,20 @@ class Gateway:
         latency_ms = (time.perf_counter() - started) * 1000
         mirror.endpoint.variant_metrics(variant, shadow=True).observe(latency_ms, status, moment.timestamp())
         if mirror.capture:
-            response = Response(content, status_code=status, media_type=media or "application/octet-stream")
             self._capture(
                 routing,
-                mirror.endpoint.name,
-                variant,
-                mirror.body,
-                mirror.headers,
-                response,
-                status,
-                latency_ms,
-                moment,
-                None,
-                mirror.inference_id,
-                True,
-                mirror.source_event_id,
+                endpoint=mirror.endpoint.name,
+                variant=variant,
+                request=mirror.body,
+                request_type=mirror.headers.get("content-type"),
+                response=content,
+                response_type=media or "application/octet-stream",
+                status_code=status,
+                latency_ms=latency_ms,
+                inference_time=moment,
+                inference_id=mirror.inference_id,
+                shadow=True,
+                source_event_id=mirror.source_event_id,
             )
 
 
