@@ -589,6 +589,7 @@ class Gateway:
             "ShadowVariants": {variant: m.summary(since) for variant, m in endpoint.shadow_metrics.items()},
             "ShadowPending": self.shadow_queue.qsize() if self.shadow_queue else 0,
             "Capture": {
+                "Running": self.writer.alive,  # False: the writer stopped, and records are piling up
                 "Written": self.writer.written,
                 "Failed": self.writer.failed,
                 "Pending": self.writer.pending(),

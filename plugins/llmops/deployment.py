@@ -488,7 +488,7 @@ def wait_for_shadow(backend, endpoint: str, shadow_variant: str, expected: int, 
         time.sleep(0.5)
 
 
-def wait_for_capture(settings: Settings, event_count: Callable[[], int], expected: int, timeout: float = 10) -> None:
+def wait_for_capture(event_count: Callable[[], int], expected: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while event_count() < expected and time.monotonic() < deadline:
         time.sleep(0.25)
@@ -694,7 +694,7 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     def scan():
         return read_capture(settings.serving.capture_uri, endpoint, [mine, theirs], start=started, end=_soon())
 
-    wait_for_capture(settings, lambda: len(shadow_pairs(scan().records)), expected)
+    wait_for_capture(lambda: len(shadow_pairs(scan().records)), expected)
     pairs = shadow_pairs(scan().records)
     references = {i["prompt"]: i for i in items}
     rows = captured_rows([r for pair in pairs for r in pair], references)
@@ -778,7 +778,7 @@ def traffic_step(
         scan = read_capture(settings.serving.capture_uri, endpoint, [mine], start=started, end=_soon())
         return [r for r in scan.records if not r.shadow]
 
-    wait_for_capture(settings, lambda: len(records()), expected)
+    wait_for_capture(lambda: len(records()), expected)
     references = {i["prompt"]: i for i in shadow["items"]}
     scores = score_rows(settings, captured_rows(records(), references))
     judged = mean(scores)
