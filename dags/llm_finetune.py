@@ -5,14 +5,16 @@ Runs nightly (cron and time zone from the config) and whenever `llm_data_prep` p
 curated dataset version; also from the trigger form, where every hyperparameter can be changed
 for one run.
 
-resolve_config → select_dataset → decide_training → train_adapter → register_model
+resolve_config → select_dataset → decide_training → train_adapter, profile_baseline → register_model
 → evaluate_models → judge_responses → decide_promotion → record_evaluation → route_decision
 → [await_approval] → promote_challenger → record_outcome
 
 `decide_training` skips the run, saying why, when the serving champion was already trained on the
 selected dataset and nothing asked for retraining (`force`, or a `reason` from a triggering DAG).
 The registered MLflow model version carries the lineage: dataset version and validation result,
-git SHA, this DAG run, the training job, base model, PEFT method and metrics.
+git SHA, this DAG run, the training job, base model, PEFT method and metrics, the reason and drift
+report of a retraining the drift monitor asked for, and the baseline profile of its training data
+(`profile_baseline`) that `llm_drift_monitor` compares served traffic with.
 
 The candidate is then evaluated next to the base model and the serving champion (an evaluation
 job on the test split and the evaluation prompt catalog), its answers are scored by the judge,
@@ -125,6 +127,12 @@ def _hp(name: str, fallback):
         "reason": Param(
             "", type="string", title="Reason", description="Why retraining was asked for (set by the drift monitor)."
         ),
+        "drift_run_id": Param(
+            "",
+            type="string",
+            title="Drift report",
+            description="The MLflow run of the drift report that asked for this run (set by the drift monitor).",
+        ),
         "require_approval": Param(
             SETTINGS.evaluation.require_approval,
             type="boolean",
@@ -184,7 +192,13 @@ def llm_finetune():
         )
 
     @task
-    def register_model(request: dict, dataset: dict, job: dict) -> dict:
+    def profile_baseline(dataset: dict) -> dict:
+        from llmops.monitoring import ensure_baseline
+
+        return ensure_baseline(SETTINGS, dataset, storage_options_for(SETTINGS.store_uri, SETTINGS))
+
+    @task
+    def register_model(request: dict, dataset: dict, job: dict, baseline: dict) -> dict:
         from llmops.data.stages import git_sha
         from llmops.tracking import record_training
 
@@ -201,6 +215,9 @@ def llm_finetune():
                 "run_id": context["run_id"],
                 "git_sha": git_sha(),
                 "base_model_name": request["base_model_name"],
+                "reason": request["reason"],
+                "drift_run_id": request["drift_run_id"],
+                "baseline_uri": baseline["uri"],
             },
             storage_options_for(SETTINGS.store_uri, SETTINGS),
         )
@@ -358,8 +375,9 @@ def llm_finetune():
     dataset = select_dataset(request)
     go = decide_training(request, dataset)
     job = train_adapter(request, dataset)
-    go >> job
-    registered = register_model(request, dataset, job)
+    baseline = profile_baseline(dataset)
+    go >> [job, baseline]
+    registered = register_model(request, dataset, job, baseline)
     evaluation = evaluate_models(request, dataset, registered, sync_prompts())
     judged = judge_responses(evaluation)
     decided = decide_promotion(evaluation, judged)

@@ -178,6 +178,33 @@ class ServingConfig(_Strict):
             raise ValueError("rollout: " + format_validation_error(exc).strip()) from None
 
 
+class MonitoringConfig(_Strict):
+    """How ``llm_drift_monitor`` watches captured traffic (``policy``: a ``DriftPolicy``)."""
+
+    schedule: str = "0 * * * *"
+    timezone: str = "UTC"
+    experiment: str = Field("llmops-drift-monitoring", min_length=1, description="MLflow experiment of drift runs")
+    baseline_sample: int = Field(512, ge=10, le=20_000, description="training prompts embedded in a baseline")
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> MonitoringConfig:
+        from croniter import croniter
+
+        if not croniter.is_valid(self.schedule):
+            raise ValueError(f"schedule: {self.schedule!r} is not a cron expression")
+        self.drift_policy()
+        return self
+
+    def drift_policy(self, overrides: dict[str, Any] | None = None):
+        from llmops.drift import DriftPolicy
+
+        try:
+            return DriftPolicy.model_validate({**self.policy, **(overrides or {})})
+        except ValidationError as exc:
+            raise ValueError("policy: " + format_validation_error(exc).strip()) from None
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str
     artifact_uri: str
@@ -202,6 +229,7 @@ class Settings(_Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig
+    monitoring: MonitoringConfig = MonitoringConfig()
     aws: AwsConfig = AwsConfig()
 
     @model_validator(mode="before")

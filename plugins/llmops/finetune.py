@@ -36,12 +36,13 @@ class FinetuneRequest(BaseModel):
     processes: int = Field(ge=1, le=64)
     force: bool = False
     reason: str = ""
+    drift_run_id: str = ""
     require_approval: bool = False
     base_model_name: str
     hyperparameters: dict[str, Any]
 
 
-REQUEST_FIELDS = {"dataset_version", "backend", "processes", "force", "reason", "require_approval"}
+REQUEST_FIELDS = {"dataset_version", "backend", "processes", "force", "reason", "drift_run_id", "require_approval"}
 
 
 def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneRequest:
@@ -70,6 +71,7 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
             processes=params.get("processes", settings.finetune.processes),
             force=params.get("force", False),
             reason=str(params.get("reason", "")),
+            drift_run_id=str(params.get("drift_run_id", "")),
             require_approval=params.get("require_approval", settings.evaluation.require_approval),
             base_model_name=config.base_model,
             hyperparameters=config.to_dict(),

@@ -98,6 +98,12 @@ def version_tags(job: dict, dataset: dict, hyperparameters: dict, lineage: dict)
         "base_model": lineage.get("base_model_name", hyperparameters.get("base_model", "")),
         "peft_method": hyperparameters.get("peft_method", "lora"),
     }
+    if lineage.get("reason"):
+        tags["retrain.reason"] = lineage["reason"][:5000]
+    if lineage.get("drift_run_id"):
+        tags["retrain.drift_run_id"] = lineage["drift_run_id"]
+    if lineage.get("baseline_uri"):
+        tags["drift.baseline_uri"] = lineage["baseline_uri"]
     for key in ("eval_loss_before", "eval_loss", "eval_perplexity", "train_loss"):
         if key in metrics:
             tags[f"metrics.{key}"] = f"{metrics[key]:.6g}"
@@ -151,6 +157,13 @@ def record_training(
             )
             mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
             mlflow_client.log_artifacts(run_id, str(model_dir), "model")
+            if lineage.get("baseline_uri"):
+                baseline_dir = Path(tmp) / "baseline"
+                baseline_dir.mkdir()
+                for name in ("profile.json", "embeddings.npy"):
+                    payload = storage.read_bytes(storage.join(lineage["baseline_uri"], name), storage_options)
+                    (baseline_dir / name).write_bytes(payload)
+                mlflow_client.log_artifacts(run_id, str(baseline_dir), "baseline")
         dataset_entity = MetaDataset(
             source=_uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
         )

@@ -111,7 +111,10 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "promote_challenger",
         "record_outcome",
     ]
-    assert set(dag.task_ids) == {*chain, "sync_prompts"}
+    assert set(dag.task_ids) == {*chain, "sync_prompts", "profile_baseline"}
+    # The baseline profile is built only when training runs, and registration waits for it.
+    assert dag.get_task("profile_baseline").upstream_task_ids >= {"decide_training"}
+    assert "register_model" in dag.get_task("profile_baseline").downstream_task_ids
     for upstream, downstream in itertools.pairwise(chain):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
     # The branch reaches every outcome; the approval defaults to rejecting when nobody answers.
@@ -142,6 +145,8 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "batch_size",
         "precision",
         "force",
+        "reason",
+        "drift_run_id",
         "require_approval",
     } <= set(params.keys())
     assert all(params.get_param(k).description or params.get_param(k).schema.get("title") for k in params)
@@ -187,3 +192,31 @@ def test_finetune_hands_a_new_challenger_to_rollout(stack_env):
     dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_finetune.py")).dags["llm_finetune"]
     outlets = dag.get_task("promote_challenger").outlets
     assert [o.name for o in outlets] == ["challenger.python-docs-assistant"]
+
+
+def test_llm_drift_monitor_graph_schedule_and_form(stack_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from llmops.config import get_settings
+
+    settings = get_settings()
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "llm_drift_monitor.py")).dags["llm_drift_monitor"]
+    chain = ["resolve_window", "load_baseline", "analyze_window", "record_report", "decide_retraining"]
+    assert set(dag.task_ids) == {*chain, "request_retraining"}
+    for task_id in chain[2:]:
+        assert {"resolve_window", "load_baseline"} <= dag.get_task(task_id).upstream_task_ids | set(
+            itertools.chain.from_iterable(
+                dag.get_task(u).upstream_task_ids for u in dag.get_task(task_id).upstream_task_ids
+            )
+        )
+    assert dag.get_task("decide_retraining").downstream_task_ids == {"request_retraining"}
+    trigger = dag.get_task("request_retraining")
+    assert trigger.trigger_dag_id == "llm_finetune" and trigger.skip_when_already_exists
+    assert set(trigger.conf) == {"reason", "drift_run_id"}, "the finetune form knows every key the monitor sends"
+    finetune = DagBag(dag_folder=str(ROOT / "dags" / "llm_finetune.py")).dags["llm_finetune"]
+    assert set(trigger.conf) <= set(finetune.params.keys())
+    # Hourly over data intervals (not a trigger timetable): each run owns one window.
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert settings.monitoring.schedule in repr(dag.timetable) or dag.timetable.summary == settings.monitoring.schedule
+    assert dag.max_active_runs == 1 and not dag.catchup
+    assert {"window_start", "window_end", "min_records", "cooldown_hours"} <= set(dag.params.keys())

@@ -72,6 +72,25 @@ def test_champion_on_the_same_dataset_skips_training_unless_forced(dag, tiny_mod
     assert task_states(forced)["register_model"] == "success"
 
 
+def test_a_retraining_asked_for_by_the_drift_monitor_records_why_and_a_baseline(dag, tiny_model, curated_dataset):
+    """The monitor's conf (reason, drift run) retrains even on the champion's own dataset, and the
+    version records both; every version points at the baseline profile of its training data."""
+    reason = "drift on python-docs-assistant (champion version 1) in [...]: prompt embeddings: MMD 0.5"
+    run = dag.test(run_conf=_conf(tiny_model, reason=reason, drift_run_id="abc123"))
+    assert run.state == "success", task_states(run)
+    registered = return_value(run, "register_model")
+    mlflow_client = client(os.environ["MLFLOW_TRACKING_URI"])
+    version = mlflow_client.get_model_version(registered["model_name"], registered["version"])
+    assert version.tags["retrain.reason"] == reason
+    assert version.tags["retrain.drift_run_id"] == "abc123"
+    baseline = return_value(run, "profile_baseline")
+    assert version.tags["drift.baseline_uri"] == baseline["uri"]
+    assert baseline["summary"]["dataset_version"] == curated_dataset["version"]
+    assert baseline["summary"]["records"] == curated_dataset["counts"]["train"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(registered["run_id"], "baseline")}
+    assert artifacts == {"baseline/profile.json", "baseline/embeddings.npy"}
+
+
 def test_a_bad_value_is_refused_by_the_form_or_stops_the_run_before_training(dag, tiny_model):
     from airflow.sdk.exceptions import ParamValidationError
 
