@@ -11,8 +11,11 @@ before and after, the registered MLflow model version, the comparison table with
 intervals, the gate's verdict with its reasons, and where the HTML report is. Finally it starts
 the local endpoint gateway (it keeps running; ``make down`` stops it) and runs ``llm_rollout``: the
 first run deploys the candidate as the champion; a later run takes the new challenger through
-shadow and A/B traffic steps to promotion or rollback. It ends by showing how to call the
-endpoint with curl and boto3.
+shadow and A/B traffic steps to promotion or rollback, and shows how to call the endpoint with
+curl and boto3. Last, drift monitoring: it sends in-domain prompts (held-out ones from the curated
+dataset) through the endpoint and runs ``llm_drift_monitor`` on that window (no alarm), then
+everyday off-domain questions (drift: a report in MLflow, and an ``llm_finetune`` run queued with
+the reason in its conf; ``make up`` runs it).
 """
 
 from __future__ import annotations
@@ -23,15 +26,15 @@ import sys
 from llmops.localstack import apply_environment, migrate_db
 
 
-def return_value(dag_run, task_id: str):
-    """What a task of a finished run returned (its ``return_value`` XCom)."""
+def return_value(dag_run, task_id: str, key: str = "return_value"):
+    """What a task of a finished run returned (its ``return_value`` XCom, or another key's)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = (
             session.query(XComModel)
-            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key)
             .one_or_none()
         )
         return XComModel.deserialize_value(row) if row is not None else None
@@ -179,6 +182,38 @@ def rollout(settings) -> int:
         "  print(r['InvokedProductionVariant'], json.loads(r['Body'].read())['generated_text'])"
     )
     print(f"  captured traffic: {settings.serving.capture_uri}")
+    return monitor(settings)
+
+
+def monitor(settings, count: int = 60) -> int:
+    """Two windows of traffic through the endpoint, each analysed by llm_drift_monitor."""
+    from llmops import traffic
+
+    for kind in ("in-domain", "off-domain"):
+        print(f"\nSending {count} {kind} prompts through the endpoint...", flush=True)
+        sent = traffic.send(settings, traffic.prompts_of(settings, kind, count), log=lambda line: None)
+        print(f"  {sent['ok']} answered, {sent['failed']} failed")
+        print(f"Running llm_drift_monitor on [{sent['start']}, {sent['end']})...", flush=True)
+        dag_run = run_dag("llm_drift_monitor", {"window_start": sent["start"], "window_end": sent["end"]})
+        if dag_run.state != "success":
+            print(f"llm_drift_monitor ended in state {dag_run.state}; see the task logs above.", file=sys.stderr)
+            return 1
+        analysis, recorded = return_value(dag_run, "analyze_window"), return_value(dag_run, "record_report")
+        print(f"Drift ({kind} traffic): {analysis['verdict'].upper()} on {analysis['records']} calls")
+        for check in analysis["checks"]:
+            mark = "BREACH" if check["status"] == "breach" else check["status"]
+            print(f"  {check['name']:>15}: {mark:<7} {check['summary']}")
+        print(f"  report:        {recorded['report_url'] or analysis['folder'] + '/report.html'}")
+        from airflow.models import DagRun
+
+        decision = return_value(dag_run, "decide_retraining", key="decision") or {}
+        requested = DagRun.find(dag_id="llm_finetune", run_id=decision.get("run_id")) if decision.get("trigger") else []
+        if requested:
+            run = requested[0]
+            print(f"  retraining:    llm_finetune run {run.run_id} ({run.state}; `make up` runs it), conf:")
+            print(f"                 {json.dumps(run.conf)[:600]}")
+        else:
+            print(f"  retraining:    not requested ({decision.get('reason', 'no decision')[:300]})")
     return 0
 
 

@@ -64,7 +64,7 @@ class DriftPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_records: int = Field(50, ge=2, description="answered requests a window needs for any verdict")
+    min_records: int = Field(50, ge=2, description="calls with a prompt a window needs for any verdict")
     max_embedded: int = Field(400, ge=10, le=20_000, description="window prompts embedded (a seeded sample)")
     permutations: int = Field(500, ge=99, le=20_000, description="permutations of the MMD test")
     alpha: float = Field(
@@ -108,7 +108,9 @@ _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 SCRIPTS: tuple[tuple[str, int, int], ...] = (
     ("latin", 0x41, 0x5A),
     ("latin", 0x61, 0x7A),
-    ("latin_extended", 0xC0, 0x24F),
+    ("latin_extended", 0xC0, 0xD6),  # without × (U+D7) and ÷ (U+F7)
+    ("latin_extended", 0xD8, 0xF6),
+    ("latin_extended", 0xF8, 0x24F),
     ("greek", 0x370, 0x3FF),
     ("cyrillic", 0x400, 0x52F),
     ("hebrew", 0x590, 0x5FF),
@@ -199,6 +201,8 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tupl
     samples of one distribution, whatever their sizes), the effect size the policy bounds."""
     from scipy.stats import permutation_test
 
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"the MMD test needs at least 2 vectors on each side, got {len(x)} and {len(y)}")
     pooled = np.concatenate([x, y]).astype(np.float64)
     norms = (pooled**2).sum(1)
     squared = np.maximum(norms[:, None] + norms[None, :] - 2 * pooled @ pooled.T, 0.0)
@@ -316,8 +320,8 @@ def build_profile(
 ) -> BaselineProfile:
     """A profile of curated records (``prompt``, ``response``): ``holdout`` (records the
     vocabulary was not built from, e.g. the validation split) calibrates the OOV rate."""
-    if not train:
-        raise ValueError("a baseline profile needs training records; the train split is empty")
+    if len(train) < 2:
+        raise ValueError(f"a baseline profile needs at least 2 training records; the train split has {len(train)}")
     prompts = [str(r["prompt"]) for r in train]
     responses = [str(r.get("response", "")) for r in train]
     rng = np.random.default_rng(seed)

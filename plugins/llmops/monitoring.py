@@ -513,8 +513,9 @@ def last_retrain_request(settings: Settings, window: dict) -> datetime | None:
 
 
 def finetune_run_id(window: dict) -> str:
-    start = datetime.fromisoformat(window["start"])
-    return f"drift__{window['endpoint']}__{start:%Y%m%dT%H%M%SZ}"
+    """The ``llm_finetune`` run a window asks for: one per window, whatever retries happen."""
+    start, end = datetime.fromisoformat(window["start"]), datetime.fromisoformat(window["end"])
+    return f"drift__{window['endpoint']}__{start:%Y%m%dT%H%M%SZ}-{end:%Y%m%dT%H%M%SZ}"
 
 
 def decide(settings: Settings, window: dict, champion: dict, analysis: dict, recorded: dict, policy) -> dict:

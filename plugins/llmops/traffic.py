@@ -6,12 +6,21 @@ monitoring without production users (the demo) and for its tests.
 - ``longer_prompts``: in-domain prompts padded with pasted context, several times longer.
 
 Each is deterministic for a seed, so a test or a demo run sends the same requests every time.
+``send`` puts prompts through the serving endpoint with boto3's ``invoke_endpoint``, as a client
+would, so the gateway captures them; from a shell:
+
+    python -m llmops.traffic off-domain --count 60      # or: in-domain, longer, de, es, ru
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 _SUBJECTS = {
     "cooking": ["a sourdough loaf", "risotto", "a lemon tart", "pad thai", "a vegetable curry", "pancakes"],
@@ -98,3 +107,113 @@ def longer_prompts(prompts: Sequence[str], count: int, factor: int = 6, seed: in
         head, *pasted = rng.choices(list(prompts), k=factor)
         out.append(head + "\n\nHere is what I have so far:\n\n" + "\n\n".join(pasted))
     return out
+
+
+KINDS = ("in-domain", "off-domain", "longer", *LANGUAGES)
+
+
+def in_domain_prompts(settings, count: int, seed: int = 0) -> list[str]:
+    """Prompts of the newest curated dataset's held-out splits (validation and test): the
+    training distribution, never trained on."""
+    from llmops import storage
+    from llmops.data import versioning
+    from llmops.orchestration import storage_options_for
+
+    options = storage_options_for(settings.store_uri, settings)
+    manifest = versioning.latest_version(settings.datasets_uri(), settings.data.dataset_name, options)
+    if manifest is None:
+        raise LookupError(f"no curated version of {settings.data.dataset_name!r} yet; run llm_data_prep first")
+    prompts = [
+        r["prompt"]
+        for split in ("validation", "test")
+        for r in storage.read_jsonl(manifest["files"][split]["uri"], options)
+    ]
+    random.Random(seed).shuffle(prompts)
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def prompts_of(settings, kind: str, count: int, seed: int = 0) -> list[str]:
+    if kind == "in-domain":
+        return in_domain_prompts(settings, count, seed)
+    if kind == "off-domain":
+        return off_domain_prompts(count, seed)
+    if kind == "longer":
+        return longer_prompts(in_domain_prompts(settings, max(count, 50), seed), count, seed=seed)
+    if kind in LANGUAGES:
+        return foreign_prompts(count, kind, seed)
+    raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callable[[str], None] = print) -> dict:
+    """Each prompt through the endpoint (a chat with the assistant's system prompt), one at a
+    time; returns when it started and ended and how many calls succeeded or failed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from llmops.deployment import backend_for
+    from llmops.prompts import load_template
+
+    system, _ = load_template(settings.data.template).render_instruction("-")  # the assistant's system prompt
+    runtime = backend_for(settings).runtime()
+    started = datetime.now(UTC)
+    ok = failed = 0
+    for index, prompt in enumerate(prompts, start=1):
+        body = {
+            "inputs": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": prompt},
+            ],
+            "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
+        }
+        try:
+            response = runtime.invoke_endpoint(
+                EndpointName=settings.serving.endpoint_name,
+                Body=json.dumps(body).encode(),
+                ContentType="application/json",
+                Accept="application/json",
+            )
+            response["Body"].read()
+            ok += 1
+        except (ClientError, BotoCoreError) as exc:
+            failed += 1
+            log(f"  call {index} failed: {exc}")
+        if index % 20 == 0 or index == len(prompts):
+            log(f"  sent {index}/{len(prompts)}")
+    time.sleep(1.0)  # the gateway's capture writer flushes every 0.2 s
+    return {"start": started.isoformat(), "end": datetime.now(UTC).isoformat(), "ok": ok, "failed": failed}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmops.traffic", description="Send synthetic traffic through the serving endpoint."
+    )
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--count", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
+    from llmops.localstack import apply_environment
+
+    apply_environment()
+    from llmops.config import get_settings
+
+    settings = get_settings()
+    try:
+        prompts = prompts_of(settings, args.kind, args.count, args.seed)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    where = f"{settings.serving.endpoint_name} at {settings.serving.gateway_url}"
+    print(f"Sending {len(prompts)} {args.kind} prompts to {where}")
+    sent = send(settings, prompts, args.max_new_tokens)
+    print(f"{sent['ok']} answered, {sent['failed']} failed, between {sent['start']} and {sent['end']}")
+    print(
+        "Analyse that window: trigger llm_drift_monitor with "
+        + json.dumps({"window_start": sent["start"], "window_end": sent["end"]})
+    )
+    return 0 if sent["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,7 +136,7 @@ def test_off_domain_traffic_is_drift_reported_in_mlflow_and_asks_for_retraining(
 
     new = [r for r in finetune_runs() if r.run_id not in before]
     assert len(new) == 1
-    assert new[0].run_id == "drift__python-docs-assistant__20261122T090000Z"
+    assert new[0].run_id == "drift__python-docs-assistant__20261122T090000Z-20261122T100000Z"
     assert new[0].conf["drift_run_id"] == run.info.run_id
     assert new[0].conf["reason"].startswith("drift on python-docs-assistant (champion version 1)")
     assert "embedding" in new[0].conf["reason"] or "prompt embeddings" in new[0].conf["reason"]

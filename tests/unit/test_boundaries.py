@@ -21,6 +21,9 @@ AIRFLOW_FREE = [
     ROOT / "plugins" / "llmops" / "evaluation.py",
     ROOT / "plugins" / "llmops" / "rollout.py",
     ROOT / "plugins" / "llmops" / "deployment.py",
+    ROOT / "plugins" / "llmops" / "drift.py",
+    ROOT / "plugins" / "llmops" / "monitoring.py",
+    ROOT / "plugins" / "llmops" / "traffic.py",
 ]
 
 
