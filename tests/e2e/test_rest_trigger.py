@@ -1,11 +1,14 @@
 """The DAGs triggered over the REST API on a real Airflow stack (api-server, scheduler,
 dag-processor, LocalExecutor, PostgreSQL, and the endpoint gateway): a run's ``conf`` reaches
-the tasks as Params, and the fine-tuned version ends up serving behind the gateway."""
+the tasks as Params, the fine-tuned version ends up serving behind the gateway, and off-domain
+traffic through it makes the drift monitor ask llm_finetune to retrain."""
 
 from __future__ import annotations
 
 import ast
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -15,7 +18,7 @@ from tests.tinymodel import build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-DAGS = ("llm_data_prep", "llm_finetune", "llm_rollout")
+DAGS = ("llm_data_prep", "llm_finetune", "llm_rollout", "llm_drift_monitor")
 FINISHED = ("success", "failed")
 
 
@@ -149,6 +152,31 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
     )
     assert answer["InvokedProductionVariant"] == f"v{registered['version']}"
     assert "generated_text" in json.loads(answer["Body"].read())
+
+    # Off-domain traffic through the endpoint, then the drift monitor over that window from the
+    # form: a drift verdict asks llm_finetune to retrain (paused here, so the run waits queued).
+    from llmops import traffic
+
+    stack.request("PATCH", "/api/v2/dags/llm_finetune", json={"is_paused": True})
+    started = datetime.now(UTC)
+    for prompt in traffic.off_domain_prompts(30):
+        runtime.invoke_endpoint(
+            EndpointName=plan["endpoint"],
+            ContentType="application/json",
+            Body=json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": 4}}),
+        )["Body"].read()
+    time.sleep(1.5)  # the capture writer flushes every 0.2 s
+    window = {"window_start": started.isoformat(), "window_end": datetime.now(UTC).isoformat(), "min_records": 20}
+    monitor_id = _trigger(stack, "llm_drift_monitor", window)
+    _wait_for_run(stack, "llm_drift_monitor", monitor_id, timeout=300)
+    analysis = return_value(stack, "llm_drift_monitor", monitor_id, "analyze_window")
+    assert analysis["verdict"] == "drift" and analysis["records"] == 30, analysis
+    recorded = return_value(stack, "llm_drift_monitor", monitor_id, "record_report")
+    runs = stack.request("GET", "/api/v2/dags/llm_finetune/dagRuns")["dag_runs"]
+    requested = [r for r in runs if r["dag_run_id"].startswith("drift__")]
+    assert len(requested) == 1, runs
+    assert requested[0]["conf"]["drift_run_id"] == recorded["run_id"], requested[0]
+    assert requested[0]["conf"]["reason"].startswith("drift on "), requested[0]
 
 
 def _task_ids(stack, dag_id: str) -> set[str]:
