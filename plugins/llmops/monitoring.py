@@ -185,6 +185,8 @@ def traffic_record(record) -> drift.TrafficRecord:
 
     status = record.status_code if record.status_code is not None else 200
     answer = record.response_json() if 200 <= status < 300 else None
+    if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        answer = answer[0]  # Hugging Face inference containers answer [{"generated_text": ...}]
     response = answer.get("generated_text") if isinstance(answer, dict) else None
     _, prompt = request_prompt(record.request_json())
     return drift.TrafficRecord(prompt=prompt or "", response=response, status=status, latency_ms=record.latency_ms)

@@ -4,6 +4,7 @@ and the Markdown / HTML renderings of a report (no MLflow, no store)."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -259,3 +260,48 @@ def test_html_report_colours_each_verdict(verdict, colour):
     assert f'<h2 style="color:{colour}">Verdict: {verdict}</h2>' in page
     assert "<li>why: &lt;script&gt;" in page
     assert "<figure>" not in page
+
+
+# -- captured records as traffic -----------------------------------------------------------------
+
+
+def _captured(request: dict, response, status: int = 200):
+    from datetime import datetime
+
+    from serving.capture import CapturedRecord
+
+    return CapturedRecord(
+        endpoint=EP,
+        variant="v1",
+        event_id="e1",
+        inference_time=datetime(2024, 5, 1, tzinfo=UTC),
+        request=json.dumps(request),
+        request_type="application/json",
+        response=None if response is None else json.dumps(response),
+        response_type="application/json",
+        latency_ms=12.5,
+        status_code=status,
+    )
+
+
+def test_a_captured_chat_becomes_its_last_user_turn_and_the_answer():
+    from llmops.monitoring import traffic_record
+
+    chat = {"inputs": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a set?"}]}
+    record = traffic_record(_captured(chat, {"generated_text": "An unordered collection."}))
+    assert (record.prompt, record.response, record.status, record.latency_ms) == (
+        "What is a set?",
+        "An unordered collection.",
+        200,
+        12.5,
+    )
+    assert record.answered
+
+
+def test_a_hugging_face_container_answer_and_a_failed_call_are_read():
+    from llmops.monitoring import traffic_record
+
+    tgi = traffic_record(_captured({"inputs": "What is a set?"}, [{"generated_text": "A collection."}]))
+    assert (tgi.prompt, tgi.response) == ("What is a set?", "A collection.")
+    failed = traffic_record(_captured({"inputs": "What is a set?"}, {"error": "boom"}, status=424))
+    assert failed.response is None and failed.status == 424 and not failed.answered
