@@ -463,7 +463,12 @@ def analyze(
             policy,
             f"prompt embeddings: MMD {mmd:.3f} (limit {policy.min_embedding_mmd:g}), permutation p={p_value:.3g} "
             f"(alpha {policy.alpha:g}) over {len(chosen)} prompts",
-            {"p_value": p_value, "embedded": len(chosen), "centroid_cosine": _centroid_cosine(profile, window_vectors)},
+            {
+                "p_value": p_value,
+                "embedded": len(chosen),
+                "centroid_cosine": _centroid_cosine(profile, window_vectors),
+                "least_like_training": _least_like(profile, window_vectors, [prompts[i] for i in chosen]),
+            },
         )
     )
 
@@ -566,6 +571,14 @@ def analyze(
             )
         )
     return _verdict(checks, len(records), len(answered))
+
+
+def _least_like(profile: BaselineProfile, vectors: np.ndarray, prompts: list[str], count: int = 5) -> list[dict]:
+    """The window's prompts farthest from every embedded training prompt (cosine similarity to
+    the nearest), cut to 160 characters: what a person reads first to see what moved."""
+    nearest = (vectors @ profile.embeddings.T).max(axis=1)
+    order = np.argsort(nearest, kind="stable")[:count]
+    return [{"prompt": prompts[i][:160], "nearest_similarity": round(float(nearest[i]), 3)} for i in order]
 
 
 def _centroid_cosine(profile: BaselineProfile, vectors: np.ndarray) -> float:

@@ -305,7 +305,16 @@ def markdown_report(content: dict) -> str:
             limit = "" if c["threshold"] is None else f"{c['threshold']:.4g}"
             retrains = "yes" if c["retrain"] else "no"
             lines.append(f"| {c['name']} | {_MARK[c['status']]} | {value} | {limit} | {retrains} | {c['summary']} |")
+    examples = _examples(report)
+    if examples:
+        lines += ["", "Prompts least like the training data (cosine similarity to the nearest training prompt):", ""]
+        lines += [f"- {e['nearest_similarity']:.2f}: {e['prompt']!r}" for e in examples]
     return "\n".join(lines) + "\n"
+
+
+def _examples(report: dict) -> list[dict]:
+    embedding = next((c for c in report["checks"] if c["name"] == "embedding"), None)
+    return (embedding or {}).get("figures", {}).get("least_like_training", [])
 
 
 def html_report(content: dict, plots: dict[str, bytes]) -> str:
@@ -330,6 +339,14 @@ def html_report(content: dict, plots: dict[str, bytes]) -> str:
         for name, png in plots.items()
     )
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in report["reasons"])
+    examples = "".join(
+        f"<li>{e['nearest_similarity']:.2f}: <code>{html.escape(e['prompt'])}</code></li>" for e in _examples(report)
+    )
+    if examples:
+        examples = (
+            "<h3>Prompts least like the training data</h3>"
+            f"<p>cosine similarity to the nearest training prompt</p><ul>{examples}</ul>"
+        )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Drift report {html.escape(window["key"])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
@@ -342,6 +359,7 @@ baseline from dataset {html.escape(champion["dataset_version"][:12])}.
 {report["records"]} calls, {report["answered"]} answered; {content["capture"]["files"]} capture files read.</p>
 <h2 style="color:{colour}">Verdict: {report["verdict"]}</h2><ul>{reasons}</ul>
 <table><tr><th>check</th><th>status</th><th>value</th><th>limit</th><th>retrains</th><th>detail</th></tr>{rows}</table>
+{examples}
 {images}
 </body></html>
 """

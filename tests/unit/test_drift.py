@@ -719,3 +719,12 @@ def test_no_cooldown_always_asks(hours_ago):
     last = END - timedelta(hours=hours_ago)
     decision = decide_retraining(report_of(drift.DRIFT), DriftPolicy(cooldown_hours=0), END, last, "ep")
     assert decision.trigger is True
+
+
+def test_the_report_names_the_prompts_least_like_the_training_data(profile):
+    prompts = [r["prompt"] for r in HELD[:35]] + ["Where should I plant tomatoes in a windy garden?"] * 5
+    report = analyze(profile, calls(prompts), POLICY, embed, seed=1)
+    examples = report.check("embedding").figures["least_like_training"]
+    assert len(examples) == 5
+    assert all(e["prompt"].startswith("Where should I plant tomatoes") for e in examples)
+    assert examples == sorted(examples, key=lambda e: e["nearest_similarity"])

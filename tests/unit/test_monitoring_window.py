@@ -175,7 +175,10 @@ def content(verdict: str = "drift", checks: list[dict] | None = None, reasons: l
                 "threshold": 0.1,
                 "retrain": True,
                 "summary": f"prompt embeddings moved: {EVIL}",
-                "figures": {"p_value": 0.005},
+                "figures": {
+                    "p_value": 0.005,
+                    "least_like_training": [{"prompt": f"tell me {EVIL} about gardens", "nearest_similarity": 0.12}],
+                },
             },
             {
                 "name": "error_rate",
@@ -305,3 +308,12 @@ def test_a_hugging_face_container_answer_and_a_failed_call_are_read():
     assert (tgi.prompt, tgi.response) == ("What is a set?", "A collection.")
     failed = traffic_record(_captured({"inputs": "What is a set?"}, {"error": "boom"}, status=424))
     assert failed.response is None and failed.status == 424 and not failed.answered
+
+
+def test_both_reports_show_the_prompts_least_like_the_training_data_escaped_in_html():
+    page = html_report(content(), {})
+    assert "Prompts least like the training data" in page
+    assert "0.12: <code>tell me &lt;script&gt;" in page
+    assert "<script>" not in page
+    text = markdown_report(content())
+    assert "- 0.12: \"tell me <script>alert('x')</script> about gardens\"" in text
