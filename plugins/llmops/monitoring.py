@@ -280,6 +280,12 @@ def report_from(analysis: dict) -> drift.DriftReport:
     )
 
 
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+
+
 _MARK = {"ok": "ok", "breach": "BREACH", "info": "info", "no_verdict": "no verdict"}
 
 
@@ -301,8 +307,7 @@ def markdown_report(content: dict) -> str:
     if report["checks"]:
         lines += ["| check | status | value | limit | retrains | detail |", "|---|---|---|---|---|---|"]
         for c in report["checks"]:
-            value = "" if c["value"] is None else f"{c['value']:.4g}"
-            limit = "" if c["threshold"] is None else f"{c['threshold']:.4g}"
+            value, limit = _number(c["value"]), _number(c["threshold"])
             retrains = "yes" if c["retrain"] else "no"
             lines.append(f"| {c['name']} | {_MARK[c['status']]} | {value} | {limit} | {retrains} | {c['summary']} |")
     examples = _examples(report)
@@ -326,8 +331,8 @@ def html_report(content: dict, plots: dict[str, bytes]) -> str:
             cls=c["status"],
             name=html.escape(c["name"]),
             status=_MARK[c["status"]],
-            value="" if c["value"] is None else f"{c['value']:.4g}",
-            limit="" if c["threshold"] is None else f"{c['threshold']:.4g}",
+            value=_number(c["value"]),
+            limit=_number(c["threshold"]),
             retrains="yes" if c["retrain"] else "no",
             summary=html.escape(c["summary"]),
         )
@@ -356,7 +361,7 @@ img{{max-width:520px}}</style></head><body>
 <p>Window {html.escape(window["start"])} to {html.escape(window["end"])}.
 Champion {html.escape(champion["model_name"])} version {html.escape(champion["version"])},
 baseline from dataset {html.escape(champion["dataset_version"][:12])}.
-{report["records"]} calls, {report["answered"]} answered; {content["capture"]["files"]} capture files read.</p>
+{report["records"]} calls, {report["answered"]} answered; capture files read: {content["capture"]["files"]}.</p>
 <h2 style="color:{colour}">Verdict: {report["verdict"]}</h2><ul>{reasons}</ul>
 <table><tr><th>check</th><th>status</th><th>value</th><th>limit</th><th>retrains</th><th>detail</th></tr>{rows}</table>
 {examples}
