@@ -252,7 +252,7 @@ def test_html_report_escapes_and_shows_the_verdict():
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
     assert "<figcaption>prompt_length.png</figcaption>" in page
     assert f"<title>Drift report {EP}/20240501T100000Z-20240501T110000Z</title>" in page
-    assert "78 answered; 3 capture files read" in page
+    assert "78 answered; capture files read: 3." in page
 
 
 @pytest.mark.parametrize(
