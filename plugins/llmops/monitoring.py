@@ -228,7 +228,7 @@ def analyze_window(
     """Every check of the window against the champion's baseline; the report's files go to the
     store. Returns the report (JSON-ready) with where its files are and their digest."""
     profile = load_baseline(champion["baseline_uri"], storage_options)
-    records, info = window_records(settings, window)
+    records, info = window_records(settings, window, s3_client=(storage_options or {}).get("client"))
     log(f"{len(records)} calls captured on {window['endpoint']} in [{window['start']}, {window['end']})")
     for line in info["skipped"]:
         log(f"skipped: {line}")
