@@ -102,11 +102,14 @@ def llm_drift_monitor():
 
     @task
     def load_baseline() -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from llmops.monitoring import champion_baseline
+        from llmops.monitoring import MonitoringError, champion_baseline
 
-        champion = champion_baseline(SETTINGS, storage_options_for(SETTINGS.store_uri, SETTINGS))
+        try:
+            champion = champion_baseline(SETTINGS, storage_options_for(SETTINGS.store_uri, SETTINGS))
+        except MonitoringError as exc:  # the champion's lineage lacks what a baseline needs: retrying cannot help
+            raise AirflowFailException(str(exc)) from exc
         if champion is None:
             raise AirflowSkipException(f"no champion of {SETTINGS.finetune.model_name} serves yet: nothing to watch")
         return champion

@@ -205,3 +205,15 @@ def test_without_a_champion_there_is_nothing_to_watch(stack):
     assert states["load_baseline"] == "skipped"
     assert {states[t] for t in ("analyze_window", "record_report", "decide_retraining")} == {"skipped"}
     assert drift_runs(stack["tracking"]) == []
+
+
+def test_a_champion_without_lineage_for_a_baseline_fails_saying_so(stack):
+    mlflow_client = client(stack["tracking"])
+    for tag in ("dataset.manifest_uri", "drift.baseline_uri"):
+        mlflow_client.delete_model_version_tag("python-docs-assistant", "1", tag)
+    start = datetime(2026, 11, 22, 20, 0, tzinfo=UTC)
+    dag_run = run_monitor(stack, start, start + timedelta(hours=1))
+    states = task_states(dag_run)
+    assert states["load_baseline"] == "failed"
+    assert dag_run.get_task_instance("load_baseline").try_number == 1  # not retried
+    assert drift_runs(stack["tracking"]) == []
