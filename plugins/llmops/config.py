@@ -184,7 +184,7 @@ class MonitoringConfig(_Strict):
     schedule: str = "0 * * * *"
     timezone: str = "UTC"
     experiment: str = Field("llmops-drift-monitoring", min_length=1, description="MLflow experiment of drift runs")
-    baseline_sample: int = Field(512, ge=10, le=20_000, description="training prompts embedded in a baseline")
+    baseline_sample: int = Field(512, ge=10, le=4000, description="training prompts embedded in a baseline")
     policy: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -65,7 +65,7 @@ class DriftPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_records: int = Field(50, ge=2, description="calls with a prompt a window needs for any verdict")
-    max_embedded: int = Field(400, ge=10, le=20_000, description="window prompts embedded (a seeded sample)")
+    max_embedded: int = Field(400, ge=10, le=4000, description="window prompts embedded (a seeded sample)")
     permutations: int = Field(500, ge=99, le=20_000, description="permutations of the MMD test")
     alpha: float = Field(
         0.01, gt=0, lt=1, description="significance level of the embedding (MMD) and length (KS) tests"
@@ -212,12 +212,13 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tupl
     total, n, m = len(pooled), len(x), len(y)
 
     def statistic(ix, iy, axis=-1):
+        single = np.ndim(ix) == 1  # the observed split; resamples come in 2-D batches (even of one row)
         ix, iy = np.atleast_2d(ix).astype(np.int64), np.atleast_2d(iy).astype(np.int64)
         weights = np.zeros((ix.shape[0], total))
         np.put_along_axis(weights, ix, 1.0 / ix.shape[1], axis=1)
         np.put_along_axis(weights, iy, -1.0 / iy.shape[1], axis=1)
         value = np.einsum("bi,ij,bj->b", weights, kernel, weights)  # biased MMD² = w K wᵀ
-        return value if value.shape[0] > 1 else value[0]
+        return value[0] if single else value
 
     result = permutation_test(
         (np.arange(n, dtype=float), np.arange(n, total, dtype=float)),
@@ -327,7 +328,12 @@ def build_profile(
     rng = np.random.default_rng(seed)
     counts = Counter(w for text in (*prompts, *responses) for w in words(text))
     vocabulary = sorted(w for w, _ in counts.most_common(max_vocabulary))
-    held = [str(r["prompt"]) for r in holdout] or prompts
+    if holdout:
+        held_oov = oov_rate([str(r["prompt"]) for r in holdout], set(vocabulary)) or 0.0
+    else:  # no held-out split: hold out a tenth of the training prompts from a vocabulary of the rest
+        cut = max(1, len(train) // 10)
+        rest = Counter(w for r in train[cut:] for w in words(f"{r['prompt']} {r.get('response', '')}"))
+        held_oov = oov_rate(prompts[:cut], set(rest)) or 0.0
     chosen = sorted(rng.choice(len(prompts), min(sample_size, len(prompts)), replace=False).tolist())
     embeddings = np.asarray(embed([prompts[i] for i in chosen]), dtype=np.float32)
     return BaselineProfile(
@@ -338,7 +344,7 @@ def build_profile(
         prompt_length=LengthProfile.of([len(p) for p in prompts], rng),
         response_length=LengthProfile.of([len(r) for r in responses], rng),
         vocabulary=vocabulary,
-        holdout_oov_rate=oov_rate(held, set(vocabulary)) or 0.0,
+        holdout_oov_rate=held_oov,
         scripts=shares(script_counts(prompts)),
         refusal_rate=float(np.mean([is_refusal(r) for r in responses])),
         repetition_rate=float(np.mean([repetition_rate(r) for r in responses])),
@@ -504,21 +510,34 @@ def analyze(
         )
     )
 
-    window_scripts = shares(script_counts(prompts))
+    letters = script_counts(prompts)
+    window_scripts = shares(letters)
     shift = total_variation(profile.scripts, window_scripts)
     top = ", ".join(f"{k} {v:.0%}" for k, v in sorted(window_scripts.items(), key=lambda kv: -kv[1])[:3] if v > 0)
-    checks.append(
-        _check(
-            "script",
-            shift,
-            policy.max_script_shift,
-            shift > policy.max_script_shift,
-            policy,
-            f"writing systems moved by {shift:.2f} (total variation; limit {policy.max_script_shift:g}): "
-            f"{top or 'no letters'}",
-            {f"share_{k}": v for k, v in window_scripts.items()},
+    if sum(letters.values()) == 0:  # nothing to compare: digits, symbols, emoji only
+        checks.append(
+            CheckResult(
+                "script",
+                NO_VERDICT,
+                None,
+                policy.max_script_shift,
+                "script" in policy.retrain_on,
+                "no letters in the window's prompts: no writing system to compare",
+            )
         )
-    )
+    else:
+        checks.append(
+            _check(
+                "script",
+                shift,
+                policy.max_script_shift,
+                shift > policy.max_script_shift,
+                policy,
+                f"writing systems moved by {shift:.2f} (total variation; limit {policy.max_script_shift:g}): "
+                f"{top or 'no letters'}",
+                {f"share_{k}": v for k, v in window_scripts.items()},
+            )
+        )
 
     if answered:
         refusal = float(np.mean([is_refusal(r.response or "") for r in answered]))
@@ -608,15 +627,16 @@ class RetrainDecision:
 def decide_retraining(
     report: DriftReport,
     policy: DriftPolicy,
-    window_end: datetime,
+    now: datetime,
     last_requested: datetime | None,
     subject: str,
 ) -> RetrainDecision:
-    """Retrain on a drift verdict, unless retraining was asked for less than the cooldown before
-    this window's end. ``subject`` (model, version, window) opens the reason."""
+    """Retrain on a drift verdict, unless retraining was asked for (for any window: re-analysing
+    an old window must not ask again) less than the cooldown before ``now``. ``subject`` (model,
+    version, window) opens the reason."""
     if report.verdict != DRIFT:
         return RetrainDecision(False, f"{subject}: verdict {report.verdict}; {'; '.join(report.reasons)}")
-    if last_requested is not None and window_end - last_requested < timedelta(hours=policy.cooldown_hours):
+    if last_requested is not None and now - last_requested < timedelta(hours=policy.cooldown_hours):
         allowed = last_requested + timedelta(hours=policy.cooldown_hours)
         return RetrainDecision(
             False,

@@ -26,6 +26,7 @@ import html
 import io
 import itertools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from llmops.config import ConfigError, Settings
 PROFILE, EMBEDDINGS = "profile.json", "embeddings.npy"
 BASELINE_TAG = "drift.baseline_uri"
 REQUESTED_TAG = "drift.retrain_requested"
+REQUESTED_AT_TAG = "drift.retrain_requested_at"
 FINETUNE_DAG = "llm_finetune"
 
 
@@ -120,8 +122,11 @@ def champion_baseline(settings: Settings, storage_options: dict | None = None) -
     name = settings.finetune.model_name
     try:
         version = mlflow_client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # No such model, or no champion alias yet (MLflow's stores say it with either code).
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise  # the tracking server is unreachable or failing: that is not "nothing to watch"
     tags = version.tags
     uri = tags.get(BASELINE_TAG)
     expected = None
@@ -189,7 +194,25 @@ def traffic_record(record) -> drift.TrafficRecord:
         answer = answer[0]  # Hugging Face inference containers answer [{"generated_text": ...}]
     response = answer.get("generated_text") if isinstance(answer, dict) else None
     _, prompt = request_prompt(record.request_json())
-    return drift.TrafficRecord(prompt=prompt or "", response=response, status=status, latency_ms=record.latency_ms)
+    return drift.TrafficRecord(
+        prompt=_text(prompt),
+        response=None if response is None else _text(response),
+        status=status,
+        latency_ms=record.latency_ms,
+    )
+
+
+def _text(value) -> str:
+    """A captured prompt or answer as clean text: chat content given as parts (``[{"type":
+    "text", "text": ...}]``) joined, anything else not text dropped, lone surrogates (valid in
+    JSON, not in UTF-8) replaced."""
+    if isinstance(value, list):
+        value = " ".join(
+            part.get("text", "") if isinstance(part, dict) else part for part in value if isinstance(part, (dict, str))
+        )
+    if not isinstance(value, str):
+        return ""
+    return value.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def window_records(settings: Settings, window: dict, s3_client=None) -> tuple[list[drift.TrafficRecord], dict]:
@@ -313,8 +336,15 @@ def markdown_report(content: dict) -> str:
     examples = _examples(report)
     if examples:
         lines += ["", "Prompts least like the training data (cosine similarity to the nearest training prompt):", ""]
-        lines += [f"- {e['nearest_similarity']:.2f}: {e['prompt']!r}" for e in examples]
+        lines += [f"- {e['nearest_similarity']:.2f}: {_code_span(e['prompt'])}" for e in examples]
     return "\n".join(lines) + "\n"
+
+
+def _code_span(text: str) -> str:
+    """``text`` as inline code whatever it holds (backticks, newlines, Markdown or HTML)."""
+    text = " ".join(text.split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def _examples(report: dict) -> list[dict]:
@@ -450,7 +480,11 @@ def record_report(
     mlflow_client = client(settings.mlflow.tracking_uri)
     experiment_id = _experiment(settings, mlflow_client)
     run = _window_run(mlflow_client, experiment_id, window["key"])
-    if run is not None and run.data.tags.get("drift.report_sha256") == analysis["sha256"]:
+    if (
+        run is not None
+        and run.info.status == "FINISHED"
+        and run.data.tags.get("drift.report_sha256") == analysis["sha256"]
+    ):
         run_id = run.info.run_id
         changed = False
     else:
@@ -468,7 +502,6 @@ def record_report(
             "drift.window_end": window["end"],
             "drift.verdict": analysis["verdict"],
             "drift.reasons": "; ".join(analysis["reasons"])[:5000],
-            "drift.report_sha256": analysis["sha256"],
             "model_name": champion["model_name"],
             "model_version": champion["version"],
             "dataset.version": champion["dataset_version"],
@@ -493,6 +526,8 @@ def record_report(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(storage.read_bytes(storage.join(analysis["folder"], name), storage_options))
             mlflow_client.log_artifacts(run_id, str(Path(tmp) / "drift"), "drift")
+        # The digest goes last: a run that has it holds the whole report.
+        mlflow_client.set_tag(run_id, "drift.report_sha256", analysis["sha256"])
         mlflow_client.set_terminated(run_id, "FINISHED")
         changed = True
     url = report_url(settings, experiment_id, run_id, "drift/report.html")
@@ -518,7 +553,7 @@ def _link_version(mlflow_client, champion: dict, window: dict, verdict: str, run
 
 
 def last_retrain_request(settings: Settings, window: dict) -> datetime | None:
-    """The end of the latest earlier window (of this endpoint) that asked for retraining."""
+    """When retraining was last asked for on this endpoint by another window (wall clock)."""
     from llmops.tracking import client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
@@ -528,13 +563,12 @@ def last_retrain_request(settings: Settings, window: dict) -> datetime | None:
         filter_string=f"tags.`{REQUESTED_TAG}` = 'true' and tags.`drift.endpoint` = '{window['endpoint']}'",
         max_results=500,
     )
-    ends = [
-        datetime.fromisoformat(r.data.tags["drift.window_end"])
+    times = [
+        datetime.fromisoformat(r.data.tags[REQUESTED_AT_TAG])
         for r in runs
-        if r.data.tags.get("drift.window_end", "") <= window["end"]
-        and r.data.tags.get("llmops.run_key") != f"drift/{window['key']}"
+        if r.data.tags.get(REQUESTED_AT_TAG) and r.data.tags.get("llmops.run_key") != f"drift/{window['key']}"
     ]
-    return max(ends, default=None)
+    return max(times, default=None)
 
 
 def finetune_run_id(window: dict) -> str:
@@ -543,24 +577,31 @@ def finetune_run_id(window: dict) -> str:
     return f"drift__{window['endpoint']}__{start:%Y%m%dT%H%M%SZ}-{end:%Y%m%dT%H%M%SZ}"
 
 
-def decide(settings: Settings, window: dict, champion: dict, analysis: dict, recorded: dict, policy) -> dict:
+def decide(
+    settings: Settings,
+    window: dict,
+    champion: dict,
+    analysis: dict,
+    recorded: dict,
+    policy,
+    now: datetime | None = None,
+) -> dict:
     """Whether this window asks ``llm_finetune`` to retrain, and the conf it sends. A request is
     marked on the window's run before it is sent, so the cooldown sees it even if sending fails."""
     from llmops.tracking import client
 
     subject = f"{window['endpoint']} (champion version {champion['version']}) in [{window['start']}, {window['end']})"
+    now = now or datetime.now(UTC)
+    mlflow_client = client(settings.mlflow.tracking_uri)
+    own = mlflow_client.get_run(recorded["run_id"]).data.tags.get(REQUESTED_AT_TAG)
     decision = drift.decide_retraining(
-        report_from(analysis),
-        policy,
-        datetime.fromisoformat(window["end"]),
-        last_retrain_request(settings, window),
-        subject,
+        report_from(analysis), policy, now, last_retrain_request(settings, window), subject
     )
     result = {"trigger": decision.trigger, "reason": decision.reason}
     if decision.trigger:
         run_id = finetune_run_id(window)
-        mlflow_client = client(settings.mlflow.tracking_uri)
-        for key, value in {REQUESTED_TAG: "true", "drift.retrain_dag_run_id": run_id}.items():
+        marks = {REQUESTED_TAG: "true", REQUESTED_AT_TAG: own or now.isoformat(), "drift.retrain_dag_run_id": run_id}
+        for key, value in marks.items():  # a re-run of this window keeps its first request's time
             mlflow_client.set_tag(recorded["run_id"], key, value)
         reason = decision.reason if len(decision.reason) <= 1500 else decision.reason[:1497] + "..."
         result.update(

@@ -128,6 +128,10 @@ def in_domain_prompts(settings, count: int, seed: int = 0) -> list[str]:
         for split in ("validation", "test")
         for r in storage.read_jsonl(manifest["files"][split]["uri"], options)
     ]
+    if not prompts:
+        raise LookupError(
+            f"{settings.data.dataset_name}@{manifest['version'][:12]} has no validation or test records to send"
+        )
     random.Random(seed).shuffle(prompts)
     return [prompts[i % len(prompts)] for i in range(count)]
 

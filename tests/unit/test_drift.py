@@ -728,3 +728,30 @@ def test_the_report_names_the_prompts_least_like_the_training_data(profile):
     assert len(examples) == 5
     assert all(e["prompt"].startswith("Where should I plant tomatoes") for e in examples)
     assert examples == sorted(examples, key=lambda e: e["nearest_similarity"])
+
+
+@pytest.mark.parametrize("permutations", [129, 193, 100])
+def test_mmd_test_takes_any_number_of_permutations(permutations):
+    """A last batch of one resample (permutations % 64 == 1) once crashed SciPy's concatenation."""
+    rng = np.random.default_rng(0)
+    mmd, p_value = mmd_test(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)), permutations=permutations, seed=0)
+    assert 0 < p_value <= 1 and mmd >= 0
+
+
+def test_a_window_without_letters_gives_the_script_check_no_verdict(profile):
+    report = analyze(profile, calls(["1 + 1 = ?", "2 ** 10", "3 // 2 =", "🙂 🙃"] * 10), POLICY, embed, seed=0)
+    script = report.check("script")
+    assert script.status == "no_verdict" and script.value is None
+    assert "script" not in breached(report)
+
+
+def test_without_a_held_out_split_the_oov_baseline_holds_out_part_of_the_training_data():
+    def rare(i: int) -> str:  # a word no other record has
+        return "".join("abcdefghijklmnopqrstuvwxyz"[int(d)] for d in str(i + 100))
+
+    records = [
+        {"prompt": f"Explain lists in Python, {rare(i)} example.", "response": "Lists hold items."} for i in range(100)
+    ]
+    without = build_profile(records, [], embed, dataset="d", dataset_version="v", encoder="e")
+    # Each held-out prompt has 1 word of 6 the rest of the data never saw: about 1/6, not 0.
+    assert without.holdout_oov_rate == pytest.approx(1 / 6)

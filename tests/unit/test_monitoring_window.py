@@ -316,4 +316,26 @@ def test_both_reports_show_the_prompts_least_like_the_training_data_escaped_in_h
     assert "0.12: <code>tell me &lt;script&gt;" in page
     assert "<script>" not in page
     text = markdown_report(content())
-    assert "- 0.12: \"tell me <script>alert('x')</script> about gardens\"" in text
+    assert "- 0.12: ` tell me <script>alert('x')</script> about gardens `" in text  # inline code, not markup
+
+
+def test_a_captured_prompt_cannot_escape_its_markdown_code_span():
+    from llmops.monitoring import _code_span
+
+    assert _code_span("use `x` here\n![i](http://e/x.png)") == "`` use `x` here ![i](http://e/x.png) ``"
+
+
+def test_chat_content_in_parts_and_lone_surrogates_become_clean_text():
+    from llmops.monitoring import traffic_record
+
+    parts = {
+        "inputs": [
+            {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "a set?"}]}
+        ]
+    }
+    assert traffic_record(_captured(parts, {"generated_text": "ok"})).prompt == "What is a set?"
+    odd = traffic_record(_captured({"inputs": "broken \ud83d emoji"}, {"generated_text": "x \udc00"}))
+    assert odd.prompt == "broken ? emoji" and odd.response == "x ?"
+    odd.prompt.encode("utf-8")  # a report can be written
+    weird = traffic_record(_captured({"inputs": [{"role": "user", "content": 42}]}, {"generated_text": "ok"}))
+    assert weird.prompt == ""
