@@ -96,6 +96,7 @@ def llm_drift_monitor():
             context.get("data_interval_start"),
             context.get("data_interval_end"),
             run.run_after,
+            delay_minutes=MONITORING.capture_delay_minutes,
         )
         _policy()  # a bad override fails here, before any work
         return window

@@ -185,6 +185,9 @@ class MonitoringConfig(_Strict):
     timezone: str = "UTC"
     experiment: str = Field("llmops-drift-monitoring", min_length=1, description="MLflow experiment of drift runs")
     baseline_sample: int = Field(512, ge=10, le=4000, description="training prompts embedded in a baseline")
+    capture_delay_minutes: float = Field(
+        0, ge=0, le=1440, description="scheduled windows end this much earlier: capture files arrive late on S3"
+    )
     policy: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -166,17 +166,21 @@ def resolve_window(
     interval_end: datetime | None,
     run_after: datetime,
     hours: float = 1.0,
+    delay_minutes: float = 0.0,
 ) -> dict:
     """The window a run analyses: the form's bounds if given (a missing end is the run's time, a
     missing start ``hours`` before the end), else the run's data interval, else the ``hours``
-    before the run's time (a manual run without a logical date)."""
+    before the run's time (a manual run without a logical date). Windows the form does not name
+    end ``delay_minutes`` earlier (capture files reach S3 minutes after the calls): scheduled
+    windows stay back to back, each a little behind."""
     if window_start or window_end:
         end = _parse(window_end, "window_end") if window_end else run_after
         start = _parse(window_start, "window_start") if window_start else end - timedelta(hours=hours)
     elif interval_start is not None and interval_end is not None and interval_end > interval_start:
-        start, end = interval_start, interval_end
+        lag = timedelta(minutes=delay_minutes)
+        start, end = interval_start - lag, interval_end - lag
     else:
-        end = run_after
+        end = run_after - timedelta(minutes=delay_minutes)
         start = end - timedelta(hours=hours)
     start, end = start.astimezone(UTC), end.astimezone(UTC)
     if end <= start:

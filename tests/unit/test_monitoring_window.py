@@ -339,3 +339,15 @@ def test_chat_content_in_parts_and_lone_surrogates_become_clean_text():
     odd.prompt.encode("utf-8")  # a report can be written
     weird = traffic_record(_captured({"inputs": [{"role": "user", "content": 42}]}, {"generated_text": "ok"}))
     assert weird.prompt == ""
+
+
+def test_a_capture_delay_moves_scheduled_windows_back_but_not_the_forms():
+    start, end = datetime(2024, 5, 1, 10, tzinfo=UTC), datetime(2024, 5, 1, 11, tzinfo=UTC)
+    scheduled = resolve_window(EP, None, None, start, end, RUN_AFTER, delay_minutes=15)
+    assert (scheduled["start"], scheduled["end"]) == ("2024-05-01T09:45:00+00:00", "2024-05-01T10:45:00+00:00")
+    following = resolve_window(EP, None, None, end, end + timedelta(hours=1), RUN_AFTER, delay_minutes=15)
+    assert following["start"] == scheduled["end"]  # back to back: no call falls between two windows
+    manual = resolve_window(EP, None, None, None, None, RUN_AFTER, delay_minutes=15)
+    assert manual["end"] == "2024-05-01T12:15:00+00:00"
+    named = resolve_window(EP, "2024-05-01T10:00:00Z", "2024-05-01T11:00:00Z", start, end, RUN_AFTER, delay_minutes=15)
+    assert (named["start"], named["end"]) == ("2024-05-01T10:00:00+00:00", "2024-05-01T11:00:00+00:00")
