@@ -568,9 +568,11 @@ def last_retrain_request(settings: Settings, window: dict) -> datetime | None:
         max_results=500,
     )
     times = [
-        datetime.fromisoformat(r.data.tags[REQUESTED_AT_TAG])
+        # A request marked before requests carried their time: the end of its window is close.
+        datetime.fromisoformat(r.data.tags.get(REQUESTED_AT_TAG) or r.data.tags["drift.window_end"])
         for r in runs
-        if r.data.tags.get(REQUESTED_AT_TAG) and r.data.tags.get("llmops.run_key") != f"drift/{window['key']}"
+        if r.data.tags.get("llmops.run_key") != f"drift/{window['key']}"
+        and (r.data.tags.get(REQUESTED_AT_TAG) or r.data.tags.get("drift.window_end"))
     ]
     return max(times, default=None)
 
