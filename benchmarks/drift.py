@@ -50,16 +50,11 @@ def _capture(folder: Path, prompts: list[str], start: datetime) -> None:
 def run() -> list[Figure]:
     from llmops import drift, monitoring
     from llmops.config import load_settings
-    from llmops.data.corpus import build_python_docs_corpus
-    from llmops.prompts import load_template
+    from llmops.traffic import bundled_records
     from serving.capture import read_capture
 
     settings = load_settings("local")
-    template = load_template(settings.data.template)
-    records = []
-    for raw in build_python_docs_corpus():
-        _, prompt = template.render_instruction(raw["instruction"], raw.get("context", ""))
-        records.append({"prompt": prompt, "response": raw["response"]})
+    records = bundled_records(settings.data.template)
     embed = monitoring.make_embedder(settings)
     policy = settings.monitoring.drift_policy()
     started = time.perf_counter()

@@ -112,6 +112,21 @@ def longer_prompts(prompts: Sequence[str], count: int, factor: int = 6, seed: in
 KINDS = ("in-domain", "off-domain", "longer", *LANGUAGES)
 
 
+def bundled_records(template_name: str) -> list[dict]:
+    """The bundled Python-docs corpus as curated records would hold it (``prompt`` rendered with
+    the template, ``response``), without running the pipeline: for calibrating and benchmarking
+    drift checks on the training distribution."""
+    from llmops.data.corpus import build_python_docs_corpus
+    from llmops.prompts import load_template
+
+    template = load_template(template_name)
+    records = []
+    for raw in build_python_docs_corpus():
+        _, prompt = template.render_instruction(raw["instruction"], raw.get("context", ""))
+        records.append({"prompt": prompt, "response": raw["response"]})
+    return records
+
+
 def in_domain_prompts(settings, count: int, seed: int = 0) -> list[str]:
     """Prompts of the newest curated dataset's held-out splits (validation and test): the
     training distribution, never trained on."""

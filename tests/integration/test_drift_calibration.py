@@ -25,17 +25,11 @@ def corpus():
     """The bundled corpus as curated prompts (rendered like llm_data_prep does), split 80/10/10,
     its baseline profile, and an embedder that caches (each prompt is encoded once)."""
     from llmops.config import load_settings
-    from llmops.data.corpus import build_python_docs_corpus
     from llmops.models import resolve_model
-    from llmops.prompts import load_template
     from training.metrics import Embedder
 
     settings = load_settings("local")
-    template = load_template(settings.data.template)
-    records = []
-    for raw in build_python_docs_corpus():
-        _, prompt = template.render_instruction(raw["instruction"], raw.get("context", ""))
-        records.append({"prompt": prompt, "response": raw["response"]})
+    records = traffic.bundled_records(settings.data.template)
     random.Random(7).shuffle(records)
     n = len(records)
     train, validation, test = records[: int(0.8 * n)], records[int(0.8 * n) : int(0.9 * n)], records[int(0.9 * n) :]
