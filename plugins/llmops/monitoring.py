@@ -38,7 +38,6 @@ PROFILE, EMBEDDINGS = "profile.json", "embeddings.npy"
 BASELINE_TAG = "drift.baseline_uri"
 REQUESTED_TAG = "drift.retrain_requested"
 REQUESTED_AT_TAG = "drift.retrain_requested_at"
-FINETUNE_DAG = "llm_finetune"
 
 
 class MonitoringError(RuntimeError):
@@ -458,12 +457,6 @@ def _experiment(settings: Settings, mlflow_client) -> str:
     return ensure_experiment(mlflow_client, settings.monitoring.experiment, settings.mlflow.artifact_uri)
 
 
-def _window_run(mlflow_client, experiment_id: str, key: str):
-    from llmops.tracking import _find_run
-
-    return _find_run(mlflow_client, experiment_id, f"drift/{key}")
-
-
 def record_report(
     settings: Settings,
     window: dict,
@@ -479,11 +472,11 @@ def record_report(
     from pathlib import Path
 
     from llmops.evaluation import report_url
-    from llmops.tracking import RUN_KEY, _metric, client
+    from llmops.tracking import RUN_KEY, _find_run, _metric, client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     experiment_id = _experiment(settings, mlflow_client)
-    run = _window_run(mlflow_client, experiment_id, window["key"])
+    run = _find_run(mlflow_client, experiment_id, f"drift/{window['key']}")
     if (
         run is not None
         and run.info.status == "FINISHED"
@@ -611,7 +604,6 @@ def decide(
             mlflow_client.set_tag(recorded["run_id"], key, value)
         reason = decision.reason if len(decision.reason) <= 1500 else decision.reason[:1497] + "..."
         result.update(
-            dag_id=FINETUNE_DAG,
             run_id=run_id,
             conf={"reason": reason, "drift_run_id": recorded["run_id"]},
         )
