@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import table, write
 
-BENCHMARKS = ("training", "dag_parse", "drift", "gateway")
+BENCHMARKS = ("training", "dag_parse", "drift", "gateway", "serving")
 HERE = Path(__file__).resolve().parent
 
 

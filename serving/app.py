@@ -5,9 +5,13 @@
                          "parameters": {"max_new_tokens", "temperature", "top_p", "stop"},
                          "adapter": optional adapter name}
                         -> {"generated_text", "prompt_tokens", "completion_tokens", "finish_reason",
-                            "adapter", "latency_ms"}
+                            "adapter", "batch_size", "latency_ms"}
 
     SM_MODEL_DIR=/path/to/model python -m serving.app      # port: SAGEMAKER_BIND_TO_PORT or PORT, default 8080
+
+Concurrent requests are batched (``serving.model.Batcher``): ``LLMOPS_MAX_BATCH_SIZE`` (default 8;
+1 serves one request at a time) and ``LLMOPS_BATCH_WAIT_MS`` (default 5), how long the first
+request of a batch waits for company when the model is idle.
 
 A request the server cannot honour (bad JSON, missing inputs, an unknown adapter, parameters out
 of range, a prompt longer than the model's context) gets a 4xx with a message saying what was
@@ -16,6 +20,7 @@ wrong; a 5xx means a fault of the server itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Annotated, Literal
@@ -75,18 +80,35 @@ def decode(body: bytes) -> InvocationRequest:
         raise ValueError(f"invalid request: {_errors(exc)}") from None
 
 
-def create_app(loader=None):
-    """The FastAPI app; ``loader()`` returns a ``serving.model.LoadedModel`` (loaded at start-up)."""
+def _setting(name: str, default: float, kind: type) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a {kind.__name__}") from None
+
+
+def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: float | None = None):
+    """The FastAPI app; ``loader()`` returns a ``serving.model.LoadedModel`` (loaded at start-up).
+    Batching takes its settings from the arguments, else from the environment."""
     from contextlib import asynccontextmanager
 
-    from serving.model import load
+    from serving.model import Batcher, load
 
+    if max_batch_size is None:
+        max_batch_size = int(_setting("LLMOPS_MAX_BATCH_SIZE", 8, int))
+    if max_wait_ms is None:
+        max_wait_ms = _setting("LLMOPS_BATCH_WAIT_MS", 5.0, float)
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app):
         state["model"] = await run_in_threadpool(loader or load)
+        state["batcher"] = Batcher(state["model"], max_batch_size, max_wait_ms)
         yield
+        await run_in_threadpool(state["batcher"].close)
 
     app = FastAPI(title="llmops inference server", lifespan=lifespan)
 
@@ -94,7 +116,7 @@ def create_app(loader=None):
     def ping():
         if "model" not in state:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "adapters": list(state["model"].adapters)}
+        return {"status": "ok", "adapters": list(state["model"].adapters), "batching": state["batcher"].stats()}
 
     @app.post("/invocations")
     async def invocations(request: Request):
@@ -112,12 +134,10 @@ def create_app(loader=None):
             inputs = [m.model_dump() for m in inputs]
         p = invocation.parameters
         try:
-            result = await run_in_threadpool(
-                model.generate, inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter
-            )
+            prepared = model.prepare(inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter)
         except ValueError as exc:  # the prompt does not fit the model's context
             return JSONResponse({"error": str(exc)}, status_code=413)
-        return result
+        return await asyncio.wrap_future(state["batcher"].submit(prepared))
 
     return app
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tarfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,24 @@ def _base_of(adapter_dir: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One request, tokenized and checked against the model's context."""
+
+    ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    adapter: str | None
+
+    @property
+    def group(self) -> tuple:
+        """Requests with the same group can share one ``generate`` call."""
+        sampling = (self.temperature, self.top_p) if self.temperature > 0 else None
+        return (self.adapter, sampling)
+
+
 @dataclass
 class LoadedModel:
     model: object
@@ -72,55 +92,183 @@ class LoadedModel:
     max_context: int
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def generate(
+    def prepare(
         self,
         inputs: str | list[dict],
         max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        adapter: str | None,
-    ) -> dict:
-        import torch
-
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | tuple[str, ...] = (),
+        adapter: str | None = None,
+    ) -> Prepared:
+        """The request tokenized; ``ValueError`` when the prompt and answer do not fit the context."""
         if isinstance(inputs, str):
             text = render(self.tokenizer, inputs, None, self.system)
         else:
             text = self.tokenizer.apply_chat_template(inputs, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        prompt_tokens = int(ids["input_ids"].shape[1])
-        if prompt_tokens + max_new_tokens > self.max_context:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + max_new_tokens > self.max_context:
             raise ValueError(
-                f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's"
+                f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's"
                 f" context of {self.max_context} tokens"
             )
-        sampling = temperature > 0
-        kwargs = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if sampling:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        started = time.perf_counter()
+        adapter = (adapter or self.adapters[0]) if self.adapters else None
+        return Prepared(tuple(ids), max_new_tokens, temperature, top_p, tuple(stop), adapter)
+
+    def generate_batch(self, requests: list[Prepared]) -> list[dict]:
+        """Answers to requests of one ``group``, generated together: prompts padded on the left, each
+        row stopping at its own ``max_new_tokens`` or end of sequence."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        if len({r.group for r in requests}) != 1:
+            raise ValueError("a batch needs one adapter and one sampling setting")
+        first = requests[0]
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.ids) for r in requests)
+        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + list(r.ids) for r in requests])
+        attention = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in requests])
+        limits = torch.tensor([width + r.max_new_tokens for r in requests])
+
+        class RowLimits(StoppingCriteria):  # a row is done at its own max_new_tokens
+            def __call__(self, ids, scores, **kwargs):
+                return ids.shape[1] >= limits.to(ids.device)
+
+        kwargs = {
+            "do_sample": first.temperature > 0,
+            "max_new_tokens": max(r.max_new_tokens for r in requests),
+            "pad_token_id": pad,
+            "stopping_criteria": StoppingCriteriaList([RowLimits()]),
+        }
+        if first.temperature > 0:
+            kwargs.update(temperature=first.temperature, top_p=first.top_p)
         # One generation at a time: PEFT's active adapter is model state, and CPU threads are shared.
         with self.lock, torch.inference_mode():
             if self.adapters:
-                self.model.set_adapter(adapter or self.adapters[0])
-            output = self.model.generate(**ids, **kwargs)
-        new = output[0, prompt_tokens:].tolist()
+                self.model.set_adapter(first.adapter)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        return [self._answer(r, output[row, width:].tolist()) for row, r in enumerate(requests)]
+
+    def _answer(self, request: Prepared, new: list[int]) -> dict:
+        new = new[: request.max_new_tokens]
         eos = self.tokenizer.eos_token_id
         finish = "length"
         if eos in new:
             new, finish = new[: new.index(eos)], "stop"
         generated = self.tokenizer.decode(new, skip_special_tokens=True)
-        for marker in stop:
-            if marker and marker in generated:
+        for marker in request.stop:
+            if marker in generated:
                 generated, finish = generated[: generated.index(marker)], "stop"
         return {
             "generated_text": generated,
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": len(request.ids),
             "completion_tokens": len(new),
             "finish_reason": finish,
-            "adapter": (adapter or self.adapters[0]) if self.adapters else None,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            "adapter": request.adapter,
         }
+
+    def generate(
+        self,
+        inputs: str | list[dict],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | tuple[str, ...] = (),
+        adapter: str | None = None,
+    ) -> dict:
+        """One request on its own (``Batcher`` batches concurrent ones)."""
+        started = time.perf_counter()
+        answer = self.generate_batch([self.prepare(inputs, max_new_tokens, temperature, top_p, stop, adapter)])[0]
+        return {**answer, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+@dataclass
+class _Queued:
+    request: Prepared
+    future: Future
+    enqueued: float
+
+
+class Batcher:
+    """Dynamic batching: requests that arrive while the model is busy, or within ``max_wait_ms`` of
+    the first, are generated together, up to ``max_batch_size`` of one ``Prepared.group``.
+
+    On a CPU a decoding step of a small model costs about the same for 1 or 8 rows, so batching
+    multiplies throughput under concurrent load. ``max_batch_size=1`` serves one request at a time.
+    Greedy answers can differ from unbatched ones in the last bits of a logit, rarely in a token.
+    """
+
+    def __init__(self, model: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 5.0):
+        if not 1 <= max_batch_size <= 256:
+            raise ValueError(f"max_batch_size must be between 1 and 256, not {max_batch_size}")
+        if not 0 <= max_wait_ms <= 1000:
+            raise ValueError(f"max_wait_ms must be between 0 and 1000, not {max_wait_ms}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.batches = 0
+        self.requests = 0
+        self._queue: queue.Queue[_Queued | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="llmops-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Prepared) -> Future:
+        future: Future = Future()
+        self._queue.put(_Queued(request, future, time.perf_counter()))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def stats(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "batches": self.batches, "requests": self.requests}
+
+    def _collect(self, first: _Queued) -> tuple[list[_Queued], bool]:
+        """The first request and those queued behind it; True when the batcher is to stop after."""
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self) -> None:
+        leftover: list[_Queued] = []
+        stopping = False
+        while not (stopping and not leftover):
+            if leftover:
+                batch, leftover = leftover, []
+            else:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch, stopping = self._collect(first)
+            group = batch[0].request.group
+            same = [q for q in batch if q.request.group == group]
+            leftover = [q for q in batch if q.request.group != group]  # served next, before newer requests
+            self._generate(same)
+
+    def _generate(self, batch: list[_Queued]) -> None:
+        live = [q for q in batch if q.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            answers = self.model.generate_batch([q.request for q in live])
+        except Exception as exc:  # every caller hears of it; the batcher goes on
+            for q in live:
+                q.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.requests += len(live)
+        done = time.perf_counter()
+        for q, answer in zip(live, answers, strict=True):
+            q.future.set_result({**answer, "batch_size": len(live), "latency_ms": round((done - q.enqueued) * 1000, 1)})
 
 
 def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None = None) -> LoadedModel:

@@ -42,14 +42,21 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def _process(command: list[str], health: str, log: Path) -> Iterator[subprocess.Popen]:
+def _process(
+    command: list[str], health: str, log: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> Iterator[subprocess.Popen]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            command, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**_env(), **(env or {})},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
-        wait_http(health, process)
+        wait_http(health, process, timeout)
         yield process
     finally:
         if process.poll() is None:
@@ -69,6 +76,16 @@ def running_gateway(state_dir: Path, *extra: str) -> Iterator[tuple[str, subproc
     command = [sys.executable, "-m", "serving.gateway", "--port", str(port), "--state-dir", str(state_dir), *extra]
     with _process(command, f"http://127.0.0.1:{port}/ping", state_dir.parent / f"{state_dir.name}.log") as process:
         yield f"http://127.0.0.1:{port}", process
+
+
+@contextmanager
+def running_model_server(model_dir: Path, log: Path, **env: str) -> Iterator[str]:
+    """``python -m serving.app`` serving ``model_dir`` on a free port, with extra environment
+    (``LLMOPS_MAX_BATCH_SIZE=...``); yields its URL."""
+    port = free_port()
+    env = {"SM_MODEL_DIR": str(model_dir), "PORT": str(port), "LLMOPS_SERVING_HOST": "127.0.0.1", **env}
+    with _process([sys.executable, "-m", "serving.app"], f"http://127.0.0.1:{port}/ping", log, env, timeout=300):
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -157,6 +157,8 @@ class ServingConfig(_Strict):
     deploy_timeout_minutes: float = Field(15, gt=0)
     replay_max_new_tokens: int = Field(48, ge=1, le=2048)
     replay_concurrency: int = Field(1, ge=1, le=64)
+    max_batch_size: int = Field(8, ge=1, le=256, description="concurrent requests a model server generates together")
+    batch_wait_ms: float = Field(5, ge=0, le=1000, description="how long a batch's first request waits for more")
     rollout: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -275,15 +275,20 @@ def ensure_models(settings: Settings, backend, versions: list[dict]) -> None:
 
 
 def serving_environment(settings: Settings) -> dict[str, str]:
-    """The model server's environment: the prompt template's system message for plain-text inputs."""
+    """The model server's environment: request batching, and the prompt template's system message
+    for plain-text inputs."""
     from llmops.prompts import PromptCatalogError, load_registered
 
+    environment = {
+        "LLMOPS_MAX_BATCH_SIZE": str(settings.serving.max_batch_size),
+        "LLMOPS_BATCH_WAIT_MS": f"{settings.serving.batch_wait_ms:g}",
+    }
     try:
         template = load_registered(settings.mlflow.tracking_uri, settings.data.template)
     except PromptCatalogError:
-        return {}
+        return environment
     system, _ = template.render_instruction("-")
-    return {"LLMOPS_SYSTEM_PROMPT": system} if system else {}
+    return {**environment, "LLMOPS_SYSTEM_PROMPT": system} if system else environment
 
 
 # -- what to roll out ---------------------------------------------------------------------------

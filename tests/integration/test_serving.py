@@ -113,3 +113,29 @@ def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_batch_answers_as_each_request_would_alone(model_dir):
+    from serving.model import Batcher
+
+    loaded = load(model_dir)
+    prompts = ["hi", "What does zip do in Python?", "Explain list comprehensions, briefly, with an example.", "why"]
+    limits = [3, 9, 6, 12]
+    alone = [loaded.generate(p, n) for p, n in zip(prompts, limits, strict=True)]
+    prepared = [loaded.prepare(p, n) for p, n in zip(prompts, limits, strict=True)]
+    together = loaded.generate_batch(prepared)
+    for one, batched, limit in zip(alone, together, limits, strict=True):
+        assert batched["completion_tokens"] <= limit
+        assert batched["generated_text"] == one["generated_text"], "left padding must not change a greedy answer"
+        assert batched["prompt_tokens"] == one["prompt_tokens"]
+    other = loaded.generate_batch([loaded.prepare(p, 6, adapter="other") for p in prompts[:2]])
+    assert other[1]["generated_text"] == loaded.generate(prompts[1], 6, adapter="other")["generated_text"]
+
+    batcher = Batcher(loaded, max_batch_size=8, max_wait_ms=200)
+    try:
+        futures = [batcher.submit(r) for r in prepared]
+        answers = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.close()
+    assert [a["batch_size"] for a in answers] == [4, 4, 4, 4]
+    assert [a["generated_text"] for a in answers] == [a["generated_text"] for a in alone]

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import MAX_BODY_BYTES, create_app
+from serving.model import Prepared
 
 
 class FakeModel:
@@ -16,18 +17,23 @@ class FakeModel:
     def __init__(self):
         self.calls = []
 
-    def generate(self, inputs, max_new_tokens, temperature, top_p, stop, adapter):
+    def prepare(self, inputs, max_new_tokens, temperature, top_p, stop, adapter):
         self.calls.append((inputs, max_new_tokens, temperature, top_p, stop, adapter))
         if isinstance(inputs, str) and inputs.startswith("too long"):
             raise ValueError("the prompt is 5000 tokens; it exceeds the model's context of 2048 tokens")
-        return {
-            "generated_text": "ok",
-            "prompt_tokens": 3,
-            "completion_tokens": 1,
-            "finish_reason": "stop",
-            "adapter": adapter or "default",
-            "latency_ms": 1.0,
-        }
+        return Prepared((1, 2, 3), max_new_tokens, temperature, top_p, tuple(stop), adapter or "default")
+
+    def generate_batch(self, requests):
+        return [
+            {
+                "generated_text": "ok",
+                "prompt_tokens": len(r.ids),
+                "completion_tokens": 1,
+                "finish_reason": "stop",
+                "adapter": r.adapter,
+            }
+            for r in requests
+        ]
 
 
 @pytest.fixture
@@ -41,12 +47,14 @@ def test_ping_answers_once_loaded(served):
     client, _ = served
     response = client.get("/ping")
     assert response.status_code == 200 and response.json()["adapters"] == ["default", "concise"]
+    assert response.json()["batching"] == {"max_batch_size": 8, "batches": 0, "requests": 0}
 
 
 def test_text_and_chat_inputs_with_parameters_reach_the_model(served):
     client, model = served
     response = client.post("/invocations", json={"inputs": "What is zip?", "parameters": {"max_new_tokens": 5}})
     assert response.status_code == 200 and response.json()["generated_text"] == "ok"
+    assert response.json()["batch_size"] == 1 and response.json()["latency_ms"] >= 0
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is zip?"}]
     body = {"inputs": chat, "parameters": {"temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"]}, "adapter": "concise"}
     assert client.post("/invocations", json=body).status_code == 200
@@ -76,3 +84,18 @@ def test_bad_requests_get_a_4xx_that_says_why(served, body, status, message):
     response = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_batching_settings_come_from_the_environment_and_bad_ones_are_named(monkeypatch):
+    monkeypatch.setenv("LLMOPS_MAX_BATCH_SIZE", "2")
+    with TestClient(create_app(loader=FakeModel)) as client:
+        assert client.get("/ping").json()["batching"]["max_batch_size"] == 2
+    monkeypatch.setenv("LLMOPS_MAX_BATCH_SIZE", "eight")
+    with pytest.raises(ValueError, match="LLMOPS_MAX_BATCH_SIZE='eight' is not a int"):
+        create_app(loader=FakeModel)
+    monkeypatch.setenv("LLMOPS_MAX_BATCH_SIZE", "0")
+    with (
+        pytest.raises(ValueError, match="max_batch_size must be between 1 and 256"),
+        TestClient(create_app(loader=FakeModel)),
+    ):
+        pass

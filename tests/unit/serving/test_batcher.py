@@ -1,0 +1,109 @@
+"""Dynamic batching with a stand-in model: who is batched with whom, and what every caller hears."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serving.model import Batcher, Prepared
+
+
+class SlowModel:
+    """Records each batch; the first batch blocks until released, so requests queue behind it."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.batches: list[list[Prepared]] = []
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def generate_batch(self, requests):
+        self.batches.append(list(requests))
+        if len(self.batches) == 1:
+            assert self.release.wait(10)
+        if self.fail_on and any(r.adapter == self.fail_on for r in requests):
+            raise RuntimeError("out of memory")
+        return [{"generated_text": f"{r.adapter}:{r.ids[0]}", "adapter": r.adapter} for r in requests]
+
+
+def request(n: int, adapter: str = "default", temperature: float = 0.0, max_new_tokens: int = 8) -> Prepared:
+    return Prepared((n,), max_new_tokens, temperature, 1.0, (), adapter)
+
+
+def test_requests_queued_behind_a_busy_model_are_generated_together_up_to_the_batch_size():
+    model = SlowModel()
+    batcher = Batcher(model, max_batch_size=4, max_wait_ms=0)
+    try:
+        first = batcher.submit(request(0))
+        time.sleep(0.05)  # the first batch is running alone
+        later = [batcher.submit(request(n)) for n in range(1, 7)]
+        model.release.set()
+        answers = [f.result(timeout=10) for f in [first, *later]]
+    finally:
+        batcher.close()
+    assert [len(b) for b in model.batches] == [1, 4, 2]
+    assert [a["generated_text"] for a in answers] == [f"default:{n}" for n in range(7)]
+    assert [a["batch_size"] for a in answers] == [1, 4, 4, 4, 4, 2, 2]
+    assert batcher.stats() == {"max_batch_size": 4, "batches": 3, "requests": 7}
+
+
+def test_only_requests_of_one_adapter_and_sampling_setting_share_a_batch():
+    model = SlowModel()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=0)
+    try:
+        first = batcher.submit(request(0))
+        time.sleep(0.05)
+        mixed = [
+            request(1),
+            request(2, adapter="other"),
+            request(3, temperature=0.7),
+            request(4, max_new_tokens=64),  # a different length still shares the batch
+            request(5, adapter="other"),
+        ]
+        futures = [batcher.submit(r) for r in mixed]
+        model.release.set()
+        answers = [f.result(timeout=10) for f in [first, *futures]]
+    finally:
+        batcher.close()
+    assert [[r.ids[0] for r in b] for b in model.batches] == [[0], [1, 4], [2, 5], [3]]
+    assert answers[2]["generated_text"] == "other:2"
+
+
+def test_a_failing_batch_fails_each_of_its_callers_and_the_batcher_goes_on():
+    model = SlowModel(fail_on="broken")
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=0)
+    try:
+        first = batcher.submit(request(0))
+        time.sleep(0.05)
+        broken = [batcher.submit(request(n, adapter="broken")) for n in (1, 2)]
+        fine = batcher.submit(request(3))
+        model.release.set()
+        for future in broken:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                future.result(timeout=10)
+        assert fine.result(timeout=10)["generated_text"] == "default:3"
+        assert first.result(timeout=10)["batch_size"] == 1
+    finally:
+        batcher.close()
+
+
+def test_the_first_request_waits_at_most_max_wait_for_company():
+    model = SlowModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=300)
+    try:
+        started = time.perf_counter()
+        one = batcher.submit(request(0))
+        time.sleep(0.05)
+        two = batcher.submit(request(1))
+        assert one.result(timeout=10)["batch_size"] == two.result(timeout=10)["batch_size"] == 2
+        assert time.perf_counter() - started < 5
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize(("size", "wait"), [(0, 5), (257, 5), (8, -1), (8, 5000)])
+def test_bad_settings_are_refused(size, wait):
+    with pytest.raises(ValueError, match="must be between"):
+        Batcher(SlowModel(), max_batch_size=size, max_wait_ms=wait)
