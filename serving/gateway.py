@@ -43,6 +43,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -80,6 +81,60 @@ def aws_error(status: int, code: str, message: str, **extra) -> JSONResponse:
     return JSONResponse(
         {"__type": code, "message": message, **extra}, status_code=status, headers={"x-amzn-ErrorType": code}
     )
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    status_code: int
+    content: bytes
+    headers: Any  # case-insensitive, as received
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+class UpstreamTimeout(Exception):
+    pass
+
+
+class UpstreamUnreachable(Exception):
+    pass
+
+
+class Upstream:
+    """The client that carries invocations to model servers: aiohttp, which costs a fraction of
+    httpx's async client per request; under concurrency that is most of the gateway's overhead.
+    (Control calls, such as health checks, keep httpx.)"""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.session = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            skip_auto_headers=("Content-Type", "User-Agent"),
+            auto_decompress=False,
+        )
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamAnswer:
+        import aiohttp
+
+        try:
+            async with self.session.post(url, data=body, headers=headers) as response:
+                return UpstreamAnswer(response.status, await response.read(), response.headers)
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(type(exc).__name__) from None
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
 
 def _free_port() -> int:
@@ -293,6 +348,7 @@ class Gateway:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.client: httpx.AsyncClient | None = None
+        self.upstream = Upstream(invoke_timeout)
         self.shadow_queue: asyncio.Queue[Mirror] | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -306,6 +362,7 @@ class Gateway:
         self.client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), timeout=self.invoke_timeout
         )
+        await self.upstream.start()
         self.shadow_queue = asyncio.Queue(maxsize=self._shadow_queue_size)
         for _ in range(self._shadow_workers):
             self._spawn(self._shadow_worker())
@@ -327,6 +384,7 @@ class Gateway:
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
         if self.client is not None:
             await self.client.aclose()
+        await self.upstream.close()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -622,11 +680,11 @@ class Gateway:
         model_response, failure = None, None
         server.inflight += 1
         try:
-            model_response = await self.client.post(f"{server.url}/invocations", content=body, headers=forward)
-        except httpx.TimeoutException:
+            model_response = await self.upstream.post(f"{server.url}/invocations", body, forward)
+        except UpstreamTimeout:
             failure = f"the model of variant {variant} did not answer within {self.invoke_timeout:.0f}s"
-        except httpx.HTTPError as exc:
-            failure = f"the model server of variant {variant} is not reachable ({type(exc).__name__})"
+        except UpstreamUnreachable as exc:
+            failure = f"the model server of variant {variant} is not reachable ({exc})"
         finally:
             server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000
@@ -712,10 +770,10 @@ class Gateway:
         started = time.perf_counter()
         server.inflight += 1
         try:
-            answer = await self.client.post(f"{server.url}/invocations", content=mirror.body, headers=mirror.headers)
+            answer = await self.upstream.post(f"{server.url}/invocations", mirror.body, mirror.headers)
             status, content, media = answer.status_code, answer.content, answer.headers.get("content-type")
-        except httpx.HTTPError as exc:
-            status, content, media = 502, f"unreachable: {type(exc).__name__}".encode(), "text/plain"
+        except (UpstreamTimeout, UpstreamUnreachable) as exc:
+            status, content, media = 502, f"unreachable: {type(exc).__name__} {exc}".encode(), "text/plain"
         finally:
             server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000

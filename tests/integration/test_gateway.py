@@ -748,3 +748,28 @@ def test_a_model_server_left_behind_by_a_killed_gateway_is_stopped_at_the_next_s
     finally:
         if orphan.poll() is None:
             orphan.kill()
+
+
+def test_a_model_that_is_too_slow_or_gone_is_a_model_error_that_says_which(tmp_path):
+    with (
+        running_fake("slow", tmp_path, delay=3.0, name="slow") as slow_url,
+        running_fake("crash", tmp_path, name="doomed") as doomed_url,
+        running_gateway(tmp_path / "gateway", "--invoke-timeout", "1") as (url, _),
+        httpx.Client(base_url=url, timeout=30) as control,
+    ):
+        create_model(control, "slow", slow_url)
+        create_model(control, "doomed", doomed_url)
+        deploy(control, "sluggish", [("tortoise", "slow", 1.0)])
+        deploy(control, "dying", [("mayfly", "doomed", 1.0)])
+        client = runtime(url)
+        for endpoint, expected in (
+            ("sluggish", "the model of variant tortoise did not answer within 1s"),
+            ("dying", "the model server of variant mayfly is not reachable (ServerDisconnectedError)"),
+            ("dying", "the model server of variant mayfly is not reachable (ClientConnectorError)"),
+        ):
+            with pytest.raises(ClientError) as caught:
+                client.invoke_endpoint(EndpointName=endpoint, Body=payload(), ContentType="application/json")
+            error = caught.value.response
+            assert error["Error"]["Code"] == "ModelError" and error["OriginalStatusCode"] == 502
+            assert expected in error["OriginalMessage"], error["OriginalMessage"]
+        assert metrics(control, "sluggish")["Variants"]["tortoise"]["Invocation5XXErrors"] == 1
