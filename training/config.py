@@ -148,6 +148,8 @@ def load_config(argv: list[str] | None, paths: JobPaths) -> TrainConfig:
             values.update(json.loads(hp_file.read_text()))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{hp_file}: invalid JSON ({exc})") from None
+        # SageMaker's own keys (sagemaker_program, sagemaker_submit_directory, ...) are the toolkit's.
+        values = {k: v for k, v in values.items() if not k.startswith("sagemaker_")}
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
     for name in get_type_hints(TrainConfig):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None)

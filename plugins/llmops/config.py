@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(os.environ.get("LLMOPS_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
 INCLUDE_DIR = PROJECT_ROOT / "include"
@@ -221,6 +221,67 @@ class AwsConfig(_Strict):
     region: str | None = None
 
 
+HF_TRAINING_GPU = (
+    "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training:"
+    "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
+)
+HF_TRAINING_NEURON = (
+    "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training-neuronx:"
+    "2.8.0-transformers4.55.4-neuronx-py310-sdk2.26.0-ubuntu22.04"
+)
+
+
+class SageMakerTarget(_Strict):
+    """Where a SageMaker training job runs: its instances and image (``{region}`` is filled in)."""
+
+    instance_type: str = Field(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+    instance_count: int = Field(1, ge=1, le=64)
+    image_uri: str = Field(min_length=1, max_length=255)
+    requirements: list[str] = Field(default_factory=list, description="pip lines the container installs first")
+
+
+class SageMakerConfig(_Strict):
+    """SageMaker training jobs (backends ``sagemaker`` and ``sagemaker-trainium``)."""
+
+    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
+    gpu: SageMakerTarget = SageMakerTarget(instance_type="ml.g5.2xlarge", image_uri=HF_TRAINING_GPU)
+    trainium: SageMakerTarget = SageMakerTarget(instance_type="ml.trn1.2xlarge", image_uri=HF_TRAINING_NEURON)
+    volume_size_gb: int = Field(100, ge=1, le=16384)
+    max_runtime_minutes: int = Field(480, ge=1, le=40320)
+    spot: bool = False
+    max_wait_minutes: int | None = Field(None, ge=1, description="spot only; default twice max_runtime_minutes")
+    kms_key_id: str | None = None
+    subnets: list[str] = Field(default_factory=list, max_length=16)
+    security_groups: list[str] = Field(default_factory=list, max_length=5)
+    tags: dict[str, str] = Field(default_factory=dict)
+    prices_per_hour: dict[str, float] = Field(
+        default_factory=lambda: {
+            "ml.g5.xlarge": 1.408,
+            "ml.g5.2xlarge": 1.515,
+            "ml.g5.12xlarge": 7.09,
+            "ml.trn1.2xlarge": 1.5,
+            "ml.trn1.32xlarge": 24.72,
+            "ml.m5.xlarge": 0.23,
+        },
+        description="USD per instance-hour, for the cost recorded with each run; check your region's prices",
+    )
+
+    @field_validator("role_arn", "kms_key_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SageMakerConfig:
+        if not self.trainium.instance_type.startswith(("ml.trn1", "ml.trn2")):
+            raise ValueError(f"trainium.instance_type {self.trainium.instance_type!r} is not a Trainium instance")
+        if bool(self.subnets) != bool(self.security_groups):
+            raise ValueError("subnets and security_groups go together: set both for a VPC, or neither")
+        if self.max_wait_minutes is not None and self.max_wait_minutes < self.max_runtime_minutes:
+            raise ValueError("max_wait_minutes must be at least max_runtime_minutes")
+        return self
+
+
 class Settings(_Strict):
     """Everything one environment needs. Secrets never live here: they come from Airflow
     connections named by ``*_conn_id`` fields."""
@@ -236,6 +297,7 @@ class Settings(_Strict):
     serving: ServingConfig
     monitoring: MonitoringConfig = MonitoringConfig()
     aws: AwsConfig = AwsConfig()
+    sagemaker: SageMakerConfig = SageMakerConfig()
 
     @model_validator(mode="before")
     @classmethod
