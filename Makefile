@@ -56,7 +56,7 @@ traffic: install
 # Nothing is sent: prints the upload and the CreateTrainingJob request (LLMOPS_ENV=aws settings).
 BACKEND ?= sagemaker
 aws-dry-run: install
-	LLMOPS_ENV=aws $(PY) -m llmops.backends.sagemaker --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
+	LLMOPS_ENV=aws $(PY) -m llmops.backends.sagemaker dry-run --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up

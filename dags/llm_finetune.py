@@ -5,7 +5,8 @@ Runs nightly (cron and time zone from the config) and whenever `llm_data_prep` p
 curated dataset version; also from the trigger form, where every hyperparameter can be changed
 for one run.
 
-resolve_config → select_dataset → decide_training → train_adapter, profile_baseline → register_model
+resolve_config → select_dataset → decide_training → choose_backend → train_adapter (local)
+  | stage_sagemaker_job → run_sagemaker_job (SageMaker) → collect_training, and profile_baseline → register_model
 → evaluate_models → judge_responses → decide_promotion → record_evaluation → route_decision
 → [await_approval] → promote_challenger → record_outcome
 
@@ -41,6 +42,8 @@ from llmops.orchestration import (
     curated_dataset_asset,
     fail_without_retry,
     recorded_approval_operator,
+    sagemaker_processing_operator,
+    sagemaker_training_operator,
     storage_options_for,
 )
 
@@ -50,6 +53,12 @@ DEFAULTS = SETTINGS.finetune.hyperparameters
 
 def _hp(name: str, fallback):
     return DEFAULTS.get(name, fallback)
+
+
+def _sagemaker_wait_minutes() -> int:
+    """How long a SageMaker job may take, waiting for spot capacity included."""
+    config = SETTINGS.sagemaker
+    return (config.max_wait_minutes or 2 * config.max_runtime_minutes) if config.spot else config.max_runtime_minutes
 
 
 @dag(
@@ -170,6 +179,10 @@ def llm_finetune():
         logging.getLogger("airflow.task").info("%s: %s", "training" if decision.train else "skipping", decision.reason)
         return decision.train
 
+    @task.branch
+    def choose_backend(request: dict) -> str:
+        return "train_adapter" if request["backend"] == "local" else "stage_sagemaker_job"
+
     @task(execution_timeout=timedelta(minutes=SETTINGS.finetune.timeout_minutes + 10))
     @fail_without_retry
     def train_adapter(request: dict, dataset: dict) -> dict:
@@ -190,6 +203,40 @@ def llm_finetune():
             on_line=log.info,
             storage_options=storage_options_for(SETTINGS.store_uri, SETTINGS),
         )
+
+    @task
+    @fail_without_retry
+    def stage_sagemaker_job(request: dict, dataset: dict) -> dict:
+        import logging
+
+        from llmops.backends.sagemaker import stage_job
+        from llmops.data.stages import git_sha
+        from llmops.finetune import FinetuneRequest, job_name
+
+        context = get_current_context()
+        return stage_job(
+            SETTINGS,
+            FinetuneRequest.model_validate(request),
+            dataset,
+            job_name(context["dag"].dag_id, context["run_id"]),
+            {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "git_sha": git_sha()},
+            storage_options_for(SETTINGS.store_uri, SETTINGS),
+            logging.getLogger("airflow.task").info,
+        )
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def collect_training(request: dict) -> dict:
+        """The training result of whichever backend ran, in one shape for registration."""
+        ti = get_current_context()["ti"]
+        if request["backend"] == "local":
+            return ti.xcom_pull(task_ids="train_adapter")
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        from llmops.backends.sagemaker import collect
+
+        name = ti.xcom_pull(task_ids="stage_sagemaker_job")["TrainingJobName"]
+        hook = SageMakerHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
+        return collect(SETTINGS, hook.describe_training_job(name), storage_options_for(SETTINGS.store_uri, SETTINGS))
 
     @task
     def profile_baseline(dataset: dict) -> dict:
@@ -229,33 +276,93 @@ def llm_finetune():
 
         return {name: result.to_dict() for name, result in sync_prompts(SETTINGS.mlflow.tracking_uri).items()}
 
-    @task(execution_timeout=timedelta(minutes=SETTINGS.evaluation.timeout_minutes + 10))
-    @fail_without_retry
-    def evaluate_models(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
-        import logging
-
-        from llmops.evaluation import build_items, champion_ref, run_evaluation
+    def _evaluation_inputs(request: dict, dataset: dict, registered: dict) -> dict:
+        """The items (test split + catalog), the models to evaluate and what to record about them."""
+        from llmops.evaluation import build_items, champion_ref, evaluated_versions, models_to_evaluate
         from llmops.finetune import job_name
         from llmops.prompts import load_eval_catalog, load_registered
 
         context = get_current_context()
-        options = storage_options_for(SETTINGS.store_uri, SETTINGS)
         catalog = load_eval_catalog()
         template = load_registered(SETTINGS.mlflow.tracking_uri, catalog.template)
+        options = storage_options_for(SETTINGS.store_uri, SETTINGS)
         items = build_items(dataset, template, catalog, SETTINGS.evaluation.max_test_items, options)
         champion = champion_ref(SETTINGS.mlflow.tracking_uri, SETTINGS.finetune.model_name)
         candidate = {"version": registered["version"], "artifact_uri": registered["artifact_uri"]}
-        result = run_evaluation(
-            SETTINGS,
-            job_name(context["dag"].dag_id, context["run_id"], prefix="llmops-eval"),
-            candidate,
-            request["base_model_name"],
-            champion,
-            items,
-            on_line=logging.getLogger("airflow.task").info,
-            storage_options=options,
-        )
-        return {**result, "prompt_refs": [template.ref], "catalog_sha256": catalog.content_sha256}
+        models = models_to_evaluate(request["base_model_name"], candidate, champion)
+        return {
+            "name": job_name(context["dag"].dag_id, context["run_id"], prefix="llmops-eval"),
+            "items": items,
+            "candidate": candidate,
+            "champion": champion,
+            "models": models,
+            "record": {
+                "models": sorted(models),
+                "versions": evaluated_versions(candidate, champion, models),
+                "prompt_refs": [template.ref],
+                "catalog_sha256": catalog.content_sha256,
+            },
+        }
+
+    if SETTINGS.evaluation.backend == "local":
+
+        @task(execution_timeout=timedelta(minutes=SETTINGS.evaluation.timeout_minutes + 10))
+        @fail_without_retry
+        def evaluate_models(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
+            import logging
+
+            from llmops.evaluation import run_evaluation
+
+            inputs = _evaluation_inputs(request, dataset, registered)
+            result = run_evaluation(
+                SETTINGS,
+                inputs["name"],
+                inputs["candidate"],
+                request["base_model_name"],
+                inputs["champion"],
+                inputs["items"],
+                on_line=logging.getLogger("airflow.task").info,
+                storage_options=storage_options_for(SETTINGS.store_uri, SETTINGS),
+            )
+            return {**result, **inputs["record"]}
+
+    else:  # a SageMaker Processing job
+
+        @task(multiple_outputs=True)
+        @fail_without_retry
+        def stage_evaluation_job(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
+            import logging
+
+            from llmops import storage
+            from llmops.backends.sagemaker_evaluation import stage_evaluation
+
+            context = get_current_context()
+            inputs = _evaluation_inputs(request, dataset, registered)
+            job = stage_evaluation(
+                SETTINGS,
+                inputs["name"],
+                inputs["models"],
+                inputs["items"],
+                {"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"]},
+                storage_options_for(SETTINGS.store_uri, SETTINGS),
+                logging.getLogger("airflow.task").info,
+            )
+            items_uri = storage.join(
+                SETTINGS.store_uri, "evaluation-jobs", inputs["name"], "input", "items", "items.jsonl"
+            )
+            return {"request": job, "record": {**inputs["record"], "items_uri": items_uri}}
+
+        @task
+        def evaluate_models(staged: dict) -> dict:
+            """The Processing job's outputs, in the local backend's shape."""
+            from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+            from llmops.backends.sagemaker_evaluation import collect_evaluation
+
+            hook = SageMakerHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
+            described = hook.describe_processing_job(staged["request"]["ProcessingJobName"])
+            options = storage_options_for(SETTINGS.store_uri, SETTINGS)
+            return {**collect_evaluation(SETTINGS, described, options), **staged["record"]}
 
     @task
     def judge_responses(evaluation: dict) -> dict:
@@ -374,11 +481,42 @@ def llm_finetune():
     request = resolve_config()
     dataset = select_dataset(request)
     go = decide_training(request, dataset)
-    job = train_adapter(request, dataset)
+    backend = choose_backend(request)
+    local_job = train_adapter(request, dataset)
+    staged = stage_sagemaker_job(request, dataset)
+    sagemaker_job = sagemaker_training_operator()(
+        task_id="run_sagemaker_job",
+        config=staged,
+        aws_conn_id=SETTINGS.aws.conn_id,
+        region_name=SETTINGS.aws.region,
+        check_interval=SETTINGS.sagemaker.poll_seconds,
+        max_attempts=_sagemaker_wait_minutes() * 60 // SETTINGS.sagemaker.poll_seconds + 1,
+        max_ingestion_time=_sagemaker_wait_minutes() * 60,
+        deferrable=SETTINGS.sagemaker.deferrable,
+    )
+    job = collect_training(request)
     baseline = profile_baseline(dataset)
-    go >> [job, baseline]
+    go >> [backend, baseline]
+    backend >> [local_job, staged]
+    staged >> sagemaker_job >> job
+    local_job >> job
     registered = register_model(request, dataset, job, baseline)
-    evaluation = evaluate_models(request, dataset, registered, sync_prompts())
+    if SETTINGS.evaluation.backend == "local":
+        evaluation = evaluate_models(request, dataset, registered, sync_prompts())
+    else:
+        staged_evaluation = stage_evaluation_job(request, dataset, registered, sync_prompts())
+        evaluation_job = sagemaker_processing_operator()(
+            task_id="run_evaluation_job",
+            config=staged_evaluation["request"],
+            aws_conn_id=SETTINGS.aws.conn_id,
+            region_name=SETTINGS.aws.region,
+            check_interval=SETTINGS.sagemaker.poll_seconds,
+            max_attempts=SETTINGS.evaluation.timeout_minutes * 60 // SETTINGS.sagemaker.poll_seconds + 1,
+            max_ingestion_time=SETTINGS.evaluation.timeout_minutes * 60,
+            deferrable=SETTINGS.sagemaker.deferrable,
+        )
+        evaluation = evaluate_models({"request": staged_evaluation["request"], "record": staged_evaluation["record"]})
+        evaluation_job >> evaluation
     judged = judge_responses(evaluation)
     decided = decide_promotion(evaluation, judged)
     recorded = record_evaluation(registered, dataset, evaluation, judged, decided)

@@ -95,7 +95,7 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
     Batching takes its settings from the arguments, else from the environment."""
     from contextlib import asynccontextmanager
 
-    from serving.model import Batcher, load
+    from serving.model import Batcher, BatcherStopped, load
 
     if max_batch_size is None:
         max_batch_size = int(_setting("LLMOPS_MAX_BATCH_SIZE", 8, int))
@@ -116,6 +116,8 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
     def ping():
         if "model" not in state:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if not state["batcher"].alive:
+            return JSONResponse({"status": "stopped", "error": "the generation thread is not running"}, status_code=503)
         return {"status": "ok", "adapters": list(state["model"].adapters), "batching": state["batcher"].stats()}
 
     @app.post("/invocations")
@@ -133,11 +135,17 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
         if not isinstance(inputs, str):
             inputs = [m.model_dump() for m in inputs]
         p = invocation.parameters
-        try:
-            prepared = model.prepare(inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter)
+        try:  # templating and tokenizing up to 32k characters: off the event loop
+            prepared = await run_in_threadpool(
+                model.prepare, inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter
+            )
         except ValueError as exc:  # the prompt does not fit the model's context
             return JSONResponse({"error": str(exc)}, status_code=413)
-        return await asyncio.wrap_future(state["batcher"].submit(prepared))
+        try:
+            future = state["batcher"].submit(prepared)
+        except BatcherStopped as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return await asyncio.wrap_future(future)
 
     return app
 

@@ -115,15 +115,19 @@ class Upstream:
         import aiohttp
 
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=30),
+            # Idle connections close before the servers' (uvicorn: 5 s): aiohttp never retries a POST.
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
-            skip_auto_headers=("Content-Type", "User-Agent"),
+            # No Accept-Encoding: answers pass through to callers and capture as they came.
+            skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"),
             auto_decompress=False,
         )
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamAnswer:
         import aiohttp
 
+        if self.session is None or self.session.closed:
+            raise UpstreamUnreachable("the gateway's client is not running")
         try:
             async with self.session.post(url, data=body, headers=headers) as response:
                 return UpstreamAnswer(response.status, await response.read(), response.headers)

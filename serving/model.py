@@ -182,6 +182,10 @@ class LoadedModel:
         return {**answer, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher takes no more requests (closed, or its thread died)."""
+
+
 @dataclass
 class _Queued:
     request: Prepared
@@ -209,17 +213,32 @@ class Batcher:
         self.batches = 0
         self.requests = 0
         self._queue: queue.Queue[_Queued | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmops-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, request: Prepared) -> Future:
+        """Queue a request; ``BatcherStopped`` once the batcher is closed or has died."""
         future: Future = Future()
-        self._queue.put(_Queued(request, future, time.perf_counter()))
+        with self._lock:
+            if self._closed or not self._thread.is_alive():
+                raise BatcherStopped("the model server is shutting down or its generation thread stopped")
+            self._queue.put(_Queued(request, future, time.perf_counter()))
         return future
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop taking requests, answer those queued, then stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
 
     def stats(self) -> dict:
         return {"max_batch_size": self.max_batch_size, "batches": self.batches, "requests": self.requests}
@@ -238,21 +257,49 @@ class Batcher:
             batch.append(item)
         return batch, False
 
+    def _split(self, batch: list[_Queued]) -> tuple[list[_Queued], list[_Queued]]:
+        """The requests that can share one ``generate`` call with the first (same group; the widest
+        prompt plus the longest answer within the model's context), and the rest."""
+        group = batch[0].request.group
+        limit = getattr(self.model, "max_context", None)
+        now, later, width, longest = [], [], 0, 0
+        for q in batch:
+            w, n = max(width, len(q.request.ids)), max(longest, q.request.max_new_tokens)
+            if q.request.group == group and (limit is None or not now or w + n <= limit):
+                now.append(q)
+                width, longest = w, n
+            else:
+                later.append(q)
+        return now, later
+
     def _run(self) -> None:
         leftover: list[_Queued] = []
         stopping = False
-        while not (stopping and not leftover):
-            if leftover:
-                batch, leftover = leftover, []
-            else:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch, stopping = self._collect(first)
-            group = batch[0].request.group
-            same = [q for q in batch if q.request.group == group]
-            leftover = [q for q in batch if q.request.group != group]  # served next, before newer requests
-            self._generate(same)
+        try:
+            while not (stopping and not leftover):
+                if leftover:
+                    batch, leftover = leftover, []
+                else:
+                    first = self._queue.get()
+                    if first is None:
+                        return
+                    batch, stopping = self._collect(first)
+                now, leftover = self._split(batch)  # the rest is served next, before newer requests
+                self._generate(now)
+        finally:  # whatever ends this thread, nobody is left waiting
+            with self._lock:
+                self._closed = True
+            stranded = list(leftover)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    stranded.append(item)
+            for q in stranded:
+                if q.future.set_running_or_notify_cancel():
+                    q.future.set_exception(BatcherStopped("the model server stopped before answering"))
 
     def _generate(self, batch: list[_Queued]) -> None:
         live = [q for q in batch if q.future.set_running_or_notify_cancel()]
@@ -260,9 +307,13 @@ class Batcher:
             return
         try:
             answers = self.model.generate_batch([q.request for q in live])
-        except Exception as exc:  # every caller hears of it; the batcher goes on
+            if len(answers) != len(live):
+                raise RuntimeError(f"generate_batch gave {len(answers)} answers to {len(live)} requests")
+        except BaseException as exc:  # every caller hears of it; the batcher goes on after an Exception
             for q in live:
                 q.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         self.batches += 1
         self.requests += len(live)

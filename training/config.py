@@ -85,12 +85,25 @@ class TrainConfig:
         return values
 
 
+def _list_of(name: str, text: str) -> list:
+    """A list given as JSON, or as a Python literal (how a launcher may print a decoded list)."""
+    import ast
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return list(ast.literal_eval(text))
+        except (ValueError, SyntaxError, TypeError):
+            raise ValueError(f"invalid training configuration:\n  {name}: not a list: {text!r}") from None
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """SageMaker passes every hyperparameter as a string; turn it into the field's type."""
     origin = getattr(hint, "__origin__", None)
     if origin is tuple:
         if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            value = _list_of(name, value) if value.strip().startswith("[") else value.split(",")
         return tuple(str(v).strip() for v in value)
     if hint is bool:
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
@@ -125,6 +138,7 @@ class JobPaths:
     checkpoint_dir: Path
     output_dir: Path
     extra: dict[str, str] = field(default_factory=dict)
+    base_model_dir: str | None = None  # a ``base_model`` channel: the base model's folder, over the name
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> JobPaths:
@@ -136,6 +150,7 @@ class JobPaths:
             model_dir=Path(env.get("SM_MODEL_DIR", "/opt/ml/model")),
             checkpoint_dir=Path(env.get("LLMOPS_CHECKPOINT_DIR", "/opt/ml/checkpoints")),
             output_dir=Path(env.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")),
+            base_model_dir=env.get("SM_CHANNEL_BASE_MODEL") or None,
         )
 
 

@@ -46,6 +46,56 @@ def _cpu_has_native_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
+def _transformers_at_least(version: str) -> bool:
+    """The Neuron training image pins an older Transformers than this project's."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
+
+
+def _warmup(ratio: float) -> dict:
+    # Transformers 5 takes a float below 1 in warmup_steps as a ratio; 4.x has warmup_ratio.
+    return {"warmup_steps": ratio} if _transformers_at_least("5.0") else {"warmup_ratio": ratio}
+
+
+def on_trainium() -> bool:
+    """A Trainium (Neuron) host with optimum-neuron: the Hugging Face Neuron training image."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch_neuronx") is not None and (
+            importlib.util.find_spec("optimum.neuron") is not None
+        )
+    except ModuleNotFoundError:  # no optimum at all
+        return False
+
+
+def trainer_classes(config: TrainConfig) -> tuple[type, type, dict]:
+    """(TrainingArguments class, Trainer class, device arguments) for this machine. On Trainium
+    optimum-neuron's trainer runs the same loop on the NeuronCores through XLA, in bf16 (one
+    process per core, started by torch_distributed); elsewhere the Transformers Trainer runs on
+    CUDA or the CPU (gloo between processes)."""
+    if on_trainium():
+        from optimum.neuron import NeuronTrainer, NeuronTrainingArguments
+
+        return NeuronTrainingArguments, NeuronTrainer, {"bf16": True}
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return (
+        TrainingArguments,
+        Trainer,
+        {
+            "bf16": config.precision == "bf16",
+            "use_cpu": not cuda,
+            "ddp_backend": "gloo" if not cuda and processes > 1 else None,
+        },
+    )
+
+
 def build_model(config: TrainConfig, base_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -64,9 +114,9 @@ def build_model(config: TrainConfig, base_dir: str):
                 f"(CUDA available: {cuda}, bitsandbytes installed: {bnb}); use lora on this machine"
             )
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    if config.precision == "bf16" and not cuda and not _cpu_has_native_bf16():
+    if config.precision == "bf16" and not cuda and not _cpu_has_native_bf16() and not on_trainium():
         _say("warning: this CPU has no native bf16 (no AMX or AVX512-BF16); bf16 will be much slower than fp32")
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {("dtype" if _transformers_at_least("4.56") else "torch_dtype"): dtype}
     if config.peft_method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -138,16 +188,16 @@ def write_model_card(path: Path, config: TrainConfig, metrics: dict, lineage: di
 
 
 def train(config: TrainConfig, paths: JobPaths) -> dict:
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from training.data import Collator, encode_all, read_split
 
-    if not config.base_model or not (Path(config.base_model) / "config.json").is_file():
-        raise ValueError(f"base_model: {config.base_model!r} is not a model folder with a config.json")
+    base_dir = paths.base_model_dir or config.base_model
+    if not base_dir or not (Path(base_dir) / "config.json").is_file():
+        raise ValueError(f"base_model: {base_dir!r} is not a model folder with a config.json")
     set_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_records = read_split(paths.train_dir, "train")
@@ -162,10 +212,11 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         raise ValueError(f"no usable training example in {paths.train_dir} (max_seq_length={config.max_seq_length})")
     _say(f"examples: train={len(train_set)} validation={len(eval_set)}")
 
-    model = build_model(config, config.base_model)
-    cuda = torch.cuda.is_available()
+    model = build_model(config, base_dir)
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    args = TrainingArguments(
+    arguments_class, trainer_class, device = trainer_classes(config)
+    _say(f"trainer: {trainer_class.__name__} ({', '.join(f'{k}={v}' for k, v in device.items())})")
+    args = arguments_class(
         output_dir=str(paths.checkpoint_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -173,7 +224,7 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        **_warmup(config.warmup_ratio),
         weight_decay=config.weight_decay,
         lr_scheduler_type="cosine",
         logging_steps=config.logging_steps,
@@ -185,14 +236,12 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
-        bf16=config.precision == "bf16",
-        use_cpu=not cuda,
-        ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **device,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not _is_main_process(),
     )
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_set,

@@ -86,7 +86,7 @@ class FinetuneConfig(_Strict):
     model_name: str = Field("python-docs-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "sagemaker", "sagemaker-trainium"] = "local"
     processes: int = Field(1, ge=1, le=64)
     timeout_minutes: int = Field(120, ge=1)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
@@ -122,6 +122,9 @@ class EvaluationConfig(_Strict):
     max_input_tokens: int = Field(384, ge=16)
     bootstrap_resamples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    backend: Literal["local", "sagemaker"] = Field(
+        "local", description="where the evaluation job runs: here, or as a SageMaker Processing job (S3 store)"
+    )
     judge: Literal["local", "bedrock"] = "local"
     judge_model_id: str = "anthropic.claude-3-5-sonnet-20240620-v1:0"
     judge_max_workers: int = Field(4, ge=1, le=64)
@@ -225,6 +228,17 @@ HF_TRAINING_GPU = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training:"
     "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
 )
+HF_INFERENCE_GPU = (
+    "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-inference:"
+    "2.6.0-transformers4.51.3-gpu-py312-cu124-ubuntu22.04"
+)
+EVALUATION_REQUIREMENTS = [
+    "transformers==5.23.0",
+    "peft==0.21.2",
+    "sentence-transformers",
+    "rouge-score",
+    "sacrebleu",
+]
 HF_TRAINING_NEURON = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training-neuronx:"
     "2.8.0-transformers4.55.4-neuronx-py310-sdk2.26.0-ubuntu22.04"
@@ -246,10 +260,15 @@ class SageMakerConfig(_Strict):
     role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
     gpu: SageMakerTarget = SageMakerTarget(instance_type="ml.g5.2xlarge", image_uri=HF_TRAINING_GPU)
     trainium: SageMakerTarget = SageMakerTarget(instance_type="ml.trn1.2xlarge", image_uri=HF_TRAINING_NEURON)
+    evaluation: SageMakerTarget = SageMakerTarget(
+        instance_type="ml.g5.xlarge", image_uri=HF_INFERENCE_GPU, requirements=EVALUATION_REQUIREMENTS
+    )
     volume_size_gb: int = Field(100, ge=1, le=16384)
     max_runtime_minutes: int = Field(480, ge=1, le=40320)
     spot: bool = False
     max_wait_minutes: int | None = Field(None, ge=1, description="spot only; default twice max_runtime_minutes")
+    poll_seconds: int = Field(60, ge=1, le=3600, description="how often a waiting task asks SageMaker for the job")
+    deferrable: bool = Field(False, description="wait in the triggerer (needs the provider's aiobotocore extra)")
     kms_key_id: str | None = None
     subnets: list[str] = Field(default_factory=list, max_length=16)
     security_groups: list[str] = Field(default_factory=list, max_length=5)
@@ -312,6 +331,8 @@ class Settings(_Strict):
     def _store_is_uri(self) -> Settings:
         if "://" not in self.store_uri:
             raise ValueError(f"store_uri must be a URI such as file:///... or s3://..., got {self.store_uri!r}")
+        if self.evaluation.backend == "sagemaker" and not self.store_uri.startswith("s3://"):
+            raise ValueError("evaluation.backend sagemaker reads its inputs from S3: store_uri must be s3://...")
         return self
 
     def datasets_uri(self) -> str:

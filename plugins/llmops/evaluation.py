@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from llmops import storage
 from llmops.config import ConfigError, Settings
 from llmops.prompts import EvalCatalog, PromptTemplate
-from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY
+from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY, cost_figures
 
 
 def _stable_order(record_id: str) -> str:
@@ -80,6 +81,39 @@ def champion_ref(tracking_uri: str, model_name: str) -> dict | None:
     }
 
 
+def models_to_evaluate(base_model_name: str, candidate: dict, champion: dict | None) -> dict[str, dict]:
+    """label -> {"base_model_name", "artifact_uri"}: the base model, the candidate and (when there is
+    one, and it is another version) the champion."""
+    models = {
+        "base": {"base_model_name": base_model_name, "artifact_uri": None},
+        "candidate": {"base_model_name": base_model_name, "artifact_uri": candidate["artifact_uri"]},
+    }
+    if champion and champion["version"] != candidate["version"]:
+        if not champion.get("artifact_uri"):
+            raise ConfigError(
+                f"the champion (version {champion['version']}) has no training.artifact_uri tag, so it cannot be"
+                " evaluated; without it the gate's non-regression checks would pass unchecked. Tag the version"
+                " with the URI of its model.tar.gz, or move the champion alias"
+            )
+        models["champion"] = {
+            "base_model_name": champion.get("base_model_name") or base_model_name,
+            "artifact_uri": champion["artifact_uri"],
+        }
+    return models
+
+
+def evaluation_settings(settings: Settings) -> dict:
+    ev = settings.evaluation
+    return {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "max_input_tokens": ev.max_input_tokens}
+
+
+def evaluated_versions(candidate: dict, champion: dict | None, models: dict) -> dict:
+    versions = {"candidate": candidate["version"]}
+    if "champion" in models:
+        versions["champion"] = champion["version"]
+    return versions
+
+
 def run_evaluation(
     settings: Settings,
     name: str,
@@ -90,47 +124,32 @@ def run_evaluation(
     on_line: Callable[[str], None] = print,
     storage_options: dict | None = None,
 ) -> dict:
-    """Run the evaluation job for base, candidate and (when there is one) champion."""
+    """Run the evaluation job for base, candidate and (when there is one) champion, here."""
     from llmops.backends.local import EvaluationJobSpec, LocalEvaluationBackend
+    from llmops.backends.sagemaker import estimate_cost
     from llmops.models import resolve_model
 
     cache = settings.models.cache_dir
     models = {
-        "base": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": None},
-        "candidate": {"base": str(resolve_model(base_model_name, cache)), "artifact_uri": candidate["artifact_uri"]},
+        label: {"base": str(resolve_model(m["base_model_name"], cache)), "artifact_uri": m["artifact_uri"]}
+        for label, m in models_to_evaluate(base_model_name, candidate, champion).items()
     }
-    if champion and champion["version"] != candidate["version"]:
-        if not champion.get("artifact_uri"):
-            raise ConfigError(
-                f"the champion (version {champion['version']}) has no training.artifact_uri tag, so it cannot be"
-                " evaluated; without it the gate's non-regression checks would pass unchecked. Tag the version"
-                " with the URI of its model.tar.gz, or move the champion alias"
-            )
-        models["champion"] = {
-            "base": str(resolve_model(champion.get("base_model_name") or base_model_name, cache)),
-            "artifact_uri": champion["artifact_uri"],
-        }
     backend = LocalEvaluationBackend(settings.store_uri, Path(settings.home) / "jobs", storage_options)
     items_uri = storage.join(backend.jobs_uri, name, "input", "items.jsonl")
     storage.write_jsonl(items_uri, items, storage_options)
-    ev = settings.evaluation
     spec = EvaluationJobSpec(
         job_name=name,
         items_uri=items_uri,
         models=models,
         embedding_model=str(resolve_model(settings.models.embedding, cache)),
-        settings={
-            "max_new_tokens": ev.max_new_tokens,
-            "batch_size": ev.batch_size,
-            "max_input_tokens": ev.max_input_tokens,
-        },
-        timeout_s=ev.timeout_minutes * 60,
+        settings=evaluation_settings(settings),
+        timeout_s=settings.evaluation.timeout_minutes * 60,
     )
+    started = time.monotonic()
     result = backend.run(spec, on_line)
-    versions = {"candidate": candidate["version"]}
-    if "champion" in models:
-        versions["champion"] = champion["version"]
-    return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions}
+    cost = estimate_cost("local", 1, time.monotonic() - started, settings.sagemaker.prices_per_hour)
+    versions = evaluated_versions(candidate, champion, models)
+    return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions, "cost": cost}
 
 
 def make_judge(settings: Settings):
@@ -259,6 +278,8 @@ def record_evaluation(
                 "evaluation.judge": judged.get("judge", ""),
                 "evaluation.backend": evaluation["backend"],
                 "evaluation.job_name": evaluation["job_name"],
+                "evaluation.job_arn": evaluation.get("job_arn", ""),
+                **{f"cost.{k}": str(v) for k, v in cost_figures(evaluation).items()},
                 "model.version": str(registered["version"]),
                 **_prompt_tags(prompt_refs),
                 "eval_catalog.sha256": catalog.content_sha256,
@@ -268,6 +289,11 @@ def record_evaluation(
         metrics = []
         for label, summary in comparison.models.items():
             metrics += [_metric(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+        metrics += [
+            _metric(f"cost.{k}", float(v), 0)
+            for k, v in cost_figures(evaluation).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         for reference, deltas in comparison.deltas.items():
             for metric, iv in deltas.items():
                 metrics += [

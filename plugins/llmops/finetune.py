@@ -23,7 +23,7 @@ from llmops.data import versioning
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
-BACKENDS = ("local",)
+BACKENDS = ("local", "sagemaker", "sagemaker-trainium")
 
 
 class FinetuneRequest(BaseModel):
@@ -64,6 +64,17 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
         raise ConfigError(
             f"invalid run parameters:\n  backend: {backend!r} is not available (available: {', '.join(BACKENDS)})"
         )
+    if backend.startswith("sagemaker"):
+        if not settings.store_uri.startswith("s3://"):
+            raise ConfigError(
+                f"invalid run parameters:\n  backend: {backend!r} reads its data from S3, and this environment's"
+                f" store is {settings.store_uri} (use LLMOPS_ENV=aws)"
+            )
+        if not settings.sagemaker.role_arn:
+            raise ConfigError(
+                f"invalid run parameters:\n  backend: {backend!r} needs sagemaker.role_arn"
+                " (LLMOPS_SAGEMAKER_ROLE_ARN), the role the training job runs as"
+            )
     try:
         return FinetuneRequest(
             dataset_version=params.get("dataset_version", LATEST),
@@ -145,6 +156,7 @@ def run_training(
     storage_options: dict | None = None,
 ) -> dict:
     from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
+    from llmops.backends.sagemaker import estimate_cost
     from llmops.models import resolve_model
 
     base_dir = resolve_model(request.base_model_name, settings.models.cache_dir)
@@ -157,4 +169,7 @@ def run_training(
         lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
     )
     backend = LocalTrainingBackend(settings.store_uri, Path(settings.home) / "jobs", storage_options)
-    return backend.run(spec, on_line).to_dict()
+    result = backend.run(spec, on_line).to_dict()
+    seconds = float(result["metrics"].get("train_wall_seconds", 0))
+    result["cost"] = estimate_cost("local", 1, seconds, settings.sagemaker.prices_per_hour)
+    return result

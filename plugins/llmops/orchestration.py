@@ -102,3 +102,117 @@ def recorded_approval_operator():
             return super().execute_complete(context, event)
 
     return RecordedApprovalOperator
+
+
+def sagemaker_training_operator():
+    """``SageMakerTrainingOperator`` that keeps one training job per Airflow run.
+
+    The stock operator, retried after its job was created, starts a second job under a
+    timestamped name (or fails, with ``action_if_job_exists="fail"``). This one describes the job
+    first: a job still running is waited for (deferred when ``deferrable``), a completed one is
+    returned as it is, and one that ended Failed or Stopped fails the task with SageMaker's
+    reason. Only a job that does not exist yet is created. Built on first use, so importing this
+    module does not import the Amazon provider.
+    """
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
+    from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+    from airflow.providers.common.compat.sdk import AirflowException
+    from botocore.exceptions import ClientError
+
+    class IdempotentSageMakerTrainingOperator(SageMakerTrainingOperator):
+        def __init__(self, **kwargs):
+            super().__init__(check_if_job_exists=False, print_log=True, **kwargs)
+
+        def execute(self, context):
+            name = self.config["TrainingJobName"]
+            try:
+                described = self.hook.describe_training_job(name)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ValidationException":  # SageMaker's "no such job"
+                    raise
+                return super().execute(context)
+            status = described["TrainingJobStatus"]
+            self.log.info("training job %s exists (%s): this run's job, not starting another", name, status)
+            if status in ("Failed", "Stopped"):
+                reason = described.get("FailureReason") or "(SageMaker gave no reason)"
+                raise AirflowException(f"SageMaker training job {name} ended {status}: {reason}")
+            if status in self.hook.non_terminal_states and self.wait_for_completion:
+                if self.deferrable:
+                    self.defer(
+                        trigger=SageMakerTrigger(
+                            job_name=name,
+                            job_type="Training",
+                            waiter_delay=self.check_interval,
+                            waiter_max_attempts=self.max_attempts,
+                            aws_conn_id=self.aws_conn_id,
+                            region_name=self.region_name,
+                            verify=self.verify,
+                            botocore_config=self.botocore_config,
+                        ),
+                        method_name="execute_complete",
+                    )
+                self.hook.check_training_status_with_log(
+                    name,
+                    self.hook.non_terminal_states,
+                    self.hook.training_failed_states,
+                    wait_for_completion=True,
+                    check_interval=self.check_interval,
+                    max_ingestion_time=self.max_ingestion_time,
+                )
+            return self.serialize_result(name)
+
+    return IdempotentSageMakerTrainingOperator
+
+
+def sagemaker_processing_operator():
+    """``SageMakerProcessingOperator`` that keeps one processing job per Airflow run, as
+    ``sagemaker_training_operator`` does for training (the stock one renames a retried job with a
+    timestamp and runs it again). A Stopped job fails the task too."""
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator, serialize
+    from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+    from airflow.providers.common.compat.sdk import AirflowException
+    from botocore.exceptions import ClientError
+
+    class IdempotentSageMakerProcessingOperator(SageMakerProcessingOperator):
+        def execute(self, context):
+            name = self.config["ProcessingJobName"]
+            try:
+                described = self.hook.describe_processing_job(name)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ValidationException":
+                    raise
+                described = None
+            if described is None:
+                super().execute(context)
+            else:
+                self.log.info("processing job %s exists (%s): this run's job", name, described["ProcessingJobStatus"])
+                if described["ProcessingJobStatus"] in self.hook.processing_job_non_terminal_states:
+                    if self.deferrable:
+                        self.defer(
+                            trigger=SageMakerTrigger(
+                                job_name=name,
+                                job_type="Processing",
+                                waiter_delay=self.check_interval,
+                                waiter_max_attempts=self.max_attempts,
+                                aws_conn_id=self.aws_conn_id,
+                                region_name=self.region_name,
+                                verify=self.verify,
+                                botocore_config=self.botocore_config,
+                            ),
+                            method_name="execute_complete",
+                        )
+                    self.hook.check_status(
+                        name,
+                        "ProcessingJobStatus",
+                        self.hook.describe_processing_job,
+                        self.check_interval,
+                        self.max_ingestion_time,
+                    )
+            described = self.hook.describe_processing_job(name)
+            status = described["ProcessingJobStatus"]
+            if status in ("Failed", "Stopped"):  # the stock waiter lets Stopped through
+                reason = described.get("FailureReason") or described.get("ExitMessage") or "(no reason given)"
+                raise AirflowException(f"SageMaker processing job {name} ended {status}: {reason}")
+            return {"Processing": serialize(described)}
+
+    return IdempotentSageMakerProcessingOperator

@@ -107,7 +107,16 @@ def version_tags(job: dict, dataset: dict, hyperparameters: dict, lineage: dict)
     for key in ("eval_loss_before", "eval_loss", "eval_perplexity", "train_loss"):
         if key in metrics:
             tags[f"metrics.{key}"] = f"{metrics[key]:.6g}"
+    for key, value in cost_figures(job).items():
+        tags[f"cost.{key}"] = "unknown" if value is None else f"{value:g}" if isinstance(value, float) else value
     return {k: str(v) for k, v in tags.items()}
+
+
+def cost_figures(job: dict) -> dict:
+    """What the job's instances were and cost (``cost`` of a backend's result; None: no price)."""
+    cost = job.get("cost") or {}
+    keys = ("instance_type", "instance_count", "billable_seconds", "usd_per_hour", "estimated_cost_usd", "spot_savings")
+    return {k: cost[k] for k in keys if k in cost}
 
 
 def record_training(
@@ -152,6 +161,13 @@ def record_training(
             history = json.loads((model_dir / "metrics.json").read_text())["history"]
             _log_history(mlflow_client, run_id, history)
             final = {k: v for k, v in job["metrics"].items() if isinstance(v, (int, float))}
+            final.update(
+                {
+                    f"cost.{k}": float(v)
+                    for k, v in cost_figures(job).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
             mlflow_client.log_batch(
                 run_id, metrics=[_metric(k, v, final.get("global_step", 0)) for k, v in final.items()]
             )

@@ -100,7 +100,9 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "resolve_config",
         "select_dataset",
         "decide_training",
+        "choose_backend",
         "train_adapter",
+        "collect_training",
         "register_model",
         "evaluate_models",
         "judge_responses",
@@ -111,7 +113,14 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "promote_challenger",
         "record_outcome",
     ]
-    assert set(dag.task_ids) == {*chain, "sync_prompts", "profile_baseline"}
+    sagemaker = ["stage_sagemaker_job", "run_sagemaker_job"]
+    assert set(dag.task_ids) == {*chain, *sagemaker, "sync_prompts", "profile_baseline"}
+    # The backend's branch: the local job, or SageMaker's staged request, its job, then one result.
+    assert dag.get_task("choose_backend").downstream_task_ids == {"train_adapter", "stage_sagemaker_job"}
+    for upstream, downstream in itertools.pairwise(["choose_backend", *sagemaker, "collect_training"]):
+        assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    assert dag.get_task("collect_training").trigger_rule == "none_failed_min_one_success"
+    assert type(dag.get_task("run_sagemaker_job")).__mro__[1].__name__ == "SageMakerTrainingOperator"
     # The baseline profile is built only when training runs, and registration waits for it.
     assert dag.get_task("profile_baseline").upstream_task_ids >= {"decide_training"}
     assert "register_model" in dag.get_task("profile_baseline").downstream_task_ids
@@ -132,7 +141,7 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
     assert f"timezone='{get_settings().finetune.timezone}'" in repr(schedule.timetable)
     assert "curated_dataset.python-docs-instruct" in str(schedule.asset_condition)
     params = dag.params
-    assert params.get_param("backend").schema["enum"] == ["local"], "only backends that exist"
+    assert params.get_param("backend").schema["enum"] == ["local", "sagemaker", "sagemaker-trainium"]
     assert set(params.get_param("peft_method").schema["enum"]) == {"lora", "prompt_tuning", "full", "qlora"}
     assert {
         "dataset_version",

@@ -24,6 +24,8 @@ AIRFLOW_FREE = [
     ROOT / "plugins" / "llmops" / "drift.py",
     ROOT / "plugins" / "llmops" / "monitoring.py",
     ROOT / "plugins" / "llmops" / "traffic.py",
+    ROOT / "plugins" / "llmops" / "backends" / "local.py",
+    ROOT / "plugins" / "llmops" / "backends" / "sagemaker.py",
 ]
 
 

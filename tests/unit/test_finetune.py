@@ -89,11 +89,23 @@ def test_an_unknown_parameter_is_rejected(settings):
         request_from_params(settings, {"zzz": 1, "lora_rank": 8, "lora_r": 4})
 
 
-@pytest.mark.parametrize("backend", ["sagemaker", "Local", "kubernetes"])
-def test_a_backend_other_than_local_is_rejected(settings, backend):
+@pytest.mark.parametrize("backend", ["Local", "kubernetes", "ec2"])
+def test_an_unknown_backend_is_rejected(settings, backend):
     with pytest.raises(ConfigError, match=r"^invalid run parameters[\s\S]*backend") as info:
         request_from_params(settings, {"backend": backend})
     assert repr(backend) in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["sagemaker", "sagemaker-trainium"])
+def test_a_sagemaker_backend_needs_an_s3_store_and_a_role(settings, backend):
+    with pytest.raises(ConfigError, match=r"reads its data from S3, and this environment's store is file://"):
+        request_from_params(settings, {"backend": backend})
+    on_s3 = settings.model_copy(update={"store_uri": "s3://bucket/llmops"})
+    with pytest.raises(ConfigError, match=r"needs sagemaker.role_arn"):
+        request_from_params(on_s3, {"backend": backend})
+    role = "arn:aws:iam::123456789012:role/llmops"
+    ready = on_s3.model_copy(update={"sagemaker": on_s3.sagemaker.model_copy(update={"role_arn": role})})
+    assert request_from_params(ready, {"backend": backend}).backend == backend
 
 
 # --- decide_training ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from llmops.backends.sagemaker import (
     training_job_request,
 )
 from llmops.config import PROJECT_ROOT, SageMakerConfig
+from tests.aws import toolkit_argv
 from training.config import JobPaths, TrainConfig, load_config
 from training.train import metric_line
 
@@ -83,7 +84,7 @@ def test_gpu_and_trainium_requests_differ_where_a_reviewer_expects():
         hp = request["HyperParameters"]
         assert hp["sagemaker_program"] == ENTRY_POINT
         assert hp["sagemaker_submit_directory"].endswith(".tar.gz")
-        assert hp["base_model"] == "/opt/ml/input/data/base_model"
+        assert hp["base_model"] == "smollm2-135m-instruct", "the name, for the record; the channel has the files"
         assert hp["max_steps"] == "40" and hp["lora_target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
         assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation", "base_model"]
         assert request["OutputDataConfig"] == {"S3OutputPath": f"{STORE}/training-jobs"}
@@ -98,7 +99,9 @@ def test_spot_kms_and_vpc_come_from_config():
     )
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
-    assert request["OutputDataConfig"]["KmsKeyId"] == request["ResourceConfig"]["VolumeKmsKeyId"] == "alias/llmops"
+    assert request["OutputDataConfig"]["KmsKeyId"] == "alias/llmops"
+    # g5 and trn1 have local NVMe storage (encrypted by the hardware); SageMaker refuses a volume key there.
+    assert "VolumeKmsKeyId" not in request["ResourceConfig"]
     assert request["VpcConfig"] == {"Subnets": ["subnet-1"], "SecurityGroupIds": ["sg-1"]}
 
 
@@ -113,14 +116,16 @@ def test_metric_definitions_match_the_lines_the_entrypoint_prints():
 
 
 def test_hyperparameters_round_trip_through_sagemakers_file_and_the_toolkits_flags(tmp_path):
-    config = TrainConfig(base_model="/opt/ml/input/data/base_model", lora_r=32, learning_rate=3e-4, max_steps=7)
+    config = TrainConfig(base_model="smollm2-135m-instruct", lora_r=32, learning_rate=3e-4, max_steps=7)
     encoded = encode_hyperparameters({"sagemaker_program": ENTRY_POINT, **config.to_dict()})
     assert all(isinstance(v, str) for v in encoded.values())
     (tmp_path / "hyperparameters.json").write_text(json.dumps(encoded))  # as SageMaker writes it
     paths = JobPaths.from_env({"SM_INPUT_CONFIG_DIR": str(tmp_path)})
     assert load_config([], paths) == config
-    # The training toolkit also passes each non-sagemaker_ hyperparameter as --name value.
-    flags = [arg for k, v in encoded.items() if not k.startswith("sagemaker_") for arg in (f"--{k}", v)]
+    # The training toolkit also passes each hyperparameter as --name str(json-decoded value):
+    # lists arrive as Python literals ("['q_proj', ...]").
+    flags = toolkit_argv(encoded)
+    assert "['q_proj', 'k_proj', 'v_proj', 'o_proj']" in flags
     assert load_config(flags, paths) == config
 
 
@@ -239,7 +244,10 @@ def aws_env(monkeypatch):
 def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env, capsys):
     from llmops.backends.sagemaker import main
 
-    assert main(["--backend", "sagemaker-trainium", "--dataset-version", "3f2a9c", "--set", "max_steps=100"]) == 0
+    assert (
+        main(["dry-run", "--backend", "sagemaker-trainium", "--dataset-version", "3f2a9c", "--set", "max_steps=100"])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     create = printed["CreateTrainingJob"]
     assert printed["upload"]["uri"] == create["HyperParameters"]["sagemaker_submit_directory"]
@@ -257,13 +265,13 @@ def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env,
 def test_the_dry_run_says_what_is_missing(aws_env, monkeypatch, capsys):
     from llmops.backends.sagemaker import main
 
-    assert main(["--dataset-version", "latest"]) == 2
+    assert main(["dry-run", "--dataset-version", "latest"]) == 2
     assert "name the dataset version" in capsys.readouterr().err
-    assert main(["--dataset-version", "abc", "--set", "lora_r=-1"]) == 2
+    assert main(["dry-run", "--dataset-version", "abc", "--set", "lora_r=-1"]) == 2
     assert "lora_r: must be > 0" in capsys.readouterr().err
     monkeypatch.setenv("LLMOPS_SAGEMAKER_ROLE_ARN", "")
-    assert main(["--dataset-version", "abc"]) == 2
-    assert "role_arn is not set" in capsys.readouterr().err
+    assert main(["dry-run", "--dataset-version", "abc"]) == 2
+    assert "needs sagemaker.role_arn" in capsys.readouterr().err
     monkeypatch.setenv("LLMOPS_ENV", "local")
-    assert main(["--dataset-version", "abc"]) == 2
+    assert main(["dry-run", "--dataset-version", "abc"]) == 2
     assert "SageMaker reads its channels from S3" in capsys.readouterr().err

@@ -12,7 +12,8 @@ needs is in the typed config (``sagemaker:``): no field is filled in later, so a
   NeuronCore, in bf16.
 
 The job's layout is the local backend's: channels ``train``, ``validation`` and ``base_model`` (the
-base model's folder, uploaded once per content hash: containers need no hub access), the model at
+base model's folder, staged once: containers need no hub access; the entrypoint loads the base
+model from that channel, and the ``base_model`` hyperparameter keeps its name), the model at
 ``<store>/training-jobs/<job>/output/model.tar.gz``, checkpoints under
 ``<store>/training-jobs/<job>/checkpoints/`` so a spot interruption resumes.
 """
@@ -54,8 +55,7 @@ METRICS = (
 )
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$")
-NEURON_CORES = {"ml.trn1.2xlarge": 2, "ml.trn1.32xlarge": 32, "ml.trn1n.32xlarge": 32}
+TAG_TEXT = re.compile(r"^[\w .:/=+\-@]*$")
 
 
 class SageMakerRequestError(ValueError):
@@ -92,19 +92,25 @@ class SourceBundle:
         return storage.join(store_uri, "code", f"sourcedir-{self.sha256[:16]}.tar.gz")
 
 
-def source_bundle(root: Path, requirements: tuple[str, ...] = ()) -> SourceBundle:
-    """``sourcedir.tar.gz``: the ``training`` package, the launcher and a ``requirements.txt`` the
-    container installs before it starts. Deterministic (sorted, no times or owners), so the same
-    code has the same hash and is uploaded once."""
-    files = {ENTRY_POINT: LAUNCHER.encode()}
+def source_files(root: Path, launchers: dict[str, str], requirements: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """The ``training`` package, launcher scripts at the top, and a ``requirements.txt``."""
+    files = {name: text.encode() for name, text in launchers.items()}
     for path in sorted((root / "training").rglob("*.py")):
         files[path.relative_to(root).as_posix()] = path.read_bytes()
     if requirements:
         files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
-    buffer = io.BytesIO()
-    # gzip's header holds a time: fix it, so equal contents give equal bytes.
+    return files
+
+
+def source_bundle(root: Path, requirements: tuple[str, ...] = ()) -> SourceBundle:
+    """``sourcedir.tar.gz``: the ``training`` package, the launcher and a ``requirements.txt`` the
+    container installs before it starts. Deterministic (sorted, no times or owners), so the same
+    code has the same hash and is uploaded once."""
     import gzip
 
+    files = source_files(root, {ENTRY_POINT: LAUNCHER}, requirements)
+    buffer = io.BytesIO()
+    # gzip's header holds a time: fix it, so equal contents give equal bytes.
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped, tarfile.open(fileobj=zipped, mode="w") as tar:
         for name, data in sorted(files.items()):
             info = tarfile.TarInfo(name)
@@ -132,6 +138,7 @@ def training_job_request(
     channels: dict[str, str],
     code_uri: str,
     tags: dict[str, str] | None = None,
+    lineage: dict | None = None,
 ) -> dict:
     """The ``CreateTrainingJob`` request of one run (``sagemaker``: ``llmops.config.SageMakerConfig``;
     ``channels``: name -> S3 URI of a file or a prefix). ``SageMakerRequestError`` lists what AWS
@@ -150,8 +157,6 @@ def training_job_request(
         "sagemaker_region": region,
     }
     hyperparameters = dict(hyperparameters)
-    if "base_model" in channels:  # the base model's folder, as the container sees the channel
-        hyperparameters["base_model"] = "/opt/ml/input/data/base_model"
     if BACKENDS[backend] == "trainium":
         program.update(sagemaker_torch_distributed_enabled=True, sagemaker_instance_type=target.instance_type)
         hyperparameters["precision"] = "bf16"  # Trainium computes in bf16
@@ -187,16 +192,19 @@ def training_job_request(
         },
         "StoppingCondition": {"MaxRuntimeInSeconds": sagemaker.max_runtime_minutes * 60},
         "CheckpointConfig": {"S3Uri": storage.join(job_uri, "checkpoints"), "LocalPath": "/opt/ml/checkpoints"},
-        "Environment": {"LLMOPS_CHECKPOINT_DIR": "/opt/ml/checkpoints", "TOKENIZERS_PARALLELISM": "false"},
+        "Environment": {
+            "LLMOPS_CHECKPOINT_DIR": "/opt/ml/checkpoints",
+            "TOKENIZERS_PARALLELISM": "false",
+            **({"LLMOPS_LINEAGE": json.dumps(lineage, sort_keys=True)} if lineage else {}),
+        },
         "Tags": [{"Key": k, "Value": str(v)} for k, v in sorted({**sagemaker.tags, **(tags or {})}.items())],
     }
     if sagemaker.spot:
         request["EnableManagedSpotTraining"] = True
         wait = sagemaker.max_wait_minutes or 2 * sagemaker.max_runtime_minutes
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = wait * 60
-    if sagemaker.kms_key_id:
+    if sagemaker.kms_key_id:  # the model archive; instances with local NVMe (g5, trn1) refuse VolumeKmsKeyId
         request["OutputDataConfig"]["KmsKeyId"] = sagemaker.kms_key_id
-        request["ResourceConfig"]["VolumeKmsKeyId"] = sagemaker.kms_key_id
     if sagemaker.subnets:
         request["VpcConfig"] = {"Subnets": list(sagemaker.subnets), "SecurityGroupIds": list(sagemaker.security_groups)}
     check_request(request)
@@ -226,6 +234,9 @@ def check_request(request: dict) -> None:
             problems.append(f"tag {tag['Key'][:40]!r}: keys are 1-128 characters, values at most 256")
         elif not (TAG_TEXT.match(tag["Key"]) and TAG_TEXT.match(tag["Value"])):
             problems.append(f"tag {tag['Key']!r}: only letters, digits, spaces and _ . : / = + - @ are allowed")
+    for key, value in request.get("Environment", {}).items():
+        if len(value) > 512:
+            problems.append(f"Environment.{key}: {len(value)} characters; at most 512")
     stopping = request.get("StoppingCondition", {})
     if request.get("EnableManagedSpotTraining"):
         if stopping.get("MaxWaitTimeInSeconds", 0) < stopping.get("MaxRuntimeInSeconds", 0):
@@ -289,8 +300,125 @@ def job_outcome(described: dict, prices: dict[str, float]) -> dict:
 
 
 def base_model_uri(store_uri: str, name: str) -> str:
-    """Where the base model's folder sits for the ``base_model`` channel (uploaded once)."""
-    return storage.join(store_uri, "base-models", name) + "/"
+    """Where the base model's folder sits for the ``base_model`` channel (uploaded once). A model
+    given as a folder is keyed by the folder's name."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "-", Path(name).name) or "model"
+    return storage.join(store_uri, "base-models", key) + "/"
+
+
+STAGED_MARKER = "_STAGED.json"
+
+
+def stage_files(files: dict[str, bytes], uri: str, storage_options: dict | None = None, source: str = "") -> dict:
+    """Upload files under the prefix ``uri`` once. The marker (the file list with hashes) is
+    written last, so a half-finished upload is never taken for a complete one."""
+    marker_uri = storage.join(uri, STAGED_MARKER)
+    if storage.exists(marker_uri, storage_options):
+        return storage.read_json(marker_uri, storage_options)
+    for relative, data in sorted(files.items()):
+        storage.write_bytes(storage.join(uri, relative), data, storage_options)
+    staged = {"source": source, "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}}
+    storage.write_json(marker_uri, staged, storage_options)
+    return staged
+
+
+def stage_base_model(folder: Path, uri: str, storage_options: dict | None = None) -> dict:
+    """Upload a model folder to ``uri`` once (see ``stage_files``)."""
+    if storage.exists(storage.join(uri, STAGED_MARKER), storage_options):
+        return storage.read_json(storage.join(uri, STAGED_MARKER), storage_options)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return stage_files(files, uri, storage_options, source=str(folder))
+
+
+def ensure_model_staged(settings, name: str, storage_options: dict | None = None, log=print) -> str:
+    """The S3 prefix of model ``name`` (a base model or the encoder), staged from this machine when
+    it is not there yet; a ``ConfigError`` saying how to stage it when it is on neither."""
+    from llmops.config import ConfigError
+    from llmops.models import ModelNotFoundError, resolve_model
+
+    uri = base_model_uri(settings.store_uri, name)
+    if not storage.exists(storage.join(uri, STAGED_MARKER), storage_options):
+        try:
+            folder = resolve_model(name, settings.models.cache_dir)
+        except ModelNotFoundError as exc:
+            raise ConfigError(
+                f"model {name!r} is not staged at {uri} and not on this machine ({exc}); stage it once with:"
+                f" python -m llmops.backends.sagemaker stage-model {name}"
+            ) from None
+        stage_base_model(folder, uri, storage_options)
+        log(f"staged model {name} at {uri}")
+    return uri
+
+
+def stage_job(
+    settings,
+    request,
+    dataset: dict,
+    name: str,
+    lineage: dict,
+    storage_options: dict | None = None,
+    log=print,
+) -> dict:
+    """Everything a SageMaker job needs in S3 (the source bundle, the base model), then its
+    ``CreateTrainingJob`` request. A base model that is neither staged nor on this machine is a
+    ``ConfigError`` that says how to stage it."""
+    from llmops.config import PROJECT_ROOT, ConfigError
+
+    if not settings.store_uri.startswith("s3://"):
+        raise ConfigError(
+            f"backend {request.backend} needs an S3 store (LLMOPS_ENV=aws); store_uri is {settings.store_uri}"
+        )
+    target = getattr(settings.sagemaker, BACKENDS[request.backend])
+    bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
+    code_uri = bundle.uri(settings.store_uri)
+    if not storage.exists(code_uri, storage_options):
+        storage.write_bytes(code_uri, bundle.data, storage_options)
+        log(f"uploaded the source bundle to {code_uri} ({len(bundle.data)} bytes)")
+    model_uri = ensure_model_staged(settings, request.base_model_name, storage_options, log)
+    files = dataset["files"]
+    return training_job_request(
+        settings.sagemaker,
+        backend=request.backend,
+        job_name=name,
+        region=settings.aws.region or "us-east-1",
+        store_uri=settings.store_uri,
+        hyperparameters=request.hyperparameters,
+        channels={"train": files["train"]["uri"], "validation": files["validation"]["uri"], "base_model": model_uri},
+        code_uri=code_uri,
+        tags={
+            "airflow.dag_id": lineage.get("dag_id", ""),
+            "airflow.run_id": lineage.get("run_id", ""),
+            "dataset.version": dataset["version"],
+        },
+        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
+    )
+
+
+def collect(settings, described: dict, storage_options: dict | None = None) -> dict:
+    """A finished job as the training result ``register_model`` takes (the local backend's shape):
+    the final metrics come from ``metrics.json`` inside the model archive, as the entrypoint wrote
+    them; SageMaker's ARN, instance and cost come along."""
+    outcome = job_outcome(described, settings.sagemaker.prices_per_hour)
+    artifact = outcome["model_artifact_uri"]
+    metrics = {}
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(artifact, storage_options)), mode="r:gz") as tar:
+        member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "metrics.json"), None)
+        if member is not None:
+            metrics = json.loads(tar.extractfile(member).read())["final"]
+    region = settings.aws.region or "us-east-1"
+    return {
+        "job_name": outcome["job_name"],
+        "backend": "sagemaker",
+        "model_artifact_uri": artifact,
+        "metrics": metrics or outcome["metrics"],
+        "log_uri": (
+            f"https://{region}.console.aws.amazon.com/cloudwatch/home?region={region}#logsV2:log-groups/"
+            f"log-group/$252Faws$252Fsagemaker$252FTrainingJobs$3FlogStreamNameFilter$3D{outcome['job_name']}"
+        ),
+        "reused": False,
+        "job_arn": outcome["job_arn"],
+        "cost": outcome["cost"],
+    }
 
 
 def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: dict[str, Any]) -> dict:
@@ -337,25 +465,34 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmops.config import ConfigError, load_settings
 
-    parser = argparse.ArgumentParser(
-        prog="python -m llmops.backends.sagemaker",
-        description="Print the AWS requests one llm_finetune run would send to SageMaker (nothing is sent).",
-    )
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="sagemaker")
-    parser.add_argument("--dataset-version", required=True, help="a curated dataset version (its hash)")
-    parser.add_argument("--run-id", default="manual__dry-run", help="the Airflow run id the job name derives from")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter, as in the trigger form"
-    )
+    parser = argparse.ArgumentParser(prog="python -m llmops.backends.sagemaker", description="SageMaker training jobs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    dry = commands.add_parser("dry-run", help="print the requests one llm_finetune run would send (nothing is sent)")
+    dry.add_argument("--backend", choices=sorted(BACKENDS), default="sagemaker")
+    dry.add_argument("--dataset-version", required=True, help="a curated dataset version (its hash)")
+    dry.add_argument("--run-id", default="manual__dry-run", help="the Airflow run id the job name derives from")
+    dry.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter")
+    stage = commands.add_parser("stage-model", help="upload a base model to the store for the base_model channel")
+    stage.add_argument("model", help="a built-in model name or a model folder")
     args = parser.parse_args(argv)
-    params = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected NAME=VALUE")
-        params[name] = value
     try:
-        printed = dry_run(load_settings(), args.backend, args.dataset_version, args.run_id, params)
+        settings = load_settings()
+        if args.command == "stage-model":
+            from llmops.models import resolve_model
+            from llmops.orchestration import storage_options_for
+
+            uri = base_model_uri(settings.store_uri, args.model)
+            folder = resolve_model(args.model, settings.models.cache_dir)
+            staged = stage_base_model(folder, uri, storage_options_for(settings.store_uri, settings))
+            print(f"{args.model}: {len(staged['files'])} files at {uri}")
+            return 0
+        params = {}
+        for item in args.set:
+            name, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--set {item!r}: expected NAME=VALUE")
+            params[name] = value
+        printed = dry_run(settings, args.backend, args.dataset_version, args.run_id, params)
     except (ConfigError, SageMakerRequestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.model import Batcher, Prepared
+from serving.model import Batcher, BatcherStopped, Prepared
 
 
 class SlowModel:
@@ -107,3 +107,60 @@ def test_the_first_request_waits_at_most_max_wait_for_company():
 def test_bad_settings_are_refused(size, wait):
     with pytest.raises(ValueError, match="must be between"):
         Batcher(SlowModel(), max_batch_size=size, max_wait_ms=wait)
+
+
+class QuickModel:
+    max_context = 100
+
+    def __init__(self):
+        self.batches = []
+
+    def generate_batch(self, requests):
+        self.batches.append([r.ids[0] for r in requests])
+        return [{"generated_text": str(r.ids[0])} for r in requests]
+
+
+def test_a_request_after_close_is_refused_at_once_not_left_waiting():
+    batcher = Batcher(QuickModel(), max_batch_size=2, max_wait_ms=0)
+    batcher.close()
+    assert not batcher.alive
+    with pytest.raises(BatcherStopped):
+        batcher.submit(request(1))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death
+def test_requests_queued_when_the_thread_dies_are_failed_not_stranded():
+    class Dying(SlowModel):
+        def generate_batch(self, requests):
+            super().generate_batch(requests)
+            raise SystemExit("the thread dies")  # not an Exception: ends the batcher's thread
+
+    model = Dying()
+    batcher = Batcher(model, max_batch_size=1, max_wait_ms=0)
+    first = batcher.submit(request(0))
+    time.sleep(0.05)
+    queued = [batcher.submit(request(n)) for n in (1, 2)]
+    model.release.set()
+    for future in queued:
+        with pytest.raises(BatcherStopped):
+            future.result(timeout=10)
+    with pytest.raises(SystemExit):
+        first.result(timeout=10)
+    assert not batcher.alive
+    with pytest.raises(BatcherStopped):
+        batcher.submit(request(3))
+
+
+def test_a_batch_never_asks_for_more_than_the_models_context():
+    model = QuickModel()
+    model.release = threading.Event()
+    long_prompt = Prepared(tuple(range(90)), 8, 0.0, 1.0, (), "default")  # 98 tokens: fits alone
+    wants_many = Prepared((7,), 50, 0.0, 1.0, (), "default")  # with the long prompt: 140 > 100
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=200)
+    try:
+        futures = [batcher.submit(r) for r in (long_prompt, wants_many, request(5))]
+        for future in futures:
+            future.result(timeout=10)
+    finally:
+        batcher.close()
+    assert model.batches == [[0, 5], [7]]

@@ -1,0 +1,319 @@
+"""AWS on loopback for tests: a moto server, the environment that points boto3 and the Airflow AWS
+connection at it, and a SageMaker training emulator.
+
+moto accepts ``CreateTrainingJob`` and reports the job Completed at once, without running
+anything. ``emulated_training`` makes it run the job the way SageMaker would: it downloads the
+request's channels and source bundle from (moto's) S3, writes ``hyperparameters.json`` as SageMaker
+does, starts the bundle's entry point with the toolkit's ``--name value`` flags and only the bundle
+on ``PYTHONPATH``, reads the metric lines with the request's ``MetricDefinitions``, and uploads
+``model.tar.gz`` to ``<S3OutputPath>/<job>/output/``. The job is InProgress meanwhile, then
+Completed with its metrics and times, or Failed with the log's tail as ``FailureReason``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+REGION = "us-east-1"
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def aws_env(url: str) -> dict[str, str]:
+    """boto3 clients (``AWS_ENDPOINT_URL``) and the Airflow connection ``aws_default`` at ``url``."""
+    connection = {
+        "conn_type": "aws",
+        "login": "testing",
+        "password": "testing",
+        "extra": {"region_name": REGION, "endpoint_url": url},
+    }
+    return {
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }
+
+
+def client(service: str, url: str):
+    import boto3
+
+    return boto3.client(
+        service, endpoint_url=url, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+
+
+def toolkit_argv(hyperparameters: dict[str, str]) -> list[str]:
+    """The arguments sagemaker-training-toolkit gives the entry point: each value JSON-decoded when
+    it can be (``environment.read_hyperparameters``), ``sagemaker_*`` keys left out, then sorted
+    ``--key str(value)`` (``mapping.to_cmd_args``)."""
+    decoded = {}
+    for key, value in hyperparameters.items():
+        try:
+            decoded[key] = json.loads(value)
+        except (ValueError, TypeError):
+            decoded[key] = value
+    return [
+        arg for key in sorted(decoded) if not key.startswith("sagemaker_") for arg in (f"--{key}", str(decoded[key]))
+    ]
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _download_prefix(s3, uri: str, target: Path) -> None:
+    bucket, prefix = _split(uri)
+    keys = [
+        item["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for item in page.get("Contents", [])
+    ]
+    if not keys:
+        raise FileNotFoundError(f"no S3 object under {uri}")
+    for key in keys:
+        relative = key[len(prefix) :].lstrip("/") or key.rsplit("/", 1)[-1]
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+class TrainingEmulator:
+    def __init__(self, url: str, work_dir: Path, timeout: float = 600):
+        self.url, self.work_dir, self.timeout = url, work_dir, timeout
+        self.threads: list[threading.Thread] = []
+        self.requests: dict[str, dict] = {}
+
+    def start(self, job, request: dict) -> None:
+        self.requests[request["TrainingJobName"]] = request
+        job.training_job_status = job.secondary_status = "InProgress"
+        job.training_end_time = None
+        thread = threading.Thread(target=self._run, args=(job, request), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def wait(self) -> None:
+        for thread in self.threads:
+            thread.join(self.timeout)
+
+    @staticmethod
+    def _transition(job, status: str, message: str) -> None:
+        """SageMaker's SecondaryStatusTransitions: the provider's hook notices a job's end by them."""
+        now = datetime.now(UTC)
+        if job.secondary_status_transitions:
+            job.secondary_status_transitions[-1]["EndTime"] = now
+        job.secondary_status_transitions.append({"Status": status, "StartTime": now, "StatusMessage": message})
+        job.secondary_status = status
+
+    def _run(self, job, request: dict) -> None:
+        self._transition(job, "Training", "Training image download completed. Training in progress.")
+        started = time.monotonic()
+        try:
+            metrics, failure = self._train(request)
+        except Exception as exc:  # an emulator fault shows as the job's failure, never a hang
+            metrics, failure = {}, f"InternalServerError: {type(exc).__name__}: {exc}"
+        seconds = int(time.monotonic() - started) + 1
+        job.training_time_in_seconds = seconds
+        job.billable_time_in_seconds = max(1, seconds // 3) if request.get("EnableManagedSpotTraining") else seconds
+        job.training_end_time = datetime.now(UTC)
+        now = datetime.now(UTC)
+        job.final_metric_data_list = [{"MetricName": k, "Value": v, "Timestamp": now} for k, v in metrics.items()]
+        if failure:
+            job.failure_reason = failure[-1024:]
+            self._transition(job, "Failed", f"Training job failed. {job.failure_reason}")
+            job.training_job_status = "Failed"
+        else:
+            self._transition(job, "Completed", "Training job completed")
+            job.training_job_status = "Completed"
+
+    def _train(self, request: dict) -> tuple[dict, str | None]:
+        s3 = client("s3", self.url)
+        name = request["TrainingJobName"]
+        root = self.work_dir / name
+        hyperparameters = request["HyperParameters"]
+        for channel in request["InputDataConfig"]:
+            target = root / "input" / "data" / channel["ChannelName"]
+            _download_prefix(s3, channel["DataSource"]["S3DataSource"]["S3Uri"], target)
+        code = root / "code"
+        bucket, key = _split(hyperparameters["sagemaker_submit_directory"])
+        with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as tar:
+            tar.extractall(code, filter="data")
+        (root / "input" / "config").mkdir(parents=True, exist_ok=True)
+        (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(root),
+            **request.get("Environment", {}),
+            "SM_INPUT_CONFIG_DIR": str(root / "input" / "config"),
+            "SM_MODEL_DIR": str(root / "model"),
+            "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
+            "SM_TRAINING_JOB_NAME": name,
+            "LLMOPS_CHECKPOINT_DIR": str(root / "checkpoints"),
+            "PYTHONPATH": str(code),  # the bundle alone: it must be complete
+            "OMP_NUM_THREADS": "1",
+        }
+        env.update(
+            {
+                f"SM_CHANNEL_{c['ChannelName'].upper()}": str(root / "input" / "data" / c["ChannelName"])
+                for c in request["InputDataConfig"]
+            }
+        )
+        done = subprocess.run(
+            [sys.executable, hyperparameters["sagemaker_program"], *toolkit_argv(hyperparameters)],
+            cwd=code,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout,
+        )
+        (root / "training.log").write_text(done.stdout + done.stderr)
+        metrics = {}
+        for definition in request["AlgorithmSpecification"].get("MetricDefinitions", []):
+            values = re.findall(definition["Regex"], done.stdout, re.MULTILINE)
+            if values:
+                metrics[definition["Name"]] = float(values[-1])
+        if done.returncode != 0:
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            return metrics, f"AlgorithmError: ExecuteUserScriptError: exit code {done.returncode}: {tail}"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for path in sorted((root / "model").iterdir()):
+                tar.add(path, arcname=path.name)
+        out_bucket, out_prefix = _split(request["OutputDataConfig"]["S3OutputPath"])
+        artifact_key = "/".join(p for p in (out_prefix.rstrip("/"), name, "output", "model.tar.gz") if p)
+        s3.put_object(Bucket=out_bucket, Key=artifact_key, Body=buffer.getvalue())
+        return metrics, None
+
+
+class ProcessingEmulator(TrainingEmulator):
+    """``CreateProcessingJob`` run for real: inputs downloaded under a folder standing for
+    ``/opt/ml/processing``, the container's entry point run with the request's environment (the
+    emulated image already has the requirements: ``LLMOPS_PIP_INSTALL=0``), ``output/`` uploaded."""
+
+    def start(self, job, request: dict) -> None:
+        self.requests[request["ProcessingJobName"]] = request
+        job.processing_job_status = "InProgress"
+        job.processing_start_time = datetime.now(UTC)
+        job.processing_end_time = None
+        job.processing_resources = request["ProcessingResources"]  # AWS reports it; moto drops it
+        thread = threading.Thread(target=self._finish, args=(job, request), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _finish(self, job, request: dict) -> None:
+        try:
+            failure = self._process(request)
+        except Exception as exc:
+            failure = f"InternalServerError: {type(exc).__name__}: {exc}"
+        job.processing_end_time = datetime.now(UTC)
+        if failure:
+            job.failure_reason = job.exit_message = failure[-1024:]
+            job.processing_job_status = "Failed"
+        else:
+            job.processing_job_status = "Completed"
+
+    def _process(self, request: dict) -> str | None:
+        s3 = client("s3", self.url)
+        name = request["ProcessingJobName"]
+        root = self.work_dir / name / "processing"
+
+        def local(path: str) -> str:
+            return (
+                str(root / path.removeprefix("/opt/ml/processing").lstrip("/"))
+                if path.startswith("/opt/ml/processing")
+                else path
+            )
+
+        for item in request.get("ProcessingInputs", []):
+            _download_prefix(s3, item["S3Input"]["S3Uri"], Path(local(item["S3Input"]["LocalPath"])))
+        entry = [local(arg) for arg in request["AppSpecification"]["ContainerEntrypoint"]]
+        if entry[0] in ("python", "python3"):
+            entry[0] = sys.executable
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(root),
+            **request.get("Environment", {}),
+            "LLMOPS_PROCESSING_DIR": str(root),
+            "LLMOPS_PIP_INSTALL": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        done = subprocess.run(entry, cwd=root, env=env, capture_output=True, text=True, timeout=self.timeout)
+        (root.parent / "processing.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            return f"AlgorithmError: exit code {done.returncode}: {tail}"
+        for output in request["ProcessingOutputConfig"]["Outputs"]:
+            folder = Path(local(output["S3Output"]["LocalPath"]))
+            bucket, prefix = _split(output["S3Output"]["S3Uri"])
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(folder).as_posix()) if x)
+                s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return None
+
+
+@contextmanager
+def emulated_processing(url: str, work_dir: Path) -> Iterator[ProcessingEmulator]:
+    """While open, ``CreateProcessingJob`` on the moto server at ``url`` runs the job (see above)."""
+    from moto.sagemaker.responses import SageMakerResponse
+
+    emulator = ProcessingEmulator(url, work_dir)
+    original = SageMakerResponse.create_processing_job
+
+    def create_processing_job(self):
+        request = json.loads(self.body)
+        result = original(self)
+        emulator.start(self.sagemaker_backend.processing_jobs[request["ProcessingJobName"]], request)
+        return result
+
+    SageMakerResponse.create_processing_job = create_processing_job
+    try:
+        yield emulator
+    finally:
+        SageMakerResponse.create_processing_job = original
+        emulator.wait()
+
+
+@contextmanager
+def emulated_training(url: str, work_dir: Path) -> Iterator[TrainingEmulator]:
+    """While open, ``CreateTrainingJob`` on the moto server at ``url`` runs the job (see above)."""
+    from moto.sagemaker.responses import SageMakerResponse
+
+    emulator = TrainingEmulator(url, work_dir)
+    original = SageMakerResponse.create_training_job
+
+    def create_training_job(self):
+        request = json.loads(self.body)  # the whole request: moto keeps only some of it
+        result = original(self)
+        emulator.start(self.sagemaker_backend.training_jobs[request["TrainingJobName"]], request)
+        return result
+
+    SageMakerResponse.create_training_job = create_training_job
+    try:
+        yield emulator
+    finally:
+        SageMakerResponse.create_training_job = original
+        emulator.wait()

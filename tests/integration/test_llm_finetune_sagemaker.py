@@ -1,0 +1,182 @@
+"""llm_finetune on the SageMaker backends, end to end against a moto server: the store is moto's S3,
+the Airflow AWS connection points at it, and SageMaker training and processing jobs are run by the
+emulators in ``tests.aws`` from the requests the DAG sent (source code, channels or inputs,
+hyperparameters, metric definitions, entry point). Every request is also checked against
+botocore's service model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from botocore.stub import Stubber
+
+from llmops.demo import return_value
+from llmops.tracking import client as mlflow_client
+from tests.aws import aws_env, client, emulated_processing, emulated_training, moto_server
+from tests.dagruns import fast_config, parsed_dag, task_states
+from tests.datagen import good_records, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+BUCKET = "llmops-test"
+ROLE = "arn:aws:iam::123456789012:role/llmops-sagemaker"
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory, airflow_db):
+    """A moto server with the emulator, the environment pointing at it, and a curated dataset
+    version published to its S3 by the real pipeline."""
+    from llmops.config import load_settings
+    from llmops.data import stages
+
+    home = tmp_path_factory.mktemp("aws-home")
+    config = yaml.safe_load(fast_config(home).read_text())
+    config["store_uri"] = f"s3://{BUCKET}/llmops"
+    config["sagemaker"] = {"role_arn": ROLE, "poll_seconds": 1, "tags": {"project": "llmops-tests"}}
+    config["aws"] = {"conn_id": "aws_default", "region": "us-east-1"}
+    config["evaluation"]["backend"] = "sagemaker"
+    config_file = home / "aws-config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    with (
+        moto_server() as url,
+        emulated_training(url, home / "sagemaker") as emulator,
+        emulated_processing(url, home / "processing") as processing,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        env = {
+            **aws_env(url),
+            "LLMOPS_HOME": str(home),
+            "LLMOPS_CONFIG_FILE": str(config_file),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        }
+        for key, value in env.items():
+            patch.setenv(key, value)
+        client("s3", url).create_bucket(Bucket=BUCKET)
+        settings = load_settings()
+        raw = write_jsonl(home / "raw.jsonl", good_records(60))
+        dataset = stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
+        yield {
+            "url": url,
+            "env": env,
+            "emulator": emulator,
+            "processing": processing,
+            "dataset": dataset,
+            "settings": settings,
+        }
+
+
+@pytest.fixture(scope="module")
+def dag(aws):
+    with parsed_dag("llm_finetune", **aws["env"]) as dag:
+        yield dag
+
+
+def conf(tiny_model, **extra) -> dict:
+    return {
+        "backend": "sagemaker",
+        "base_model": str(tiny_model),
+        "max_steps": 3,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "batch_size": 2,
+        "learning_rate": 0.01,
+        **extra,
+    }
+
+
+def s3_bytes(url: str, uri: str) -> bytes:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return client("s3", url).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_a_sagemaker_run_trains_from_the_request_and_registers_with_its_job_and_cost(aws, dag, tiny_model):
+    run = dag.test(run_conf=conf(tiny_model))
+    states = task_states(run)
+    assert run.state == "success", states
+    assert states["train_adapter"] == "skipped"
+    assert states["stage_sagemaker_job"] == states["run_sagemaker_job"] == states["collect_training"] == "success"
+
+    request = return_value(run, "stage_sagemaker_job")
+    name = request["TrainingJobName"]
+    assert list(aws["emulator"].requests) == [name], "exactly one training job for the run"
+    sagemaker = client("sagemaker", aws["url"])
+    with Stubber(sagemaker) as stub:  # the request as sent passes botocore's service model
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:x"}, request)
+        sagemaker.create_training_job(**request)
+
+    registered = return_value(run, "register_model")
+    version = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(
+        registered["model_name"], registered["version"]
+    )
+    tags = version.tags
+    artifact = f"s3://{BUCKET}/llmops/training-jobs/{name}/output/model.tar.gz"
+    assert tags["training.backend"] == "sagemaker" and tags["training.job_name"] == name
+    assert tags["training.job_arn"].endswith(f":training-job/{name}")
+    assert tags["training.artifact_uri"] == artifact
+    assert tags["cost.instance_type"] == "ml.g5.2xlarge" and tags["cost.instance_count"] == "1"
+    assert float(tags["cost.billable_seconds"]) >= 1 and float(tags["cost.estimated_cost_usd"]) > 0
+    assert tags["dataset.version"] == aws["dataset"]["version"]
+    assert float(tags["metrics.eval_loss"]) > 0, "the entrypoint's own metrics.json, from the archive"
+    run_metrics = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(registered["run_id"]).data.metrics
+    assert run_metrics["cost.estimated_cost_usd"] > 0
+
+    with tarfile.open(fileobj=io.BytesIO(s3_bytes(aws["url"], artifact)), mode="r:gz") as tar:
+        training_config = json.loads(tar.extractfile("training_config.json").read())
+    assert training_config["lora_r"] == 4 and training_config["max_steps"] == 3
+    assert training_config["lineage"]["run_id"] == run.run_id, "lineage reached the container"
+    assert training_config["base_model"] == str(tiny_model), "the name; the files came from the channel"
+    staged = return_value(run, "stage_sagemaker_job")["HyperParameters"]["sagemaker_submit_directory"]
+    assert s3_bytes(aws["url"], staged)[:2] == b"\x1f\x8b", "the source bundle was uploaded"
+
+    # The evaluation ran as a Processing job on the SageMaker-trained candidate, and the gate decided.
+    assert states["stage_evaluation_job"] == states["run_evaluation_job"] == states["evaluate_models"] == "success"
+    assert states["decide_promotion"] == "success"
+    evaluation_request = return_value(run, "stage_evaluation_job")["request"]
+    assert list(aws["processing"].requests) == [evaluation_request["ProcessingJobName"]]
+    with Stubber(sagemaker) as stub:
+        stub.add_response("create_processing_job", {"ProcessingJobArn": "arn:x"}, evaluation_request)
+        sagemaker.create_processing_job(**evaluation_request)
+    inputs = {i["InputName"]: i["S3Input"]["LocalPath"] for i in evaluation_request["ProcessingInputs"]}
+    assert inputs["models-candidate"] == "/opt/ml/processing/input/models/candidate"
+    assert inputs["items"] == "/opt/ml/processing/input/items"
+    evaluation = return_value(run, "evaluate_models")
+    assert evaluation["backend"] == "sagemaker" and evaluation["predictions_uri"].startswith(f"s3://{BUCKET}/")
+    assert set(evaluation["summary"]["models"]) >= {"base", "candidate"}
+    assert evaluation["cost"]["instance_type"] == "ml.g5.xlarge" and evaluation["cost"]["estimated_cost_usd"] > 0
+    recorded = return_value(run, "record_evaluation")
+    eval_tags = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(recorded["run_id"]).data.tags
+    assert eval_tags["evaluation.backend"] == "sagemaker" and eval_tags["cost.instance_type"] == "ml.g5.xlarge"
+
+
+def test_a_job_that_fails_in_the_container_fails_the_task_with_its_reason_and_registers_nothing(aws, dag, tiny_model):
+    before = len(aws["emulator"].requests)
+    run = dag.test(run_conf=conf(tiny_model, peft_method="qlora"))  # no CUDA in the emulator
+    states = task_states(run)
+    assert run.state == "failed"
+    assert states["run_sagemaker_job"] == "failed"
+    assert states["collect_training"] == states["register_model"] == "upstream_failed"
+    assert len(aws["emulator"].requests) == before + 1
+    name = return_value(run, "stage_sagemaker_job")["TrainingJobName"]
+    described = client("sagemaker", aws["url"]).describe_training_job(TrainingJobName=name)
+    assert described["TrainingJobStatus"] == "Failed"
+    assert "qlora" in described["FailureReason"]
+    versions = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(
+        f"tags.`airflow.run_id`='{run.run_id}'"
+    )
+    assert list(versions) == []
+
+
+def test_the_form_refuses_a_sagemaker_run_without_a_role(aws, tiny_model, tmp_path):
+    config = yaml.safe_load(Path(aws["env"]["LLMOPS_CONFIG_FILE"]).read_text())
+    config["sagemaker"].pop("role_arn")
+    no_role = tmp_path / "no-role.yaml"
+    no_role.write_text(yaml.safe_dump(config))
+    with parsed_dag("llm_finetune", **{**aws["env"], "LLMOPS_CONFIG_FILE": str(no_role)}) as dag:
+        run = dag.test(run_conf=conf(tiny_model))
+    assert run.state == "failed" and task_states(run)["resolve_config"] == "failed"
