@@ -182,8 +182,12 @@ class TrainingEmulator:
                 for c in request["InputDataConfig"]
             }
         )
+        command = [sys.executable, hyperparameters["sagemaker_program"], *toolkit_argv(hyperparameters)]
+        if hyperparameters.get("sagemaker_torch_distributed_enabled") == "true":
+            # The toolkit starts torchrun, a process per accelerator (2 NeuronCores on ml.trn1.2xlarge).
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         done = subprocess.run(
-            [sys.executable, hyperparameters["sagemaker_program"], *toolkit_argv(hyperparameters)],
+            command,
             cwd=code,
             env=env,
             capture_output=True,
@@ -317,3 +321,44 @@ def emulated_training(url: str, work_dir: Path) -> Iterator[TrainingEmulator]:
     finally:
         SageMakerResponse.create_training_job = original
         emulator.wait()
+
+
+@contextmanager
+def fake_bedrock() -> Iterator[tuple[str, list[dict]]]:
+    """A stand-in Bedrock runtime on loopback for the Converse API (moto has none): it answers
+    every request with rubric scores in JSON, as a judge model would, and records the requests.
+    Point a client at it with the connection's ``service_config`` for ``bedrock-runtime``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import unquote
+
+    received: list[dict] = []
+    reply = {"helpfulness": 7, "relevance": 8, "accuracy": 6, "detail": 5, "rationale": "stand-in judge"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            model_id = unquote(self.path.removeprefix("/model/").removesuffix("/converse"))
+            received.append({"path": self.path, "model_id": model_id, "body": body})
+            answer = {
+                "output": {"message": {"role": "assistant", "content": [{"text": json.dumps(reply)}]}},
+                "stopReason": "end_turn",
+                "usage": {"inputTokens": 100, "outputTokens": 30, "totalTokens": 130},
+                "metrics": {"latencyMs": 5},
+            }
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()

@@ -18,7 +18,7 @@ from botocore.stub import Stubber
 
 from llmops.demo import return_value
 from llmops.tracking import client as mlflow_client
-from tests.aws import aws_env, client, emulated_processing, emulated_training, moto_server
+from tests.aws import aws_env, client, emulated_processing, emulated_training, fake_bedrock, moto_server
 from tests.dagruns import fast_config, parsed_dag, task_states
 from tests.datagen import good_records, write_jsonl
 
@@ -41,16 +41,22 @@ def aws(tmp_path_factory, airflow_db):
     config["sagemaker"] = {"role_arn": ROLE, "poll_seconds": 1, "tags": {"project": "llmops-tests"}}
     config["aws"] = {"conn_id": "aws_default", "region": "us-east-1"}
     config["evaluation"]["backend"] = "sagemaker"
+    config["evaluation"]["judge"] = "bedrock"
     config_file = home / "aws-config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     with (
         moto_server() as url,
         emulated_training(url, home / "sagemaker") as emulator,
         emulated_processing(url, home / "processing") as processing,
+        fake_bedrock() as (bedrock_url, judged),
         pytest.MonkeyPatch.context() as patch,
     ):
+        env = aws_env(url)
+        connection = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
+        connection["extra"]["service_config"] = {"bedrock-runtime": {"endpoint_url": bedrock_url}}
         env = {
-            **aws_env(url),
+            **env,
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
             "LLMOPS_HOME": str(home),
             "LLMOPS_CONFIG_FILE": str(config_file),
             "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
@@ -66,6 +72,7 @@ def aws(tmp_path_factory, airflow_db):
             "env": env,
             "emulator": emulator,
             "processing": processing,
+            "judged": judged,
             "dataset": dataset,
             "settings": settings,
         }
@@ -149,9 +156,34 @@ def test_a_sagemaker_run_trains_from_the_request_and_registers_with_its_job_and_
     assert evaluation["backend"] == "sagemaker" and evaluation["predictions_uri"].startswith(f"s3://{BUCKET}/")
     assert set(evaluation["summary"]["models"]) >= {"base", "candidate"}
     assert evaluation["cost"]["instance_type"] == "ml.g5.xlarge" and evaluation["cost"]["estimated_cost_usd"] > 0
+    # The judge was Bedrock's Converse API, called through the provider's hook with the rubric.
+    calls = aws["judged"]
+    rows = evaluation["summary"]["items"] * len(evaluation["summary"]["models"])
+    assert len(calls) == rows and {c["model_id"] for c in calls} == {aws["settings"].evaluation.judge_model_id}
+    assert calls[0]["body"]["inferenceConfig"] == {"maxTokens": 400, "temperature": 0.0}
+    assert calls[0]["body"]["system"] and calls[0]["body"]["messages"][0]["role"] == "user"
+    judged = return_value(run, "judge_responses")
+    assert judged["judge"].startswith("Amazon Bedrock model")
     recorded = return_value(run, "record_evaluation")
     eval_tags = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(recorded["run_id"]).data.tags
     assert eval_tags["evaluation.backend"] == "sagemaker" and eval_tags["cost.instance_type"] == "ml.g5.xlarge"
+
+
+def test_a_trainium_run_sends_a_torch_distributed_job_to_a_trn1_instance(aws, dag, tiny_model):
+    run = dag.test(run_conf=conf(tiny_model, backend="sagemaker-trainium"))
+    assert run.state == "success", task_states(run)
+    request = return_value(run, "stage_sagemaker_job")
+    assert request["ResourceConfig"]["InstanceType"] == "ml.trn1.2xlarge"
+    assert "huggingface-pytorch-training-neuronx" in request["AlgorithmSpecification"]["TrainingImage"]
+    assert request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+    assert request["HyperParameters"]["precision"] == "bf16"
+    registered = return_value(run, "register_model")
+    tags = (
+        mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+        .get_model_version(registered["model_name"], registered["version"])
+        .tags
+    )
+    assert tags["cost.instance_type"] == "ml.trn1.2xlarge" and tags["training.job_name"] == request["TrainingJobName"]
 
 
 def test_a_job_that_fails_in_the_container_fails_the_task_with_its_reason_and_registers_nothing(aws, dag, tiny_model):
