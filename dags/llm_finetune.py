@@ -6,7 +6,10 @@ curated dataset version; also from the trigger form, where every hyperparameter 
 for one run.
 
 resolve_config → select_dataset → decide_training → choose_backend → train_adapter (local)
-  | stage_sagemaker_job → run_sagemaker_job (SageMaker) → collect_training, and profile_baseline → register_model
+  | stage_sagemaker_job → run_sagemaker_job (SageMaker)
+  | stage_ec2_job → launch_trainium_instance → await_ssm_agent → run_training_command → collect_ec2_job
+    → terminate_trainium_instance (a teardown: it runs whatever happened, and hides no failure)
+→ collect_training, and profile_baseline → register_model
 → evaluate_models → judge_responses → decide_promotion → record_evaluation → route_decision
 → [await_approval] → promote_challenger → record_outcome
 
@@ -32,6 +35,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.amazon.aws.operators.ec2 import EC2CreateInstanceOperator, EC2TerminateInstanceOperator
+from airflow.providers.amazon.aws.operators.ssm import SsmRunCommandOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
 
 from llmops.config import get_settings
@@ -181,7 +186,8 @@ def llm_finetune():
 
     @task.branch
     def choose_backend(request: dict) -> str:
-        return "train_adapter" if request["backend"] == "local" else "stage_sagemaker_job"
+        first = {"local": "train_adapter", "ec2-trainium": "stage_ec2_job"}
+        return first.get(request["backend"], "stage_sagemaker_job")
 
     @task(execution_timeout=timedelta(minutes=SETTINGS.finetune.timeout_minutes + 10))
     @fail_without_retry
@@ -224,12 +230,81 @@ def llm_finetune():
             logging.getLogger("airflow.task").info,
         )
 
+    @task(multiple_outputs=True)
+    @fail_without_retry
+    def stage_ec2_job(request: dict, dataset: dict) -> dict:
+        import logging
+
+        from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+
+        from llmops.backends import ec2
+        from llmops.data.stages import git_sha
+        from llmops.finetune import FinetuneRequest, job_name
+
+        context = get_current_context()
+        image = SETTINGS.ec2.ami_id or SsmHook(
+            aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region
+        ).get_parameter_value(SETTINGS.ec2.ami_parameter)
+        return ec2.stage_job(
+            SETTINGS,
+            FinetuneRequest.model_validate(request),
+            dataset,
+            job_name(context["dag"].dag_id, context["run_id"]),
+            {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "git_sha": git_sha()},
+            image,
+            storage_options_for(SETTINGS.store_uri, SETTINGS),
+            logging.getLogger("airflow.task").info,
+        )
+
+    @task(execution_timeout=timedelta(minutes=SETTINGS.ec2.ssm_online_timeout_minutes + 5))
+    def await_ssm_agent(instance_ids: list[str], job_name: str, commands: list[str], output_uri: str) -> dict:
+        """Wait for the instance's SSM agent, then hand the command to run_training_command."""
+        from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+
+        from llmops.backends import ec2
+
+        ssm = SsmHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region).conn
+        timeout = SETTINGS.ec2.ssm_online_timeout_minutes * 60
+        ec2.wait_until_online(ssm, instance_ids[0], timeout, SETTINGS.ec2.poll_seconds)
+        return ec2.send_command_kwargs(SETTINGS.ec2, instance_ids[0], job_name, commands, output_uri)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def collect_ec2_job(request: dict) -> dict:
+        """The command's exit code and output tail, also when it failed, and the archive it pushed."""
+        from datetime import UTC, datetime
+
+        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+        from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from llmops.backends import ec2
+
+        if request["backend"] != "ec2-trainium":
+            raise AirflowSkipException(f"backend {request['backend']}")
+        ti = get_current_context()["ti"]
+        staged = ti.xcom_pull(task_ids="stage_ec2_job")
+        instance_ids = ti.xcom_pull(task_ids="launch_trainium_instance")
+        command_id = ti.xcom_pull(task_ids="run_training_command")
+        if not staged or not instance_ids or not command_id:
+            raise AirflowFailException(
+                "the EC2 training did not get as far as running its command; see the tasks above"
+            )
+        hook = SsmHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
+        invocation = hook.get_command_invocation(command_id, instance_ids[0])
+        instance = EC2Hook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region, api_type="client_type")
+        launched = instance.conn.describe_instances(InstanceIds=instance_ids)["Reservations"][0]["Instances"][0]
+        seconds = (datetime.now(UTC) - launched["LaunchTime"]).total_seconds()
+        options = storage_options_for(SETTINGS.store_uri, SETTINGS)
+        return ec2.collect(SETTINGS, staged, instance_ids[0], invocation, seconds, options)
+
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def collect_training(request: dict) -> dict:
         """The training result of whichever backend ran, in one shape for registration."""
         ti = get_current_context()["ti"]
         if request["backend"] == "local":
             return ti.xcom_pull(task_ids="train_adapter")
+        if request["backend"] == "ec2-trainium":
+            return ti.xcom_pull(task_ids="collect_ec2_job")
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
         from llmops.backends.sagemaker import collect
@@ -494,12 +569,45 @@ def llm_finetune():
         max_ingestion_time=_sagemaker_wait_minutes() * 60,
         deferrable=SETTINGS.sagemaker.deferrable,
     )
+    staged_ec2 = stage_ec2_job(request, dataset)
+    launch = EC2CreateInstanceOperator(
+        task_id="launch_trainium_instance",
+        image_id=staged_ec2["image_id"],
+        config=staged_ec2["config"],
+        wait_for_completion=True,
+        poll_interval=SETTINGS.ec2.poll_seconds,
+        max_attempts=max(3, 900 // SETTINGS.ec2.poll_seconds),
+        aws_conn_id=SETTINGS.aws.conn_id,
+        region_name=SETTINGS.aws.region,
+    )
+    command = await_ssm_agent(launch.output, staged_ec2["job_name"], staged_ec2["commands"], staged_ec2["output_uri"])
+    run_command = SsmRunCommandOperator(
+        task_id="run_training_command",
+        document_name="AWS-RunShellScript",
+        run_command_kwargs=command,
+        wait_for_completion=True,
+        waiter_delay=SETTINGS.ec2.poll_seconds,
+        waiter_max_attempts=SETTINGS.ec2.command_timeout_minutes * 60 // SETTINGS.ec2.poll_seconds + 2,
+        fail_on_nonzero_exit=True,
+        aws_conn_id=SETTINGS.aws.conn_id,
+        region_name=SETTINGS.aws.region,
+        retries=0,  # a training command is not sent twice; clear the task to run it again
+    )
+    ec2_job = collect_ec2_job(request)
+    terminate = EC2TerminateInstanceOperator(
+        task_id="terminate_trainium_instance",
+        instance_ids=launch.output,
+        aws_conn_id=SETTINGS.aws.conn_id,
+        region_name=SETTINGS.aws.region,
+    )
+    run_command >> ec2_job >> terminate.as_teardown(setups=launch)
     job = collect_training(request)
     baseline = profile_baseline(dataset)
     go >> [backend, baseline]
-    backend >> [local_job, staged]
+    backend >> [local_job, staged, staged_ec2]
     staged >> sagemaker_job >> job
     local_job >> job
+    ec2_job >> job
     registered = register_model(request, dataset, job, baseline)
     if SETTINGS.evaluation.backend == "local":
         evaluation = evaluate_models(request, dataset, registered, sync_prompts())

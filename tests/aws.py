@@ -362,3 +362,157 @@ def fake_bedrock() -> Iterator[tuple[str, list[dict]]]:
         yield f"http://127.0.0.1:{server.server_address[1]}", received
     finally:
         server.shutdown()
+
+
+AWS_CLI_SHIM = '''#!{python}
+"""The part of the AWS CLI the EC2 training commands use (aws s3 cp [--recursive] SRC DST),
+on boto3, so the commands run as written against the moto server (AWS_ENDPOINT_URL)."""
+import pathlib
+import sys
+
+import boto3
+
+args = sys.argv[1:]
+if args[:2] != ["s3", "cp"]:
+    sys.exit(f"aws shim: only 's3 cp' is emulated, not {{args}}")
+recursive = "--recursive" in args
+source, target = [a for a in args[2:] if a != "--recursive"]
+s3 = boto3.client("s3")
+
+
+def split(uri):
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+if source.startswith("s3://"):
+    bucket, prefix = split(source)
+    if recursive:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        if not keys:
+            sys.exit(f"aws shim: nothing under {{source}}")
+        for key in keys:
+            path = pathlib.Path(target) / key[len(prefix):].lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    else:
+        path = pathlib.Path(target)
+        if target.endswith("/") or path.is_dir():
+            path = path / prefix.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(s3.get_object(Bucket=bucket, Key=prefix)["Body"].read())
+else:
+    bucket, key = split(target)
+    s3.put_object(Bucket=bucket, Key=key, Body=pathlib.Path(source).read_bytes())
+'''
+
+
+class InstanceEmulator:
+    """EC2 instances that moto launches, as SSM sees them: each is "Inactive" on its first
+    ``DescribeInstanceInformation`` and "Online" after (moto implements neither), and
+    ``SendCommand`` with ``AWS-RunShellScript`` runs the commands for real in a folder standing for
+    the instance (``/opt/llmops/jobs`` moved there), with an ``aws s3 cp`` shim on boto3 and this
+    Python's ``torchrun``; the invocation goes InProgress, then Success or Failed with the exit code
+    and the output, as SSM reports them."""
+
+    JOB_ROOT = "/opt/llmops/jobs"
+
+    def __init__(self, url: str, work_dir: Path, timeout: float = 900):
+        self.url, self.work_dir, self.timeout = url, work_dir, timeout
+        self.seen: set[str] = set()
+        self.commands: list[dict] = []
+        self.threads: list[threading.Thread] = []
+        bin_dir = work_dir / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        shim = bin_dir / "aws"
+        shim.write_text(AWS_CLI_SHIM.format(python=sys.executable))
+        shim.chmod(0o755)
+        self.path = f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"
+
+    def describe(self, instances) -> list[dict]:
+        found = []
+        for instance in instances:
+            if instance._state.name != "running":
+                continue
+            status = "Online" if instance.id in self.seen else "Inactive"
+            self.seen.add(instance.id)
+            found.append({"InstanceId": instance.id, "PingStatus": status, "PlatformType": "Linux"})
+        return found
+
+    def start(self, command, request: dict) -> None:
+        self.commands.append(request)
+        for invocation in command.invocations:
+            invocation.update(Status="InProgress", StatusDetails="InProgress", ResponseCode=-1)
+        thread = threading.Thread(target=self._run, args=(command, request), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def wait(self) -> None:
+        for thread in self.threads:
+            thread.join(self.timeout)
+
+    def _run(self, command, request: dict) -> None:
+        root = self.work_dir / "instance"
+        root.mkdir(parents=True, exist_ok=True)
+        script = "\n".join(request["Parameters"]["commands"]).replace(self.JOB_ROOT, str(root / "jobs"))
+        env = {
+            "PATH": self.path,
+            "HOME": str(root),
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+            "OMP_NUM_THREADS": "1",
+        }
+        try:
+            done = subprocess.run(
+                ["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=self.timeout
+            )
+            code, out, err = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired:
+            code, out, err = 124, "", "timed out"
+        status = "Success" if code == 0 else "Failed"
+        for invocation in command.invocations:
+            invocation.update(
+                Status=status,
+                StatusDetails=status,
+                ResponseCode=code,
+                StandardOutputContent=out[-24000:],
+                StandardErrorContent=err[-8000:],
+            )
+
+
+@contextmanager
+def emulated_instances(url: str, work_dir: Path) -> Iterator[InstanceEmulator]:
+    """While open, SSM on the moto server sees moto's EC2 instances and runs shell commands on
+    them (see ``InstanceEmulator``)."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.models import ec2_backends
+    from moto.ssm.responses import SimpleSystemManagerResponse
+
+    emulator = InstanceEmulator(url, work_dir)
+    original = SimpleSystemManagerResponse.send_command
+
+    def describe_instance_information(self):
+        instances = ec2_backends[self.current_account][self.region].all_instances()
+        wanted = {v for f in self._get_param("Filters", []) if f.get("Key") == "InstanceIds" for v in f["Values"]}
+        found = emulator.describe([i for i in instances if not wanted or i.id in wanted])
+        return ActionResult({"InstanceInformationList": found})
+
+    def send_command(self):
+        request = json.loads(self.body)
+        result = original(self)
+        command = self.ssm_backend.list_commands(None, None)[-1]
+        if request.get("DocumentName") == "AWS-RunShellScript":
+            emulator.start(command, request)
+        return result
+
+    SimpleSystemManagerResponse.describe_instance_information = describe_instance_information
+    SimpleSystemManagerResponse.send_command = send_command
+    try:
+        yield emulator
+    finally:
+        SimpleSystemManagerResponse.send_command = original
+        del SimpleSystemManagerResponse.describe_instance_information
+        emulator.wait()

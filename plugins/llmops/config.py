@@ -86,7 +86,7 @@ class FinetuneConfig(_Strict):
     model_name: str = Field("python-docs-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
-    backend: Literal["local", "sagemaker", "sagemaker-trainium"] = "local"
+    backend: Literal["local", "sagemaker", "sagemaker-trainium", "ec2-trainium"] = "local"
     processes: int = Field(1, ge=1, le=64)
     timeout_minutes: int = Field(120, ge=1)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
@@ -254,6 +254,30 @@ class SageMakerTarget(_Strict):
     requirements: list[str] = Field(default_factory=list, description="pip lines the container installs first")
 
 
+class Ec2Config(_Strict):
+    """EC2 Trainium training (backend ``ec2-trainium``): a trn1 instance driven over SSM."""
+
+    ami_id: str | None = Field(None, description="the Neuron deep-learning AMI; default: ami_parameter's value")
+    ami_parameter: str = "/aws/service/neuron/dlami/multi-framework/ubuntu-22.04/latest/image_id"
+    instance_type: str = Field("trn1.2xlarge", pattern=r"^trn[12]n?\.[0-9]*xlarge$")
+    instance_profile: str | None = Field(None, description="an instance profile with SSM core and the store's S3")
+    subnet_id: str | None = None
+    security_group_ids: list[str] = Field(default_factory=list, max_length=5)
+    volume_size_gb: int = Field(200, ge=8, le=16384)
+    activate: str = Field(
+        ". /opt/aws_neuronx_venv_pytorch_2_8/bin/activate", description="enters the AMI's Neuron Python environment"
+    )
+    ssm_online_timeout_minutes: int = Field(20, ge=1, le=120)
+    command_timeout_minutes: int = Field(480, ge=1, le=2880)
+    poll_seconds: int = Field(60, ge=1, le=3600)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ami_id", "instance_profile", "subnet_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class SageMakerConfig(_Strict):
     """SageMaker training jobs (backends ``sagemaker`` and ``sagemaker-trainium``)."""
 
@@ -281,8 +305,11 @@ class SageMakerConfig(_Strict):
             "ml.trn1.2xlarge": 1.5,
             "ml.trn1.32xlarge": 24.72,
             "ml.m5.xlarge": 0.23,
+            "trn1.2xlarge": 1.34375,
+            "trn1.32xlarge": 21.50,
         },
-        description="USD per instance-hour, for the cost recorded with each run; check your region's prices",
+        description="USD per instance-hour (SageMaker ml.* and EC2), for the cost recorded with each run;"
+        " check your region's prices",
     )
 
     @field_validator("role_arn", "kms_key_id", mode="before")
@@ -317,6 +344,7 @@ class Settings(_Strict):
     monitoring: MonitoringConfig = MonitoringConfig()
     aws: AwsConfig = AwsConfig()
     sagemaker: SageMakerConfig = SageMakerConfig()
+    ec2: Ec2Config = Ec2Config()
 
     @model_validator(mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from llmops.data import versioning
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
-BACKENDS = ("local", "sagemaker", "sagemaker-trainium")
+BACKENDS = ("local", "sagemaker", "sagemaker-trainium", "ec2-trainium")
 
 
 class FinetuneRequest(BaseModel):
@@ -64,6 +64,17 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
         raise ConfigError(
             f"invalid run parameters:\n  backend: {backend!r} is not available (available: {', '.join(BACKENDS)})"
         )
+    if backend == "ec2-trainium":
+        if not settings.store_uri.startswith("s3://"):
+            raise ConfigError(
+                f"invalid run parameters:\n  backend: {backend!r} reads its data from S3, and this environment's"
+                f" store is {settings.store_uri} (use LLMOPS_ENV=aws)"
+            )
+        if not settings.ec2.instance_profile:
+            raise ConfigError(
+                f"invalid run parameters:\n  backend: {backend!r} needs ec2.instance_profile"
+                " (LLMOPS_EC2_INSTANCE_PROFILE): the instance reaches SSM and S3 with it"
+            )
     if backend.startswith("sagemaker"):
         if not settings.store_uri.startswith("s3://"):
             raise ConfigError(

@@ -114,11 +114,24 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
         "record_outcome",
     ]
     sagemaker = ["stage_sagemaker_job", "run_sagemaker_job"]
-    assert set(dag.task_ids) == {*chain, *sagemaker, "sync_prompts", "profile_baseline"}
-    # The backend's branch: the local job, or SageMaker's staged request, its job, then one result.
-    assert dag.get_task("choose_backend").downstream_task_ids == {"train_adapter", "stage_sagemaker_job"}
-    for upstream, downstream in itertools.pairwise(["choose_backend", *sagemaker, "collect_training"]):
-        assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    ec2 = ["stage_ec2_job", "launch_trainium_instance", "await_ssm_agent", "run_training_command", "collect_ec2_job"]
+    teardown = "terminate_trainium_instance"
+    assert set(dag.task_ids) == {*chain, *sagemaker, *ec2, teardown, "sync_prompts", "profile_baseline"}
+    # The backend's branch: the local job, SageMaker's job, or the EC2 instance's command; then one result.
+    assert dag.get_task("choose_backend").downstream_task_ids == {
+        "train_adapter",
+        "stage_sagemaker_job",
+        "stage_ec2_job",
+    }
+    for path in (sagemaker, ec2):
+        for upstream, downstream in itertools.pairwise(["choose_backend", *path, "collect_training"]):
+            assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
+    # The instance is terminated whatever happens, as a teardown of its launch: a cleanup that
+    # succeeds cannot turn a failed run green.
+    terminate = dag.get_task(teardown)
+    assert terminate.is_teardown and "launch_trainium_instance" in terminate.upstream_task_ids
+    assert "collect_ec2_job" in terminate.upstream_task_ids
+    assert dag.get_task("collect_ec2_job").trigger_rule == "all_done", "collects the output tail of a failure too"
     assert dag.get_task("collect_training").trigger_rule == "none_failed_min_one_success"
     assert type(dag.get_task("run_sagemaker_job")).__mro__[1].__name__ == "SageMakerTrainingOperator"
     # The baseline profile is built only when training runs, and registration waits for it.
@@ -141,7 +154,7 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
     assert f"timezone='{get_settings().finetune.timezone}'" in repr(schedule.timetable)
     assert "curated_dataset.python-docs-instruct" in str(schedule.asset_condition)
     params = dag.params
-    assert params.get_param("backend").schema["enum"] == ["local", "sagemaker", "sagemaker-trainium"]
+    assert params.get_param("backend").schema["enum"] == ["local", "sagemaker", "sagemaker-trainium", "ec2-trainium"]
     assert set(params.get_param("peft_method").schema["enum"]) == {"lora", "prompt_tuning", "full", "qlora"}
     assert {
         "dataset_version",

@@ -112,8 +112,11 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
         "force": True,
     }
     finetune_id = _trigger(stack, "llm_finetune", conf)
-    # Which of these run depends on the gate's verdict on a tiny random model (and no approval).
-    branches = frozenset({"await_approval", "promote_challenger"})
+    # Which of these run depends on the gate's verdict on a tiny random model (and no approval);
+    # the other training backends' tasks are skipped by the backend's branch.
+    other_backends = {"stage_sagemaker_job", "run_sagemaker_job", "stage_ec2_job", "launch_trainium_instance"}
+    other_backends |= {"await_ssm_agent", "run_training_command", "collect_ec2_job", "terminate_trainium_instance"}
+    branches = frozenset({"await_approval", "promote_challenger", *other_backends})
     finetune = _wait_for_run(stack, "llm_finetune", finetune_id, timeout=600, may_skip=branches)
     assert finetune["conf"] == conf, finetune["conf"]
 

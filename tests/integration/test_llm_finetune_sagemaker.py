@@ -16,9 +16,19 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
+from llmops.backends.ec2 import command_outcome
+from llmops.backends.local import TrainingJobError
 from llmops.demo import return_value
 from llmops.tracking import client as mlflow_client
-from tests.aws import aws_env, client, emulated_processing, emulated_training, fake_bedrock, moto_server
+from tests.aws import (
+    aws_env,
+    client,
+    emulated_instances,
+    emulated_processing,
+    emulated_training,
+    fake_bedrock,
+    moto_server,
+)
 from tests.dagruns import fast_config, parsed_dag, task_states
 from tests.datagen import good_records, write_jsonl
 
@@ -42,6 +52,14 @@ def aws(tmp_path_factory, airflow_db):
     config["aws"] = {"conn_id": "aws_default", "region": "us-east-1"}
     config["evaluation"]["backend"] = "sagemaker"
     config["evaluation"]["judge"] = "bedrock"
+    config["ec2"] = {
+        "ami_id": "ami-0123456789abcdef0",
+        "instance_profile": "llmops-trainium",
+        "activate": "true",  # the emulated instance's Python is this one
+        "poll_seconds": 1,
+        "ssm_online_timeout_minutes": 1,
+        "command_timeout_minutes": 15,
+    }
     config_file = home / "aws-config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     with (
@@ -49,6 +67,7 @@ def aws(tmp_path_factory, airflow_db):
         emulated_training(url, home / "sagemaker") as emulator,
         emulated_processing(url, home / "processing") as processing,
         fake_bedrock() as (bedrock_url, judged),
+        emulated_instances(url, home / "ec2") as instances,
         pytest.MonkeyPatch.context() as patch,
     ):
         env = aws_env(url)
@@ -64,6 +83,7 @@ def aws(tmp_path_factory, airflow_db):
         for key, value in env.items():
             patch.setenv(key, value)
         client("s3", url).create_bucket(Bucket=BUCKET)
+        client("iam", url).create_instance_profile(InstanceProfileName="llmops-trainium")
         settings = load_settings()
         raw = write_jsonl(home / "raw.jsonl", good_records(60))
         dataset = stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
@@ -73,6 +93,7 @@ def aws(tmp_path_factory, airflow_db):
             "emulator": emulator,
             "processing": processing,
             "judged": judged,
+            "instances": instances,
             "dataset": dataset,
             "settings": settings,
         }
@@ -212,3 +233,69 @@ def test_the_form_refuses_a_sagemaker_run_without_a_role(aws, tiny_model, tmp_pa
     with parsed_dag("llm_finetune", **{**aws["env"], "LLMOPS_CONFIG_FILE": str(no_role)}) as dag:
         run = dag.test(run_conf=conf(tiny_model))
     assert run.state == "failed" and task_states(run)["resolve_config"] == "failed"
+
+
+def test_an_ec2_trainium_run_trains_over_ssm_and_terminates_the_instance(aws, dag, tiny_model):
+    run = dag.test(run_conf=conf(tiny_model, backend="ec2-trainium"))
+    states = task_states(run)
+    assert run.state == "success", states
+    path = ["stage_ec2_job", "launch_trainium_instance", "await_ssm_agent", "run_training_command", "collect_ec2_job"]
+    assert [states[t] for t in path] == ["success"] * len(path)
+    assert states["terminate_trainium_instance"] == "success"
+    assert states["train_adapter"] == states["run_sagemaker_job"] == "skipped"
+
+    staged = return_value(run, "stage_ec2_job")
+    [instance_id] = return_value(run, "launch_trainium_instance")
+    ec2 = client("ec2", aws["url"])
+    with Stubber(ec2) as stub:  # the launch as sent passes botocore's service model
+        stub.add_response(
+            "run_instances", {}, {"ImageId": staged["image_id"], "MinCount": 1, "MaxCount": 1, **staged["config"]}
+        )
+        ec2.run_instances(ImageId=staged["image_id"], MinCount=1, MaxCount=1, **staged["config"])
+    described = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    assert described["InstanceType"] == "trn1.2xlarge" and described["State"]["Name"] == "terminated"
+    shutdown = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")
+    assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+
+    [sent] = [c for c in aws["instances"].commands if c["Comment"].endswith(staged["job_name"])]
+    ssm = client("ssm", aws["url"])
+    with Stubber(ssm) as stub:
+        stub.add_response("send_command", {}, sent)
+        ssm.send_command(**sent)
+    assert sent["DocumentName"] == "AWS-RunShellScript" and sent["InstanceIds"] == [instance_id]
+    assert any(
+        "torchrun --standalone --nproc_per_node=2 llmops_train.py" in line for line in sent["Parameters"]["commands"]
+    )
+
+    registered = return_value(run, "register_model")
+    tags = (
+        mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+        .get_model_version(registered["model_name"], registered["version"])
+        .tags
+    )
+    assert tags["training.backend"] == "ec2-trainium"
+    assert (
+        tags["training.artifact_uri"] == f"s3://{BUCKET}/llmops/training-jobs/{staged['job_name']}/output/model.tar.gz"
+    )
+    assert tags["cost.instance_type"] == "trn1.2xlarge" and float(tags["cost.estimated_cost_usd"]) > 0
+
+
+def test_a_failing_ec2_command_fails_with_its_output_tail_and_still_terminates(aws, dag, tiny_model):
+    run = dag.test(run_conf=conf(tiny_model, backend="ec2-trainium", peft_method="qlora"))
+    states = task_states(run)
+    assert run.state == "failed"
+    assert states["run_training_command"] == "failed" and states["collect_ec2_job"] == "failed"
+    assert states["terminate_trainium_instance"] == "success", "the teardown runs, and hides no failure"
+    assert states["register_model"] == "upstream_failed"
+    [instance_id] = return_value(run, "launch_trainium_instance")
+    state = client("ec2", aws["url"]).describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "terminated"
+    # collect_ec2_job failed with the command's exit code and the tail of its output:
+    command_id = return_value(run, "run_training_command")
+    invocation = client("ssm", aws["url"]).get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+    with pytest.raises(TrainingJobError, match=r"ended Failed \(exit code [1-9][0-9]*\):[\s\S]*qlora"):
+        command_outcome(invocation)
+    versions = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(
+        f"tags.`airflow.run_id`='{run.run_id}'"
+    )
+    assert list(versions) == []

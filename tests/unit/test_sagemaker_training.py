@@ -239,6 +239,7 @@ def aws_env(monkeypatch):
     monkeypatch.setenv("LLMOPS_S3_BUCKET", "llmops-bucket")
     monkeypatch.setenv("LLMOPS_SAGEMAKER_ROLE_ARN", ROLE)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("LLMOPS_EC2_INSTANCE_PROFILE", "llmops-trn")
 
 
 def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env, capsys):
@@ -256,10 +257,17 @@ def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env,
         "s3://llmops-bucket/llmops/datasets/python-docs-instruct/3f2a9c/train.jsonl"
     )
     assert create["ResourceConfig"]["InstanceType"] == "ml.trn1.2xlarge"
+    evaluate = printed["CreateProcessingJob"]  # aws.yaml evaluates on SageMaker Processing too
+    candidate = next(i for i in evaluate["ProcessingInputs"] if i["InputName"] == "models-candidate")
+    assert candidate["S3Input"]["S3Uri"] == (
+        f"s3://llmops-bucket/llmops/training-jobs/{create['TrainingJobName']}/output/model.tar.gz"
+    )
     client = sagemaker_client()
     with Stubber(client) as stub:
         stub.add_response("create_training_job", {"TrainingJobArn": "arn:x"}, create)
+        stub.add_response("create_processing_job", {"ProcessingJobArn": "arn:y"}, evaluate)
         client.create_training_job(**create)
+        client.create_processing_job(**evaluate)
 
 
 def test_the_dry_run_says_what_is_missing(aws_env, monkeypatch, capsys):
@@ -274,4 +282,22 @@ def test_the_dry_run_says_what_is_missing(aws_env, monkeypatch, capsys):
     assert "needs sagemaker.role_arn" in capsys.readouterr().err
     monkeypatch.setenv("LLMOPS_ENV", "local")
     assert main(["dry-run", "--dataset-version", "abc"]) == 2
-    assert "SageMaker reads its channels from S3" in capsys.readouterr().err
+    assert "the AWS backends read their data from S3" in capsys.readouterr().err
+
+
+def test_the_dry_run_of_ec2_trainium_prints_the_launch_and_the_command(aws_env, capsys):
+    from llmops.backends.sagemaker import main
+
+    assert main(["dry-run", "--backend", "ec2-trainium", "--dataset-version", "3f2a9c"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    launch, command = printed["RunInstances"], printed["SendCommand"]
+    assert launch["InstanceType"] == "trn1.2xlarge" and "SSM parameter /aws/service/neuron" in launch["ImageId"]
+    assert command["DocumentName"] == "AWS-RunShellScript"
+    assert any("torchrun" in line for line in command["Parameters"]["commands"])
+    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    ssm = boto3.client("ssm", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(ec2) as ec2_stub, Stubber(ssm) as ssm_stub:
+        ec2_stub.add_response("run_instances", {}, launch)
+        ssm_stub.add_response("send_command", {}, command)
+        ec2.run_instances(**launch)
+        ssm.send_command(**command)

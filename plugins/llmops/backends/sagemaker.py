@@ -394,17 +394,20 @@ def stage_job(
     )
 
 
+def archive_metrics(artifact: str, storage_options: dict | None = None) -> dict:
+    """The final metrics the entrypoint wrote into the model archive (``metrics.json``)."""
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(artifact, storage_options)), mode="r:gz") as tar:
+        member = next((m for m in tar.getmembers() if m.name.removeprefix("./") == "metrics.json"), None)
+        return json.loads(tar.extractfile(member).read())["final"] if member is not None else {}
+
+
 def collect(settings, described: dict, storage_options: dict | None = None) -> dict:
     """A finished job as the training result ``register_model`` takes (the local backend's shape):
     the final metrics come from ``metrics.json`` inside the model archive, as the entrypoint wrote
     them; SageMaker's ARN, instance and cost come along."""
     outcome = job_outcome(described, settings.sagemaker.prices_per_hour)
     artifact = outcome["model_artifact_uri"]
-    metrics = {}
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(artifact, storage_options)), mode="r:gz") as tar:
-        member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "metrics.json"), None)
-        if member is not None:
-            metrics = json.loads(tar.extractfile(member).read())["final"]
+    metrics = archive_metrics(artifact, storage_options)
     region = settings.aws.region or "us-east-1"
     return {
         "job_name": outcome["job_name"],
@@ -421,42 +424,77 @@ def collect(settings, described: dict, storage_options: dict | None = None) -> d
     }
 
 
+DRY_RUN_BACKENDS = (*BACKENDS, "ec2-trainium")
+
+
 def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: dict[str, Any]) -> dict:
-    """What ``llm_finetune`` would send for one run, without calling AWS: the source bundle it
-    uploads and the ``CreateTrainingJob`` request."""
+    """What ``llm_finetune`` would send for one run, without calling AWS: the uploads, then the
+    training requests of ``backend`` and, when evaluation runs on SageMaker, the Processing job."""
     from llmops.config import PROJECT_ROOT, ConfigError
     from llmops.finetune import LATEST, job_name, request_from_params
 
     if not settings.store_uri.startswith("s3://"):
         raise ConfigError(
-            f"store_uri is {settings.store_uri}: SageMaker reads its channels from S3 (use LLMOPS_ENV=aws)"
+            f"store_uri is {settings.store_uri}: the AWS backends read their data from S3 (use LLMOPS_ENV=aws)"
         )
     if dataset_version == LATEST:
         raise ConfigError("name the dataset version (--dataset-version): a dry run does not read the store")
-    request = request_from_params(settings, {**params, "dataset_version": dataset_version})
-    target = getattr(settings.sagemaker, BACKENDS[backend])
-    bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
+    request = request_from_params(settings, {**params, "backend": backend, "dataset_version": dataset_version})
     data_uri = storage.join(settings.datasets_uri(), settings.data.dataset_name, dataset_version)
-    name = job_name("llm_finetune", run_id)
-    create = training_job_request(
-        settings.sagemaker,
-        backend=backend,
-        job_name=name,
-        region=settings.aws.region or "us-east-1",
-        store_uri=settings.store_uri,
-        hyperparameters=request.hyperparameters,
-        channels={
-            "train": storage.join(data_uri, "train.jsonl"),
-            "validation": storage.join(data_uri, "validation.jsonl"),
-            "base_model": base_model_uri(settings.store_uri, request.base_model_name),
-        },
-        code_uri=bundle.uri(settings.store_uri),
-        tags={"airflow.dag_id": "llm_finetune", "airflow.run_id": run_id, "dataset.version": dataset_version},
-    )
-    return {
-        "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
-        "CreateTrainingJob": create,
+    dataset = {
+        "version": dataset_version,
+        "files": {s: {"uri": storage.join(data_uri, f"{s}.jsonl")} for s in ("train", "validation")},
     }
+    name = job_name("llm_finetune", run_id)
+    lineage = {"dag_id": "llm_finetune", "run_id": run_id}
+    if backend == "ec2-trainium":
+        from llmops.backends import ec2
+
+        bundle = source_bundle(PROJECT_ROOT)
+        image = settings.ec2.ami_id or f"(the value of SSM parameter {settings.ec2.ami_parameter})"
+        plan = ec2.plan_job(settings, request, dataset, name, lineage, image, bundle.uri(settings.store_uri))
+        printed = {
+            "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
+            "RunInstances": {"ImageId": plan["image_id"], "MinCount": 1, "MaxCount": 1, **plan["config"]},
+            "SendCommand": {
+                "DocumentName": "AWS-RunShellScript",
+                **ec2.send_command_kwargs(
+                    settings.ec2, "(the launched instance)", name, plan["commands"], plan["output_uri"]
+                ),
+            },
+        }
+        artifact = plan["artifact_uri"]
+    else:
+        target = getattr(settings.sagemaker, BACKENDS[backend])
+        bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
+        create = training_job_request(
+            settings.sagemaker,
+            backend=backend,
+            job_name=name,
+            region=settings.aws.region or "us-east-1",
+            store_uri=settings.store_uri,
+            hyperparameters=request.hyperparameters,
+            channels={
+                "train": dataset["files"]["train"]["uri"],
+                "validation": dataset["files"]["validation"]["uri"],
+                "base_model": base_model_uri(settings.store_uri, request.base_model_name),
+            },
+            code_uri=bundle.uri(settings.store_uri),
+            tags={"airflow.dag_id": "llm_finetune", "airflow.run_id": run_id, "dataset.version": dataset_version},
+        )
+        printed = {
+            "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
+            "CreateTrainingJob": create,
+        }
+        artifact = storage.join(create["OutputDataConfig"]["S3OutputPath"], name, "output", "model.tar.gz")
+    if settings.evaluation.backend == "sagemaker":
+        from llmops.backends.sagemaker_evaluation import evaluation_plan
+        from llmops.evaluation import models_to_evaluate
+
+        models = models_to_evaluate(request.base_model_name, {"version": "new", "artifact_uri": artifact}, None)
+        plan = evaluation_plan(settings, job_name("llm_finetune", run_id, prefix="llmops-eval"), models)
+        printed["CreateProcessingJob"] = plan["request"]
+    return printed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmops.backends.sagemaker", description="SageMaker training jobs.")
     commands = parser.add_subparsers(dest="command", required=True)
     dry = commands.add_parser("dry-run", help="print the requests one llm_finetune run would send (nothing is sent)")
-    dry.add_argument("--backend", choices=sorted(BACKENDS), default="sagemaker")
+    dry.add_argument("--backend", choices=sorted(DRY_RUN_BACKENDS), default="sagemaker")
     dry.add_argument("--dataset-version", required=True, help="a curated dataset version (its hash)")
     dry.add_argument("--run-id", default="manual__dry-run", help="the Airflow run id the job name derives from")
     dry.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter")

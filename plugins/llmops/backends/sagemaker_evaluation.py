@@ -25,6 +25,7 @@ from llmops.backends.local import TrainingJobError
 from llmops.backends.sagemaker import (
     JOB_NAME,
     SageMakerRequestError,
+    base_model_uri,
     ensure_model_staged,
     estimate_cost,
     image_uri,
@@ -121,17 +122,10 @@ def processing_job_request(
     return request
 
 
-def stage_evaluation(
-    settings,
-    name: str,
-    models: dict[str, dict],
-    items: list[dict],
-    lineage: dict | None = None,
-    storage_options: dict | None = None,
-    log=print,
-) -> dict:
-    """Upload what the job reads and return its request (``models``: label -> {"base_model_name",
-    "artifact_uri"}, as ``llmops.evaluation.models_to_evaluate`` gives)."""
+def evaluation_plan(settings, name: str, models: dict[str, dict], tags: dict | None = None) -> dict:
+    """What the job needs where (no upload): the code files and their prefix, the staged models,
+    ``evaluation.json``, and the ``CreateProcessingJob`` request (``models``: label ->
+    {"base_model_name", "artifact_uri"}, as ``llmops.evaluation.models_to_evaluate`` gives)."""
     from llmops.config import PROJECT_ROOT, ConfigError
     from llmops.evaluation import evaluation_settings
 
@@ -141,14 +135,11 @@ def stage_evaluation(
     files = source_files(PROJECT_ROOT, {EVALUATE: LAUNCHER}, tuple(settings.sagemaker.evaluation.requirements))
     digest = hashlib.sha256(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in files.items()}).encode())
     code_uri = storage.join(settings.store_uri, "code", f"evaluate-{digest.hexdigest()[:16]}") + "/"
-    stage_files(files, code_uri, storage_options, source="training/ and the evaluation launcher")
-
     inputs = [("code", code_uri, "code")]
-    staged: dict[str, str] = {}
+    staged = {}
     for model in sorted({m["base_model_name"] for m in models.values()} | {settings.models.embedding}):
-        uri = ensure_model_staged(settings, model, storage_options, log)
-        staged[model] = uri
-        inputs.append((f"model-{len(staged)}", uri, f"base-models/{_key(uri)}"))
+        staged[model] = base_model_uri(settings.store_uri, model)
+        inputs.append((f"model-{len(staged)}", staged[model], f"base-models/{_key(staged[model])}"))
     entries = []
     for label, model in models.items():
         entry = {"label": label, "base": f"input/base-models/{_key(staged[model['base_model_name']])}", "adapter": None}
@@ -161,20 +152,46 @@ def stage_evaluation(
         "models": entries,
         "embedding_model": f"input/base-models/{_key(staged[settings.models.embedding])}",
     }
-    storage.write_json(storage.join(job_uri, "input", "config", "evaluation.json"), config, storage_options)
-    storage.write_jsonl(storage.join(job_uri, "input", "items", "items.jsonl"), items, storage_options)
     inputs += [
         ("config", storage.join(job_uri, "input", "config") + "/", "config"),
         ("items", storage.join(job_uri, "input", "items") + "/", "items"),
     ]
-    return processing_job_request(
+    request = processing_job_request(
         settings.sagemaker,
         job_name=name,
         region=settings.aws.region or "us-east-1",
         inputs=inputs,
         output_uri=storage.join(job_uri, "output"),
-        tags={k: v for k, v in (lineage or {}).items() if v},
+        tags={k: v for k, v in (tags or {}).items() if v},
     )
+    return {
+        "code_uri": code_uri,
+        "code_files": files,
+        "models": staged,
+        "config_uri": storage.join(job_uri, "input", "config", "evaluation.json"),
+        "config": config,
+        "items_uri": storage.join(job_uri, "input", "items", "items.jsonl"),
+        "request": request,
+    }
+
+
+def stage_evaluation(
+    settings,
+    name: str,
+    models: dict[str, dict],
+    items: list[dict],
+    tags: dict | None = None,
+    storage_options: dict | None = None,
+    log=print,
+) -> dict:
+    """Upload what the job reads (see ``evaluation_plan``) and return its request."""
+    plan = evaluation_plan(settings, name, models, tags)
+    stage_files(plan["code_files"], plan["code_uri"], storage_options, source="training/ and the evaluation launcher")
+    for model in plan["models"]:
+        ensure_model_staged(settings, model, storage_options, log)
+    storage.write_json(plan["config_uri"], plan["config"], storage_options)
+    storage.write_jsonl(plan["items_uri"], items, storage_options)
+    return plan["request"]
 
 
 def _seconds(described: dict) -> float:
