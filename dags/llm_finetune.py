@@ -268,9 +268,13 @@ def llm_finetune():
         ec2.wait_until_online(ssm, instance_ids[0], timeout, SETTINGS.ec2.poll_seconds)
         return ec2.send_command_kwargs(SETTINGS.ec2, instance_ids[0], job_name, commands, output_uri)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @task(
+        trigger_rule=TriggerRule.ALL_DONE,
+        execution_timeout=timedelta(minutes=SETTINGS.ec2.command_timeout_minutes + 10),
+    )
     def collect_ec2_job(request: dict) -> dict:
-        """The command's exit code and output tail, also when it failed, and the archive it pushed."""
+        """Waits for the command; its exit code and output tail (in the error when it failed), and
+        the archive it pushed."""
         from datetime import UTC, datetime
 
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
@@ -290,7 +294,8 @@ def llm_finetune():
                 "the EC2 training did not get as far as running its command; see the tasks above"
             )
         hook = SsmHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
-        invocation = hook.get_command_invocation(command_id, instance_ids[0])
+        timeout = SETTINGS.ec2.command_timeout_minutes * 60 + 300
+        invocation = ec2.wait_for_command(hook.conn, command_id, instance_ids[0], timeout, SETTINGS.ec2.poll_seconds)
         instance = EC2Hook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region, api_type="client_type")
         launched = instance.conn.describe_instances(InstanceIds=instance_ids)["Reservations"][0]["Instances"][0]
         seconds = (datetime.now(UTC) - launched["LaunchTime"]).total_seconds()
@@ -581,14 +586,11 @@ def llm_finetune():
         region_name=SETTINGS.aws.region,
     )
     command = await_ssm_agent(launch.output, staged_ec2["job_name"], staged_ec2["commands"], staged_ec2["output_uri"])
-    run_command = SsmRunCommandOperator(
+    run_command = SsmRunCommandOperator(  # sends it; collect_ec2_job waits, so a failure's output is read too
         task_id="run_training_command",
         document_name="AWS-RunShellScript",
         run_command_kwargs=command,
-        wait_for_completion=True,
-        waiter_delay=SETTINGS.ec2.poll_seconds,
-        waiter_max_attempts=SETTINGS.ec2.command_timeout_minutes * 60 // SETTINGS.ec2.poll_seconds + 2,
-        fail_on_nonzero_exit=True,
+        wait_for_completion=False,
         aws_conn_id=SETTINGS.aws.conn_id,
         region_name=SETTINGS.aws.region,
         retries=0,  # a training command is not sent twice; clear the task to run it again

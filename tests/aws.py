@@ -472,6 +472,7 @@ class InstanceEmulator:
             code, out, err = done.returncode, done.stdout, done.stderr
         except subprocess.TimeoutExpired:
             code, out, err = 124, "", "timed out"
+        (self.work_dir / f"command-{command.command_id}.log").write_text(out + err)
         status = "Success" if code == 0 else "Failed"
         for invocation in command.invocations:
             invocation.update(

@@ -131,7 +131,8 @@ def test_llm_finetune_graph_schedule_and_form(stack_env):
     terminate = dag.get_task(teardown)
     assert terminate.is_teardown and "launch_trainium_instance" in terminate.upstream_task_ids
     assert "collect_ec2_job" in terminate.upstream_task_ids
-    assert dag.get_task("collect_ec2_job").trigger_rule == "all_done", "collects the output tail of a failure too"
+    assert dag.get_task("collect_ec2_job").trigger_rule == "all_done", "reads the output tail of a failure too"
+    assert dag.get_task("run_training_command").wait_for_completion is False, "collect_ec2_job waits"
     assert dag.get_task("collect_training").trigger_rule == "none_failed_min_one_success"
     assert type(dag.get_task("run_sagemaker_job")).__mro__[1].__name__ == "SageMakerTrainingOperator"
     # The baseline profile is built only when training runs, and registration waits for it.

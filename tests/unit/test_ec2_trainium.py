@@ -108,7 +108,28 @@ def test_a_command_that_did_not_succeed_raises_with_its_exit_code_and_tail():
         "StandardOutputContent": "".join(f"line {n}\n" for n in range(100)),
         "StandardErrorContent": "training failed: peft_method=qlora needs a CUDA GPU\n",
     }
-    with pytest.raises(TrainingJobError, match=r"ended Failed \(exit code 2\):\nline 61[\s\S]*qlora needs a CUDA GPU$"):
+    with pytest.raises(TrainingJobError) as failed:
         command_outcome(invocation)
+    first, tail = str(failed.value).split("\noutput tail:\n")
+    assert first.endswith("ended Failed (exit code 2): training failed: peft_method=qlora needs a CUDA GPU")
+    assert tail.startswith("line 61") and tail.endswith("qlora needs a CUDA GPU")
     ok = command_outcome({**invocation, "Status": "Success", "ResponseCode": 0})
     assert ok["exit_code"] == 0 and ok["output_tail"].endswith("CUDA GPU")
+
+
+def test_waiting_for_the_command_returns_its_final_invocation_or_times_out():
+    from llmops.backends.ec2 import wait_for_command
+
+    client = aws("ssm")
+    with Stubber(client) as stub:
+        stub.add_client_error("get_command_invocation", "InvocationDoesNotExist")
+        stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        stub.add_response("get_command_invocation", {"Status": "Failed", "ResponseCode": 2})
+        clock = iter(range(0, 10_000, 10))
+        invocation = wait_for_command(client, "0" * 36, "i-1", 600, 10, sleep=lambda s: None, clock=lambda: next(clock))
+    assert invocation["Status"] == "Failed" and invocation["ResponseCode"] == 2
+    with Stubber(client) as stub:
+        stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        clock = iter(range(0, 10_000, 100))
+        with pytest.raises(TrainingJobError, match="still InProgress after 1 minutes"):
+            wait_for_command(client, "0" * 36, "i-1", 60, 10, sleep=lambda s: None, clock=lambda: next(clock))

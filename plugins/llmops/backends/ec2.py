@@ -125,11 +125,16 @@ def command_outcome(invocation: dict, log_tail_lines: int = 40) -> dict:
     Anything but Success raises ``TrainingJobError`` with the tail."""
     status = invocation.get("Status", "Unknown")
     output = (invocation.get("StandardOutputContent") or "") + (invocation.get("StandardErrorContent") or "")
-    tail = "\n".join(output.strip().splitlines()[-log_tail_lines:])
+    lines = output.strip().splitlines()
+    tail = "\n".join(lines[-log_tail_lines:])
     if status != "Success":
+        # The entrypoint's own "training failed: ..." line says why; under torchrun it is buried
+        # above the launcher's report.
+        reasons = list(dict.fromkeys(line.strip() for line in lines if "training failed:" in line))
+        reason = "\n".join(reasons[:3])
         raise TrainingJobError(
             f"the training command on {invocation.get('InstanceId')} ended {status}"
-            f" (exit code {invocation.get('ResponseCode')}):\n{tail}"
+            f" (exit code {invocation.get('ResponseCode')}): {reason or '(see the output)'}\noutput tail:\n{tail}"
         )
     return {"status": status, "exit_code": invocation.get("ResponseCode"), "output_tail": tail}
 
@@ -210,6 +215,33 @@ def wait_until_online(client, instance_id: str, timeout_s: float, poll_s: float,
             raise TrainingJobError(
                 f"the SSM agent of {instance_id} was not online within {timeout_s / 60:g} minutes ({state}); check the"
                 " instance profile (AmazonSSMManagedInstanceCore) and that the subnet reaches SSM"
+            )
+        sleep(poll_s)
+
+
+TERMINAL = {"Success", "Failed", "Cancelled", "TimedOut", "Cancelling"}
+
+
+def wait_for_command(
+    client, command_id: str, instance_id: str, timeout_s: float, poll_s: float, sleep=None, clock=None
+):
+    """The command's ``GetCommandInvocation`` once it has finished (``client``: boto3 ``ssm``); a
+    ``TrainingJobError`` after ``timeout_s``."""
+    import time
+
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
+    deadline = clock() + timeout_s
+    while True:
+        try:
+            invocation = client.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+        except client.exceptions.InvocationDoesNotExist:  # just sent: not registered yet
+            invocation = {"Status": "Pending"}
+        if invocation.get("Status") in TERMINAL:
+            return invocation
+        if clock() >= deadline:
+            raise TrainingJobError(
+                f"command {command_id} on {instance_id} still {invocation.get('Status')}"
+                f" after {timeout_s / 60:g} minutes"
             )
         sleep(poll_s)
 
