@@ -323,9 +323,6 @@ class Batcher:
 
 
 def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None = None) -> LoadedModel:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = Path(model_dir or os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist (set SM_MODEL_DIR)")
@@ -339,6 +336,10 @@ def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None
             )
     else:
         base = str(root)
+    # The folder is checked before torch is imported: a wrong folder fails in a fraction of a second.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer_dir = root if (root / "tokenizer_config.json").is_file() else Path(base)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token is None:

@@ -104,6 +104,25 @@ def recorded_approval_operator():
     return RecordedApprovalOperator
 
 
+def _defer_to_trigger(operator, name: str, job_type: str) -> None:
+    """Hand the wait for an existing SageMaker job to the triggerer, as the stock operators do."""
+    from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+    operator.defer(
+        trigger=SageMakerTrigger(
+            job_name=name,
+            job_type=job_type,
+            waiter_delay=operator.check_interval,
+            waiter_max_attempts=operator.max_attempts,
+            aws_conn_id=operator.aws_conn_id,
+            region_name=operator.region_name,
+            verify=operator.verify,
+            botocore_config=operator.botocore_config,
+        ),
+        method_name="execute_complete",
+    )
+
+
 def sagemaker_training_operator():
     """``SageMakerTrainingOperator`` that keeps one training job per Airflow run.
 
@@ -115,7 +134,6 @@ def sagemaker_training_operator():
     module does not import the Amazon provider.
     """
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
-    from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
     from airflow.providers.common.compat.sdk import AirflowException
     from botocore.exceptions import ClientError
 
@@ -138,19 +156,7 @@ def sagemaker_training_operator():
                 raise AirflowException(f"SageMaker training job {name} ended {status}: {reason}")
             if status in self.hook.non_terminal_states and self.wait_for_completion:
                 if self.deferrable:
-                    self.defer(
-                        trigger=SageMakerTrigger(
-                            job_name=name,
-                            job_type="Training",
-                            waiter_delay=self.check_interval,
-                            waiter_max_attempts=self.max_attempts,
-                            aws_conn_id=self.aws_conn_id,
-                            region_name=self.region_name,
-                            verify=self.verify,
-                            botocore_config=self.botocore_config,
-                        ),
-                        method_name="execute_complete",
-                    )
+                    _defer_to_trigger(self, name, "Training")
                 self.hook.check_training_status_with_log(
                     name,
                     self.hook.non_terminal_states,
@@ -169,7 +175,6 @@ def sagemaker_processing_operator():
     ``sagemaker_training_operator`` does for training (the stock one renames a retried job with a
     timestamp and runs it again). A Stopped job fails the task too."""
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator, serialize
-    from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
     from airflow.providers.common.compat.sdk import AirflowException
     from botocore.exceptions import ClientError
 
@@ -188,19 +193,7 @@ def sagemaker_processing_operator():
                 self.log.info("processing job %s exists (%s): this run's job", name, described["ProcessingJobStatus"])
                 if described["ProcessingJobStatus"] in self.hook.processing_job_non_terminal_states:
                     if self.deferrable:
-                        self.defer(
-                            trigger=SageMakerTrigger(
-                                job_name=name,
-                                job_type="Processing",
-                                waiter_delay=self.check_interval,
-                                waiter_max_attempts=self.max_attempts,
-                                aws_conn_id=self.aws_conn_id,
-                                region_name=self.region_name,
-                                verify=self.verify,
-                                botocore_config=self.botocore_config,
-                            ),
-                            method_name="execute_complete",
-                        )
+                        _defer_to_trigger(self, name, "Processing")
                     self.hook.check_status(
                         name,
                         "ProcessingJobStatus",

@@ -186,14 +186,10 @@ def stage_job(
     log=print,
 ) -> dict:
     """Upload the source bundle and the base model when missing, then ``plan_job``."""
-    from llmops.backends.sagemaker import ensure_model_staged, source_bundle
+    from llmops.backends.sagemaker import ensure_model_staged, source_bundle, upload_bundle
     from llmops.config import PROJECT_ROOT
 
-    bundle = source_bundle(PROJECT_ROOT)
-    code_uri = bundle.uri(settings.store_uri)
-    if not storage.exists(code_uri, storage_options):
-        storage.write_bytes(code_uri, bundle.data, storage_options)
-        log(f"uploaded the source bundle to {code_uri} ({len(bundle.data)} bytes)")
+    code_uri = upload_bundle(settings, source_bundle(PROJECT_ROOT), storage_options, log)
     ensure_model_staged(settings, request.base_model_name, storage_options, log)
     return plan_job(settings, request, dataset, name, lineage, image_id, code_uri)
 

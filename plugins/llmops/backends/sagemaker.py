@@ -350,6 +350,15 @@ def ensure_model_staged(settings, name: str, storage_options: dict | None = None
     return uri
 
 
+def upload_bundle(settings, bundle: SourceBundle, storage_options: dict | None = None, log=print) -> str:
+    """The bundle's URI in the store, uploaded if it is not there yet."""
+    code_uri = bundle.uri(settings.store_uri)
+    if not storage.exists(code_uri, storage_options):
+        storage.write_bytes(code_uri, bundle.data, storage_options)
+        log(f"uploaded the source bundle to {code_uri} ({len(bundle.data)} bytes)")
+    return code_uri
+
+
 def stage_job(
     settings,
     request,
@@ -369,11 +378,7 @@ def stage_job(
             f"backend {request.backend} needs an S3 store (LLMOPS_ENV=aws); store_uri is {settings.store_uri}"
         )
     target = getattr(settings.sagemaker, BACKENDS[request.backend])
-    bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
-    code_uri = bundle.uri(settings.store_uri)
-    if not storage.exists(code_uri, storage_options):
-        storage.write_bytes(code_uri, bundle.data, storage_options)
-        log(f"uploaded the source bundle to {code_uri} ({len(bundle.data)} bytes)")
+    code_uri = upload_bundle(settings, source_bundle(PROJECT_ROOT, tuple(target.requirements)), storage_options, log)
     model_uri = ensure_model_staged(settings, request.base_model_name, storage_options, log)
     files = dataset["files"]
     return training_job_request(
