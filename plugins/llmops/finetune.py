@@ -64,28 +64,9 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
         raise ConfigError(
             f"invalid run parameters:\n  backend: {backend!r} is not available (available: {', '.join(BACKENDS)})"
         )
-    if backend == "ec2-trainium":
-        if not settings.store_uri.startswith("s3://"):
-            raise ConfigError(
-                f"invalid run parameters:\n  backend: {backend!r} reads its data from S3, and this environment's"
-                f" store is {settings.store_uri} (use LLMOPS_ENV=aws)"
-            )
-        if not settings.ec2.instance_profile:
-            raise ConfigError(
-                f"invalid run parameters:\n  backend: {backend!r} needs ec2.instance_profile"
-                " (LLMOPS_EC2_INSTANCE_PROFILE): the instance reaches SSM and S3 with it"
-            )
-    if backend.startswith("sagemaker"):
-        if not settings.store_uri.startswith("s3://"):
-            raise ConfigError(
-                f"invalid run parameters:\n  backend: {backend!r} reads its data from S3, and this environment's"
-                f" store is {settings.store_uri} (use LLMOPS_ENV=aws)"
-            )
-        if not settings.sagemaker.role_arn:
-            raise ConfigError(
-                f"invalid run parameters:\n  backend: {backend!r} needs sagemaker.role_arn"
-                " (LLMOPS_SAGEMAKER_ROLE_ARN), the role the training job runs as"
-            )
+    problem = _backend_problem(settings, backend)
+    if problem:
+        raise ConfigError(f"invalid run parameters:\n  backend: {backend!r} {problem}")
     try:
         return FinetuneRequest(
             dataset_version=params.get("dataset_version", LATEST),
@@ -100,6 +81,19 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid run parameters:\n{format_validation_error(exc)}") from None
+
+
+def _backend_problem(settings: Settings, backend: str) -> str | None:
+    """What this environment lacks for an AWS backend, or None."""
+    if backend == "local":
+        return None
+    if not settings.store_uri.startswith("s3://"):
+        return f"reads its data from S3, and this environment's store is {settings.store_uri} (use LLMOPS_ENV=aws)"
+    if backend == "ec2-trainium" and not settings.ec2.instance_profile:
+        return "needs ec2.instance_profile (LLMOPS_EC2_INSTANCE_PROFILE): the instance reaches SSM and S3 with it"
+    if backend.startswith("sagemaker") and not settings.sagemaker.role_arn:
+        return "needs sagemaker.role_arn (LLMOPS_SAGEMAKER_ROLE_ARN), the role the training job runs as"
+    return None
 
 
 def select_dataset(settings: Settings, version: str, storage_options: dict | None = None) -> dict:

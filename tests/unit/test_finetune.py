@@ -274,3 +274,13 @@ def test_a_version_without_validation_results_is_refused(settings, clock):
     unvalidated = publish(settings, "raw", {})
     with pytest.raises(ConfigError, match="did not pass validation"):
         select_dataset(settings, unvalidated.version)
+
+
+def test_ec2_trainium_needs_an_s3_store_and_an_instance_profile(settings):
+    with pytest.raises(ConfigError, match=r"'ec2-trainium' reads its data from S3"):
+        request_from_params(settings, {"backend": "ec2-trainium"})
+    on_s3 = settings.model_copy(update={"store_uri": "s3://bucket/llmops"})
+    with pytest.raises(ConfigError, match=r"needs ec2.instance_profile \(LLMOPS_EC2_INSTANCE_PROFILE\)"):
+        request_from_params(on_s3, {"backend": "ec2-trainium"})
+    ready = on_s3.model_copy(update={"ec2": on_s3.ec2.model_copy(update={"instance_profile": "llmops-trn"})})
+    assert request_from_params(ready, {"backend": "ec2-trainium"}).backend == "ec2-trainium"
