@@ -106,8 +106,11 @@ def dag(aws):
 
 
 def conf(tiny_model, **extra) -> dict:
+    """A run's conf, every Param the tests vary set explicitly: dag.test() leaves a run's conf in
+    the DAG object's Param defaults, so a value one test sets would leak into the next."""
     return {
         "backend": "sagemaker",
+        "peft_method": "lora",
         "base_model": str(tiny_model),
         "max_steps": 3,
         "lora_r": 4,
