@@ -280,47 +280,36 @@ class ProcessingEmulator(TrainingEmulator):
 
 
 @contextmanager
-def emulated_processing(url: str, work_dir: Path) -> Iterator[ProcessingEmulator]:
-    """While open, ``CreateProcessingJob`` on the moto server at ``url`` runs the job (see above)."""
+def _emulating(action: str, name_key: str, jobs: str, emulator):
+    """Patch moto's SageMaker response ``action`` so the emulator starts the job it creates."""
     from moto.sagemaker.responses import SageMakerResponse
 
-    emulator = ProcessingEmulator(url, work_dir)
-    original = SageMakerResponse.create_processing_job
+    original = getattr(SageMakerResponse, action)
 
-    def create_processing_job(self):
-        request = json.loads(self.body)
-        result = original(self)
-        emulator.start(self.sagemaker_backend.processing_jobs[request["ProcessingJobName"]], request)
-        return result
-
-    SageMakerResponse.create_processing_job = create_processing_job
-    try:
-        yield emulator
-    finally:
-        SageMakerResponse.create_processing_job = original
-        emulator.wait()
-
-
-@contextmanager
-def emulated_training(url: str, work_dir: Path) -> Iterator[TrainingEmulator]:
-    """While open, ``CreateTrainingJob`` on the moto server at ``url`` runs the job (see above)."""
-    from moto.sagemaker.responses import SageMakerResponse
-
-    emulator = TrainingEmulator(url, work_dir)
-    original = SageMakerResponse.create_training_job
-
-    def create_training_job(self):
+    def create(self):
         request = json.loads(self.body)  # the whole request: moto keeps only some of it
         result = original(self)
-        emulator.start(self.sagemaker_backend.training_jobs[request["TrainingJobName"]], request)
+        emulator.start(getattr(self.sagemaker_backend, jobs)[request[name_key]], request)
         return result
 
-    SageMakerResponse.create_training_job = create_training_job
+    setattr(SageMakerResponse, action, create)
     try:
         yield emulator
     finally:
-        SageMakerResponse.create_training_job = original
+        setattr(SageMakerResponse, action, original)
         emulator.wait()
+
+
+def emulated_processing(url: str, work_dir: Path):
+    """While open, ``CreateProcessingJob`` on the moto server at ``url`` runs the job (see above)."""
+    return _emulating(
+        "create_processing_job", "ProcessingJobName", "processing_jobs", ProcessingEmulator(url, work_dir)
+    )
+
+
+def emulated_training(url: str, work_dir: Path):
+    """While open, ``CreateTrainingJob`` on the moto server at ``url`` runs the job (see above)."""
+    return _emulating("create_training_job", "TrainingJobName", "training_jobs", TrainingEmulator(url, work_dir))
 
 
 @contextmanager

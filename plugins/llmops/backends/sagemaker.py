@@ -379,7 +379,13 @@ def stage_job(
         )
     target = getattr(settings.sagemaker, BACKENDS[request.backend])
     code_uri = upload_bundle(settings, source_bundle(PROJECT_ROOT, tuple(target.requirements)), storage_options, log)
-    model_uri = ensure_model_staged(settings, request.base_model_name, storage_options, log)
+    ensure_model_staged(settings, request.base_model_name, storage_options, log)
+    return plan_job(settings, request, dataset, name, lineage, code_uri)
+
+
+def plan_job(settings, request, dataset: dict, name: str, lineage: dict, code_uri: str) -> dict:
+    """The ``CreateTrainingJob`` request of one run (no upload): what ``stage_job`` sends and the
+    dry run prints."""
     files = dataset["files"]
     return training_job_request(
         settings.sagemaker,
@@ -388,7 +394,11 @@ def stage_job(
         region=settings.aws.region or "us-east-1",
         store_uri=settings.store_uri,
         hyperparameters=request.hyperparameters,
-        channels={"train": files["train"]["uri"], "validation": files["validation"]["uri"], "base_model": model_uri},
+        channels={
+            "train": files["train"]["uri"],
+            "validation": files["validation"]["uri"],
+            "base_model": base_model_uri(settings.store_uri, request.base_model_name),
+        },
         code_uri=code_uri,
         tags={
             "airflow.dag_id": lineage.get("dag_id", ""),
@@ -458,8 +468,7 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
         bundle = source_bundle(PROJECT_ROOT)
         image = settings.ec2.ami_id or f"(the value of SSM parameter {settings.ec2.ami_parameter})"
         plan = ec2.plan_job(settings, request, dataset, name, lineage, image, bundle.uri(settings.store_uri))
-        printed = {
-            "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
+        sent = {
             "RunInstances": {"ImageId": plan["image_id"], "MinCount": 1, "MaxCount": 1, **plan["config"]},
             "SendCommand": {
                 "DocumentName": "AWS-RunShellScript",
@@ -472,26 +481,13 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
     else:
         target = getattr(settings.sagemaker, BACKENDS[backend])
         bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
-        create = training_job_request(
-            settings.sagemaker,
-            backend=backend,
-            job_name=name,
-            region=settings.aws.region or "us-east-1",
-            store_uri=settings.store_uri,
-            hyperparameters=request.hyperparameters,
-            channels={
-                "train": dataset["files"]["train"]["uri"],
-                "validation": dataset["files"]["validation"]["uri"],
-                "base_model": base_model_uri(settings.store_uri, request.base_model_name),
-            },
-            code_uri=bundle.uri(settings.store_uri),
-            tags={"airflow.dag_id": "llm_finetune", "airflow.run_id": run_id, "dataset.version": dataset_version},
-        )
-        printed = {
-            "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
-            "CreateTrainingJob": create,
-        }
+        create = plan_job(settings, request, dataset, name, lineage, bundle.uri(settings.store_uri))
+        sent = {"CreateTrainingJob": create}
         artifact = storage.join(create["OutputDataConfig"]["S3OutputPath"], name, "output", "model.tar.gz")
+    printed = {
+        "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
+        **sent,
+    }
     if settings.evaluation.backend == "sagemaker":
         from llmops.backends.sagemaker_evaluation import evaluation_plan
         from llmops.evaluation import models_to_evaluate
