@@ -147,10 +147,38 @@ class EvaluationConfig(_Strict):
             raise ValueError("gate: " + format_validation_error(exc).strip()) from None
 
 
+class SageMakerEndpointConfig(_Strict):
+    """A SageMaker real-time endpoint (serving backend ``sagemaker``): the image that runs
+    ``serving.app`` (built from this repository's Dockerfile and pushed to ECR), its instances,
+    and the deployment guardrails of a blue/green update."""
+
+    image_uri: str = Field("", max_length=255, description="the serving image in ECR ({region} is filled in)")
+    instance_type: str = Field("ml.g5.xlarge", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+    instance_count: int = Field(1, ge=1, le=16)
+    kms_key_id: str | None = Field(None, description="encrypts the instances' volumes and the captured data")
+    rollback_alarms: bool = Field(
+        True,
+        description="a blue/green update of a whole endpoint rolls back by itself when the new variant's"
+        " 5xx or p99 latency alarm fires",
+    )
+    alarm_periods: int = Field(2, ge=1, le=10, description="one-minute periods an alarm must breach before it fires")
+    blue_green_wait_seconds: int = Field(300, ge=0, le=3600, description="how long a blue/green update bakes")
+    metrics_delay_seconds: float = Field(
+        90, ge=0, le=900, description="how long CloudWatch takes to publish a minute's endpoint metrics"
+    )
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("kms_key_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class ServingConfig(_Strict):
     """Where models serve and how ``llm_rollout`` moves traffic (``rollout``: a ``RolloutPolicy``)."""
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "sagemaker"] = "local"
+    sagemaker: SageMakerEndpointConfig = SageMakerEndpointConfig()
     gateway_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://")
     endpoint_name: str = Field("python-docs-assistant", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$", max_length=63)
     capture_uri: str = Field(
@@ -167,6 +195,8 @@ class ServingConfig(_Strict):
     @model_validator(mode="after")
     def _rollout_is_a_policy(self) -> ServingConfig:
         self.policy()
+        if self.backend == "sagemaker" and not self.capture_uri.startswith("s3://"):
+            raise ValueError(f"backend sagemaker captures to S3: capture_uri {self.capture_uri!r} is not s3://")
         return self
 
     def policy(self, overrides: dict[str, Any] | None = None):

@@ -54,11 +54,16 @@ def config_name(endpoint: str, phase: str, run_key: str) -> str:
     return f"{endpoint[:40]}-{phase}-{digest}"
 
 
-def model_request(endpoint: str, version: str | int, artifact_uri: str, environment: dict[str, str]) -> dict:
-    """A ``CreateModel`` body for one registered model version (its training artifact)."""
+def model_request(
+    endpoint: str, version: str | int, artifact_uri: str, environment: dict[str, str], base_model: str = ""
+) -> dict:
+    """A ``CreateModel`` body for one registered model version (its training artifact). The base
+    model's name travels in the environment: the local gateway reads it from the adapter, a
+    SageMaker backend mounts the staged copy of it."""
+    environment = {**environment, "LLMOPS_BASE_MODEL_NAME": base_model} if base_model else dict(environment)
     return {
         "ModelName": model_resource_name(endpoint, version),
-        "PrimaryContainer": {"ModelDataUrl": artifact_uri, "Environment": dict(environment)},
+        "PrimaryContainer": {"ModelDataUrl": artifact_uri, "Environment": environment},
     }
 
 
@@ -193,7 +198,12 @@ class LocalGatewayBackend:
         )
 
 
-def backend_for(settings: Settings) -> LocalGatewayBackend:
+def backend_for(settings: Settings):
+    """The endpoint backend of ``serving.backend``: the local gateway, or SageMaker."""
+    if settings.serving.backend == "sagemaker":
+        from llmops.backends.sagemaker_endpoint import SageMakerEndpointBackend
+
+        return SageMakerEndpointBackend(settings)
     return LocalGatewayBackend(settings.serving.gateway_url, region=settings.aws.region)
 
 
@@ -270,7 +280,13 @@ def ensure_models(settings: Settings, backend, versions: list[dict]) -> None:
             continue  # defined at its first deploy; a model, like its environment, does not change
         environment = serving_environment(settings) if environment is None else environment
         backend.create_model(
-            model_request(settings.serving.endpoint_name, version["version"], version["artifact_uri"], environment)
+            model_request(
+                settings.serving.endpoint_name,
+                version["version"],
+                version["artifact_uri"],
+                environment,
+                version.get("base_model", ""),
+            )
         )
 
 
@@ -298,7 +314,12 @@ def _version_info(version) -> dict:
     artifact = version.tags.get("training.artifact_uri")
     if not artifact:
         raise DeploymentError(f"model version {version.version} has no training.artifact_uri tag: it cannot be served")
-    return {"version": str(version.version), "artifact_uri": artifact, "run_id": version.run_id}
+    return {
+        "version": str(version.version),
+        "artifact_uri": artifact,
+        "run_id": version.run_id,
+        "base_model": version.tags.get("base_model", ""),
+    }
 
 
 def plan_rollout(settings: Settings, requested_version: str | None) -> dict:
