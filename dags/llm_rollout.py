@@ -22,6 +22,11 @@ plan_rollout → deploy_shadow → compare_shadow → shift_traffic_<step>… �
 
 Every decision comes from `llmops.rollout` (pure functions of the measurements, with reasons);
 `record_rollout` logs the measurements to an MLflow run linked from the candidate's version.
+
+**Where it serves** is `serving.backend`: the local gateway, or a SageMaker real-time endpoint
+(`llmops.backends.sagemaker_endpoint`: production and shadow variants, data capture to S3,
+`UpdateEndpointWeightsAndCapacities` for the steps, blue/green updates with rollback alarms, and
+a state check after every update). The graph and the decisions are the same on both.
 """
 
 from __future__ import annotations
