@@ -5,6 +5,8 @@
 #   make bench   run the benchmarks, print their figures next to the targets
 #   make traffic KIND=off-domain   send synthetic traffic through the endpoint (in-domain, off-domain, longer, de, es, ru)
 #   make aws-dry-run BACKEND=sagemaker-trainium DATASET_VERSION=<hash>   print the SageMaker requests of a run
+#   make mwaa-package STACK=llmops-foundation   build the Amazon MWAA bundle in dist/mwaa (DAGs, plugins.zip, requirements.txt, startup.sh)
+#   make mwaa-deploy STACK=llmops-foundation ENVIRONMENT=llmops DRY_RUN=0   upload what changed, update the environment (DRY_RUN=1, the default, only prints)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -57,6 +59,18 @@ traffic: install
 BACKEND ?= sagemaker
 aws-dry-run: install
 	LLMOPS_ENV=aws $(PY) -m llmops.backends.sagemaker dry-run --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
+
+# Amazon MWAA. startup.sh takes its values from the foundation stack's outputs (STACK) and from
+# SET="NAME=VALUE ..." (say, SET="MLFLOW_TRACKING_URI=https://mlflow.example.com" without managed MLflow).
+MWAA_BUNDLE := dist/mwaa
+DRY_RUN ?= 1
+.PHONY: mwaa-package mwaa-deploy
+mwaa-package: install
+	$(PY) -m llmops.mwaa package --out $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(foreach s,$(SET),--set $(s))
+
+# Without ENVIRONMENT: uploads the bundle and prints the object versions include/infra/mwaa.yaml takes.
+mwaa-deploy: mwaa-package
+	$(PY) -m llmops.mwaa deploy --bundle $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(ENVIRONMENT),--environment $(ENVIRONMENT)) $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 up: bootstrap
 	$(PY) -m llmops.localstack up

@@ -18,8 +18,8 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
 
+from llmops.compat import AirflowSkipException
 from llmops.config import DataConfig, get_settings
 from llmops.data import stages
 from llmops.orchestration import (

@@ -27,8 +27,9 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
+from llmops.compat import CronDataIntervalTimetable
 from llmops.config import get_settings
 from llmops.orchestration import fail_without_retry, storage_options_for
 
@@ -103,8 +104,7 @@ def llm_drift_monitor():
 
     @task
     def load_baseline() -> dict:
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
+        from llmops.compat import AirflowFailException, AirflowSkipException
         from llmops.monitoring import MonitoringError, champion_baseline
 
         try:

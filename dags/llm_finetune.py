@@ -37,16 +37,17 @@ from datetime import timedelta
 import pendulum
 from airflow.providers.amazon.aws.operators.ec2 import EC2CreateInstanceOperator, EC2TerminateInstanceOperator
 from airflow.providers.amazon.aws.operators.ssm import SsmRunCommandOperator
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
+from llmops.compat import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule
 from llmops.config import get_settings
 from llmops.finetune import BACKENDS
 from llmops.orchestration import (
     APPROVAL_RESPONSE_KEY,
+    approval_operator,
     challenger_asset,
     curated_dataset_asset,
     fail_without_retry,
-    recorded_approval_operator,
     sagemaker_processing_operator,
     sagemaker_training_operator,
     storage_options_for,
@@ -279,9 +280,9 @@ def llm_finetune():
 
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
         from airflow.providers.amazon.aws.hooks.ssm import SsmHook
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from llmops.backends import ec2
+        from llmops.compat import AirflowFailException, AirflowSkipException
 
         if request["backend"] != "ec2-trainium":
             raise AirflowSkipException(f"backend {request['backend']}")
@@ -514,20 +515,21 @@ def llm_finetune():
         get_current_context()["ti"].xcom_push(key="approval_body", value=body)
         return ["await_approval", "record_outcome"]
 
-    await_approval = recorded_approval_operator()(
+    await_approval = approval_operator(
         task_id="await_approval",
+        tracking_uri=SETTINGS.mlflow.tracking_uri,
+        model_name=SETTINGS.finetune.model_name,
+        version="{{ ti.xcom_pull(task_ids='register_model')['version'] }}",
         subject=f"Promote {SETTINGS.finetune.model_name}"
         " version {{ ti.xcom_pull(task_ids='register_model')['version'] }} to challenger?",
         body="{{ ti.xcom_pull(task_ids='route_decision', key='approval_body') }}",
-        defaults="Reject",
         response_timeout=timedelta(hours=SETTINGS.evaluation.approval_timeout_hours),
         retries=0,
     )
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[challenger_asset(SETTINGS)])
     def promote_challenger(request: dict, registered: dict) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
-
+        from llmops.compat import AirflowSkipException
         from llmops.evaluation import approval_status, promote_challenger
 
         approval = get_current_context()["ti"].xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)

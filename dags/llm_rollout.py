@@ -34,8 +34,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
+from llmops.compat import TriggerRule
 from llmops.config import get_settings
 from llmops.orchestration import challenger_asset, fail_without_retry
 from llmops.rollout import step_label
@@ -74,7 +75,7 @@ def _context() -> tuple[dict, object, str]:
 
 
 def _skip(reason: str):
-    from airflow.sdk.exceptions import AirflowSkipException
+    from llmops.compat import AirflowSkipException
 
     raise AirflowSkipException(reason)
 
@@ -250,8 +251,7 @@ def llm_rollout():
     @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
     def restore_on_failure() -> None:
         """A task failed outright: put all traffic back on the champion, mark the candidate, fail."""
-        from airflow.sdk.exceptions import AirflowFailException
-
+        from llmops.compat import AirflowFailException
         from llmops.deployment import roll_back
 
         context = get_current_context()

@@ -68,7 +68,7 @@ def fail_without_retry(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataQualityError, ConfigError, PromptCatalogError, DeploymentRejected) as exc:
-            from airflow.sdk.exceptions import AirflowFailException
+            from llmops.compat import AirflowFailException
 
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
@@ -104,6 +104,92 @@ def recorded_approval_operator():
     return RecordedApprovalOperator
 
 
+APPROVAL_TAG = "approval.decision"
+APPROVAL_BY_TAG = "approval.by"
+
+
+def approval_operator(
+    *, tracking_uri: str, model_name: str, version: str, subject: str, body: str, response_timeout, **kwargs
+):
+    """The ``await_approval`` task. On Airflow 3.1+ it is the human-in-the-loop ``ApprovalOperator``
+    (the UI's Required Actions; no answer rejects it). Airflow 3.0, which Amazon MWAA runs, has no
+    human-in-the-loop operators: there a sensor waits for the model version's MLflow tag
+    ``approval.decision`` (``approve`` or ``reject``, with ``approval.by`` naming who), set in the
+    MLflow UI. Both record the answer as the XCom ``response`` in the same shape, and both skip
+    the promotion on a rejection or when ``response_timeout`` passes without an answer."""
+    from llmops.compat import HAS_HITL
+
+    if HAS_HITL:
+        return recorded_approval_operator()(
+            subject=subject, body=body, defaults="Reject", response_timeout=response_timeout, **kwargs
+        )
+    return tag_approval_sensor()(
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        version=version,
+        subject=subject,
+        body=body,
+        response_timeout=response_timeout,
+        **kwargs,
+    )
+
+
+def tag_approval_sensor():
+    """A sensor (reschedule mode: it holds no worker slot between pokes) on the MLflow tag
+    ``approval.decision`` of a model version; see ``approval_operator``."""
+    from airflow.sdk import BaseSensorOperator
+
+    from llmops.compat import AirflowSensorTimeout, AirflowSkipException
+
+    class MlflowTagApprovalSensor(BaseSensorOperator):
+        template_fields = ("version", "subject", "body")
+
+        def __init__(self, *, tracking_uri, model_name, version, subject, body, response_timeout, **kwargs):
+            kwargs.setdefault("poke_interval", 60)
+            super().__init__(mode="reschedule", timeout=response_timeout.total_seconds(), **kwargs)
+            self.tracking_uri, self.model_name, self.version = tracking_uri, model_name, version
+            self.subject, self.body = subject, body
+
+        def _answer(self, context, chosen: str, by: str) -> None:
+            context["ti"].xcom_push(
+                key=APPROVAL_RESPONSE_KEY,
+                value={"chosen_options": [chosen], "responded_by_user": {"name": by} if by else None},
+            )
+            if chosen == "Reject":
+                raise AirflowSkipException(f"{self.model_name} version {self.version}: {chosen.lower()}ed")
+
+        def execute(self, context):
+            self.log.info(
+                "%s\n\n%s\n\nTo answer, set the tag %s=approve (or reject) and %s=<your name> on %s version %s"
+                " in MLflow.",
+                self.subject,
+                self.body,
+                APPROVAL_TAG,
+                APPROVAL_BY_TAG,
+                self.model_name,
+                self.version,
+            )
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout:
+                self._answer(context, "Reject", "")  # nobody answered: rejected on timeout
+
+        def poke(self, context) -> bool:
+            from llmops.tracking import client
+
+            tags = client(self.tracking_uri).get_model_version(self.model_name, str(self.version)).tags
+            decision = tags.get(APPROVAL_TAG, "").strip().lower()
+            if decision not in ("approve", "approved", "reject", "rejected"):
+                if decision:
+                    self.log.warning("%s=%r is neither approve nor reject: still waiting", APPROVAL_TAG, decision)
+                return False
+            by = tags.get(APPROVAL_BY_TAG, "").strip() or "(unnamed, through the MLflow tag)"
+            self._answer(context, "Approve" if decision.startswith("approve") else "Reject", by)
+            return True
+
+    return MlflowTagApprovalSensor
+
+
 def _defer_to_trigger(operator, name: str, job_type: str) -> None:
     """Hand the wait for an existing SageMaker job to the triggerer, as the stock operators do."""
     from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
@@ -134,8 +220,9 @@ def sagemaker_training_operator():
     module does not import the Amazon provider.
     """
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
-    from airflow.providers.common.compat.sdk import AirflowException
     from botocore.exceptions import ClientError
+
+    from llmops.compat import AirflowException
 
     class IdempotentSageMakerTrainingOperator(SageMakerTrainingOperator):
         def __init__(self, **kwargs):
@@ -175,8 +262,9 @@ def sagemaker_processing_operator():
     ``sagemaker_training_operator`` does for training (the stock one renames a retried job with a
     timestamp and runs it again). A Stopped job fails the task too."""
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator, serialize
-    from airflow.providers.common.compat.sdk import AirflowException
     from botocore.exceptions import ClientError
+
+    from llmops.compat import AirflowException
 
     class IdempotentSageMakerProcessingOperator(SageMakerProcessingOperator):
         def execute(self, context):
