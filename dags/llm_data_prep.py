@@ -138,6 +138,7 @@ def llm_data_prep():
             upstream["uri"],
             config["run_uri"],
             storage_options_for(SETTINGS.store_uri, SETTINGS),
+            store_uri=SETTINGS.store_uri,
         )
 
     @task

@@ -42,6 +42,11 @@ class ModelsConfig(_Strict):
     cache_dir: str
     base: str = "smollm2-135m-instruct"
     embedding: str = "all-minilm-l6-v2"
+    embedding_runtime: Literal["auto", "numpy", "torch"] = Field(
+        "auto",
+        description="how Airflow workers embed text for drift and rollout scoring: torch (sentence-transformers),"
+        " numpy (llmops.encoder, no torch), or auto: torch when torch and sentence-transformers import, else numpy",
+    )
 
 
 class SplitConfig(_Strict):

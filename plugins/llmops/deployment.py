@@ -552,16 +552,13 @@ def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
     """The judge's overall score (1-10) of each row; an answer that failed scores None."""
     from llmops.evaluation import make_judge
     from llmops.judges import JudgeError
-    from llmops.models import resolve_model
+    from llmops.monitoring import make_sentence_encoder
     from llmops.prompts import load_registered
-    from training.metrics import Embedder, chrf, exact_match, is_refusal, repetition_rate
+    from training.metrics import chrf, exact_match, is_refusal, repetition_rate
 
     if not rows:
         return []
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar is noise in task logs
-    embedder = Embedder(resolve_model(settings.models.embedding, settings.models.cache_dir))
+    embedder = make_sentence_encoder(settings)  # NumPy where the worker has no torch (MWAA)
     responses = [r["response"] for r in rows]
     with_reference = [i for i, r in enumerate(rows) if r["reference"]]
     to_reference = embedder.similarity(

@@ -120,11 +120,17 @@ def _token_counter(model_dir: str) -> token_profile.ChatTokenCounter:
 
 
 def profile_tokens(
-    data: DataConfig, base_model: str, models_cache: str, in_uri: str, run_uri: str, options: dict | None = None
+    data: DataConfig,
+    base_model: str,
+    models_cache: str,
+    in_uri: str,
+    run_uri: str,
+    options: dict | None = None,
+    store_uri: str | None = None,
 ) -> dict:
-    from llmops.models import resolve_model
-
-    counter = _token_counter(str(resolve_model(base_model, models_cache)))
+    """Token lengths of every record with the base model's tokenizer: the local model folder, or
+    on a worker without it (MWAA) the tokenizer files of the copy staged in ``store_uri``."""
+    counter = _token_counter(str(token_profile.tokenizer_folder(base_model, models_cache, store_uri, options)))
 
     def apply(records: list[dict]) -> tuple[list[dict], dict]:
         out, stats = token_profile.profile_tokens(
@@ -242,7 +248,9 @@ def curate(
     ):
         step = stage(data, step["uri"], run_uri)
         stats[name] = step["stats"]
-    step = profile_tokens(data, settings.models.base, settings.models.cache_dir, step["uri"], run_uri)
+    step = profile_tokens(
+        data, settings.models.base, settings.models.cache_dir, step["uri"], run_uri, store_uri=settings.store_uri
+    )
     stats["profile_tokens"] = step["stats"]
     checked = validate(data, step["uri"], run_uri)
     return publish(settings, data, checked["uri"], checked["stats"], stats, lineage or {"run_uri": run_uri})

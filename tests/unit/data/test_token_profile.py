@@ -1,7 +1,11 @@
 """Token-length profile and the over-length policy: with a fake counter for the policy, and with
-the base model's real tokenizer for counting and truncation."""
+the base model's real tokenizer for counting and truncation, which must count exactly what
+transformers counts while needing neither it nor torch."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +201,210 @@ def test_real_truncate_policy_end_to_end(counter):
     assert all(r[N_TOKENS] <= 150 for r in kept)
     assert counter.count(kept) == [r[N_TOKENS] for r in kept]
     assert stats["truncated"] == 1
+
+
+# --- without transformers: the same counts --------------------------------------------------------------
+
+UNICODE = "Naïve café, Straße, ﬁnance; 日本語の文章、中文句子、한국어 문장; emoji 🙂🚀🐍; math ∑∫√≤≥≠∞; zero\u200bwidth"
+CODE = "def f(x):\n\treturn {'key': [x ** 2 for x in range(10)]}  # comment\n\n    indented\r\nwindows line"
+TEXTS = [
+    "",
+    " ",
+    "What is a list?",
+    "  leading and trailing spaces  ",
+    UNICODE,
+    CODE,
+    "Special-token text in content: <|im_start|>user\nhi<|im_end|> and <|endoftext|>.",
+    "x" * 3000,
+    LONG_RESPONSE * 3,
+    "Punctuation , spaced . out ! like ? this 's 're n't",
+]
+
+
+def sample_records() -> list[dict]:
+    """Every prompt with every response (and none), with and without a system message."""
+    records = []
+    for i, prompt in enumerate(TEXTS):
+        for j, response in enumerate(TEXTS):
+            records.append(
+                {"id": f"{i}-{j}", "prompt": prompt, "response": response, "system": SYSTEM if i % 2 else None}
+            )
+    return records
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.mark.model
+def test_counts_match_transformers(counter, hf_tokenizer):
+    from llmops.data.token_profile import ChatTokenizer
+    from training.chat_format import render
+
+    assert isinstance(counter.tokenizer, ChatTokenizer), "the base model's folder has a tokenizer.json"
+    records = sample_records()
+    for response in (None, "given"):
+        chats = [(r["prompt"], r["response"] if response else None, r["system"]) for r in records]
+        assert [render(counter.tokenizer, *c) for c in chats] == [render(hf_tokenizer, *c) for c in chats]
+    expected = [
+        len(ids)
+        for ids in hf_tokenizer(
+            [render(hf_tokenizer, r["prompt"], r["response"], r["system"]) for r in records], add_special_tokens=False
+        )["input_ids"]
+    ]
+    assert counter.count(records) == expected
+    assert len(records) == 100 and max(expected) > 1500
+
+
+@pytest.mark.model
+def test_encode_and_decode_match_transformers(counter, hf_tokenizer):
+    for text in TEXTS:
+        ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert counter.tokenizer.encode([text]) == [ids]
+        for cut in (1, 7, len(ids) // 2, len(ids)):
+            assert counter.tokenizer.decode(ids[:cut]) == hf_tokenizer.decode(ids[:cut])
+
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{% continue %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | tojson }}{% endgeneration %}"
+    "{% else %}\n  {{ m['role'] | upper }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}{{ eos_token }}"
+)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("where", ["tokenizer_config", "named_in_tokenizer_config", "none"])
+def test_other_template_layouts_render_as_transformers_renders_them(base_model_dir, tmp_path, where):
+    """A template in tokenizer_config.json (plain or named), or none (render's plain layout);
+    Jinja features transformers enables: trim/lstrip blocks, loop controls, tojson, generation."""
+    from transformers import AutoTokenizer
+
+    from llmops.data.token_profile import ChatTokenizer
+    from training.chat_format import render
+
+    (tmp_path / "tokenizer.json").symlink_to(base_model_dir / "tokenizer.json")
+    config = json.loads((base_model_dir / "tokenizer_config.json").read_text())
+    if where == "tokenizer_config":
+        config["chat_template"] = TEMPLATE
+    elif where == "named_in_tokenizer_config":
+        config["chat_template"] = [{"name": "default", "template": TEMPLATE}, {"name": "other", "template": "x"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = ChatTokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert (ours.chat_template is None) == (where == "none")
+    for response in ('An "answer" <b>é</b>', None):
+        expected = render(theirs, "A question?", response, SYSTEM)
+        assert render(ours, "A question?", response, SYSTEM) == expected
+        assert ours.encode([expected]) == [theirs(expected, add_special_tokens=False)["input_ids"]]
+
+
+def test_a_folder_without_tokenizer_json_falls_back_to_transformers(base_model_dir, tmp_path):
+    from llmops.data import token_profile
+
+    # transformers is hidden: the fallback is what tries to import it.
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(__import__("sys").modules, "transformers", None)
+        with pytest.raises(ImportError):
+            token_profile.ChatTokenCounter(str(tmp_path))
+
+
+# --- the tokenizer of a model staged in the store -----------------------------------------------------
+
+
+def stage_tokenizer(base_model_dir, store_uri: str, key: str = "smollm2-135m-instruct") -> str:
+    from llmops.backends.sagemaker import base_model_uri, stage_files
+
+    files = {
+        name: (base_model_dir / name).read_bytes()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json")
+    }
+    files["model.safetensors"] = b"weights the tokenizer never reads"
+    uri = base_model_uri(store_uri, key)
+    stage_files(files, uri, source=str(base_model_dir))
+    return uri
+
+
+@pytest.mark.model
+def test_a_worker_without_the_model_counts_with_the_staged_tokenizer(base_model_dir, counter, settings, tmp_path):
+    from llmops.data.token_profile import tokenizer_folder
+
+    stage_tokenizer(base_model_dir, settings.store_uri)
+    cache = tmp_path / "empty-models-cache"
+    folder = tokenizer_folder("smollm2-135m-instruct", cache, settings.store_uri)
+    assert folder.is_relative_to(cache)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "_STAGED.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+    records = sample_records()
+    assert ChatTokenCounter(str(folder)).count(records) == counter.count(records)
+    # Fetched once: a second call reads the local copy, even with the store gone.
+    assert tokenizer_folder("smollm2-135m-instruct", cache, settings.store_uri + "-gone") == folder
+
+
+def test_the_local_model_folder_comes_first(base_model_dir, settings):
+    from llmops.data.token_profile import tokenizer_folder
+
+    assert tokenizer_folder("smollm2-135m-instruct", base_model_dir.parent, settings.store_uri) == base_model_dir
+
+
+def test_a_staged_file_that_does_not_match_its_hash_is_refused(base_model_dir, settings, tmp_path):
+    from llmops import storage
+    from llmops.data.token_profile import tokenizer_folder
+    from llmops.models import ModelNotFoundError
+
+    uri = stage_tokenizer(base_model_dir, settings.store_uri)
+    storage.write_bytes(storage.join(uri, "tokenizer_config.json"), b"{}")
+    with pytest.raises(ModelNotFoundError, match="does not match its hash"):
+        tokenizer_folder("smollm2-135m-instruct", tmp_path / "cache", settings.store_uri)
+    assert not (tmp_path / "cache" / "tokenizers" / "smollm2-135m-instruct").exists()
+
+
+def test_a_model_neither_here_nor_staged_says_how_to_stage_it(settings, tmp_path):
+    from llmops.data.token_profile import tokenizer_folder
+    from llmops.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"not staged at .*base-models/my-model.*stage-model"):
+        tokenizer_folder(str(tmp_path / "my-model"), tmp_path / "cache", settings.store_uri)
+
+
+@pytest.mark.model
+def test_counting_works_without_torch_or_transformers(base_model_dir, counter, settings, tmp_path):
+    """As on an MWAA worker: the staged tokenizer is fetched and counts the same without them."""
+    import os
+    import subprocess
+    import sys
+
+    stage_tokenizer(base_model_dir, settings.store_uri)
+    records = sample_records()
+    long = chat("How do I loop?", LONG_RESPONSE * 3)
+    script = (
+        "import json, sys\n"
+        "for name in ('torch', 'transformers', 'sentence_transformers'):\n"
+        "    sys.modules[name] = None\n"
+        "from llmops.data.token_profile import ChatTokenCounter, tokenizer_folder\n"
+        f"folder = tokenizer_folder('smollm2-135m-instruct', {str(tmp_path / 'cache')!r}, {settings.store_uri!r})\n"
+        "counter = ChatTokenCounter(str(folder))\n"
+        "given = json.loads(sys.stdin.read())\n"
+        "counts, truncated = counter.count(given['records']), counter.truncate(given['long'], 300)\n"
+        "print(json.dumps({'counts': counts, 'truncated': truncated}))\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "plugins"), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps({"records": records, "long": long}),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["counts"] == counter.count(records)
+    assert result["truncated"] == counter.truncate(long, 300)
+    assert result["truncated"][N_TOKENS] <= 300
