@@ -142,6 +142,32 @@ def text_metrics(prediction: str, reference: str, kind: str) -> dict[str, float 
     }
 
 
+def pair_similarity(encode, a: list[str], b: list[str]) -> list[float]:
+    """Cosine similarity of each pair a[i], b[i] under ``encode`` (texts to unit-length rows); 0.0
+    for a pair with an empty (or blank) side. Shared by every sentence encoder."""
+    import numpy as np
+
+    if isinstance(a, str) or isinstance(b, str):
+        raise TypeError("similarity takes two lists of strings, not single strings")
+    if len(a) != len(b):
+        raise ValueError(f"similarity needs lists of equal length, got {len(a)} and {len(b)}")
+    scores = [0.0] * len(a)
+    # An empty response has no meaning to compare, yet the model would still embed it
+    # (special tokens only) close to other short texts; such pairs are scored 0.0 and not encoded.
+    pairs = [i for i in range(len(a)) if a[i].strip() and b[i].strip()]
+    if not pairs:
+        return scores
+    # One encode call for both sides fills the batches better than two.
+    vectors = encode([a[i] for i in pairs] + [b[i] for i in pairs])
+    left, right = vectors[: len(pairs)], vectors[len(pairs) :]
+    # Rows are unit length, so the dot product is the cosine; float32 rounding can put it a hair
+    # past +-1.
+    cosines = np.clip(np.einsum("ij,ij->i", left, right), -1.0, 1.0)
+    for i, cosine in zip(pairs, cosines, strict=True):
+        scores[i] = float(cosine)
+    return scores
+
+
 class Embedder:
     """Sentence embeddings with a local sentence-transformers model folder (e.g. all-MiniLM-L6-v2)."""
 
@@ -184,24 +210,4 @@ class Embedder:
 
     def similarity(self, a: list[str], b: list[str]) -> list[float]:
         """Cosine similarity of each pair a[i], b[i]; 0.0 for a pair with an empty (or blank) side."""
-        import numpy as np
-
-        if isinstance(a, str) or isinstance(b, str):
-            raise TypeError("similarity takes two lists of strings, not single strings")
-        if len(a) != len(b):
-            raise ValueError(f"similarity needs lists of equal length, got {len(a)} and {len(b)}")
-        scores = [0.0] * len(a)
-        # An empty response has no meaning to compare, yet the model would still embed it
-        # (special tokens only) close to other short texts; such pairs are scored 0.0 and not encoded.
-        pairs = [i for i in range(len(a)) if a[i].strip() and b[i].strip()]
-        if not pairs:
-            return scores
-        # One encode call for both sides fills the batches better than two.
-        vectors = self.encode([a[i] for i in pairs] + [b[i] for i in pairs])
-        left, right = vectors[: len(pairs)], vectors[len(pairs) :]
-        # Rows are unit length, so the dot product is the cosine; float32 rounding can put it a hair
-        # past +-1.
-        cosines = np.clip(np.einsum("ij,ij->i", left, right), -1.0, 1.0)
-        for i, cosine in zip(pairs, cosines, strict=True):
-            scores[i] = float(cosine)
-        return scores
+        return pair_similarity(self.encode, a, b)

@@ -261,23 +261,9 @@ class SentenceEncoder:
 
     def similarity(self, a: list[str], b: list[str]) -> list[float]:
         """Cosine similarity of each pair a[i], b[i]; 0.0 for a pair with an empty (or blank) side."""
-        import numpy as np
+        from training.metrics import pair_similarity
 
-        if isinstance(a, str) or isinstance(b, str):
-            raise TypeError("similarity takes two lists of strings, not single strings")
-        if len(a) != len(b):
-            raise ValueError(f"similarity needs lists of equal length, got {len(a)} and {len(b)}")
-        scores = [0.0] * len(a)
-        # As in training.metrics.Embedder: a blank side has no meaning to compare and is not encoded.
-        pairs = [i for i in range(len(a)) if a[i].strip() and b[i].strip()]
-        if not pairs:
-            return scores
-        vectors = self.encode([a[i] for i in pairs] + [b[i] for i in pairs])
-        left, right = vectors[: len(pairs)], vectors[len(pairs) :]
-        cosines = np.clip(np.einsum("ij,ij->i", left, right), -1.0, 1.0)
-        for i, cosine in zip(pairs, cosines, strict=True):
-            scores[i] = float(cosine)
-        return scores
+        return pair_similarity(self.encode, a, b)
 
 
 def main(argv: list[str]) -> int:
