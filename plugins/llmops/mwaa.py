@@ -514,7 +514,9 @@ def _remote(s3, bucket: str, key: str) -> tuple[str | None, str | None] | None:
 
 def _status(local: str | None, remote: tuple[str | None, str | None] | None) -> str:
     if local is None:
-        return "removed"
+        # Only what a deploy wrote (it carries the sha256) is ours to delete; another file under
+        # the prefix (an .airflowignore, a colleague's DAG) stays.
+        return "removed" if remote is not None and remote[0] else "foreign"
     if remote is None:
         return "new"
     return "unchanged" if remote[0] == local else "changed"
@@ -643,26 +645,34 @@ def deploy(
         return DeployResult(changes, request, {}, env)
 
     written: dict[str, str | None] = {}
-    for change in changes:
-        if change.status in ("new", "changed"):
-            response = s3.put_object(
-                Bucket=bucket,
-                Key=change.key,
-                Body=bundle.read(change.name),
-                Metadata={SHA256_METADATA: bundle.files[change.name]},
-            )
-            written[change.name] = response.get("VersionId")
-        elif change.status == "removed":
-            s3.delete_object(Bucket=bucket, Key=change.key)
+
+    def write(selected: list[Change]) -> None:
+        for change in selected:
+            if change.status in ("new", "changed"):
+                response = s3.put_object(
+                    Bucket=bucket,
+                    Key=change.key,
+                    Body=bundle.read(change.name),
+                    Metadata={SHA256_METADATA: bundle.files[change.name]},
+                )
+                written[change.name] = response.get("VersionId")
+            elif change.status == "removed":
+                s3.delete_object(Bucket=bucket, Key=change.key)
+        uploaded = sum(c.status in ("new", "changed") for c in selected)
+        removed = sum(c.status == "removed" for c in selected)
+        echo(f"Uploaded {uploaded} file(s), deleted {removed}.")
+
+    # plugins.zip, requirements.txt and startup.sh first: MWAA runs pinned object versions, so
+    # uploading them changes nothing until UpdateEnvironment names them.
+    write([c for c in changes if c.name in VERSIONED])
+    dags = [c for c in changes if c.name not in VERSIONED]
     versions = {c.name: written.get(c.name, c.version) for c in changes if c.name in VERSIONED}
     unversioned = [name for name, version in versions.items() if not version]
     if unversioned:
         raise MwaaError(f"{', '.join(unversioned)} in {bucket} has no version id: is versioning suspended?")
-    uploaded = sum(c.status in ("new", "changed") for c in changes)
-    removed = sum(c.status == "removed" for c in changes)
-    echo(f"Uploaded {uploaded} file(s), deleted {removed}.")
 
     if env is None:
+        write(dags)  # no environment runs them yet
         echo("Object versions for include/infra/mwaa.yaml (--parameter-overrides):")
         for name, (_, version_field) in VERSIONED.items():
             echo(f"  {version_field}={versions[name]}")
@@ -670,23 +680,30 @@ def deploy(
 
     request = update_request(env, versions, paths)
     if len(request) == 1:
+        write(dags)
         echo(f"No environment update needed: {environment} runs these versions; MWAA syncs dags/ within a minute.")
         return DeployResult(changes, None, versions, env)
     echo("UpdateEnvironment " + json.dumps(request, sort_keys=True))
     mwaa.update_environment(**request)
-    if wait:
-        echo(f"Waiting for {environment} to be AVAILABLE (an update takes 10-30 minutes)...")
-        env = wait_until_available(
-            mwaa,
-            environment,
-            (env.get("LastUpdate") or {}).get("CreatedAt"),
-            timeout_s=timeout_s,
-            poll_s=poll_s,
-            echo=echo,
-            sleep=sleep,
-            clock=clock,
-        )
-        echo(f"{environment} is AVAILABLE with the new bundle.")
+    # The DAGs go up only once the environment runs the new library: MWAA syncs dags/ within a
+    # minute, and new DAGs on the old plugins.zip would fail to import (or worse, run).
+    if not wait:
+        if any(c.status in ("new", "changed", "removed") for c in dags):
+            echo("DAG files not uploaded: run this deploy again once the environment is AVAILABLE.")
+        return DeployResult(changes, request, versions, env)
+    echo(f"Waiting for {environment} to be AVAILABLE (an update takes 10-30 minutes)...")
+    env = wait_until_available(
+        mwaa,
+        environment,
+        (env.get("LastUpdate") or {}).get("CreatedAt"),
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+        echo=echo,
+        sleep=sleep,
+        clock=clock,
+    )
+    write(dags)
+    echo(f"{environment} is AVAILABLE with the new bundle.")
     return DeployResult(changes, request, versions, env)
 
 

@@ -477,6 +477,7 @@ def test_dag_changes_sync_without_an_update_and_a_deleted_dag_disappears(s3, buc
     (tmp_path / "project" / "dags" / "llm_a.py").write_text("A = 2\n")
     (tmp_path / "project" / "dags" / "llm_b.py").unlink()
     (tmp_path / "project" / "dags" / "llm_c.py").write_text("C = 1\n")
+    s3.put_object(Bucket=bucket, Key="mwaa/dags/team_x.py", Body=b"X = 1\n")  # not deployed by us: it stays
     second = mwaa.package(tmp_path / "two", VALUES, root=tmp_path / "project", git_sha="x", vendored=())
     with Stubber(mwaa_client) as stub:
         stub.add_response("get_environment", environment(bucket, versions=versions_of(s3, bucket)), {"Name": ENV_NAME})
@@ -486,10 +487,11 @@ def test_dag_changes_sync_without_an_update_and_a_deleted_dag_disappears(s3, buc
         "dags/llm_a.py": "changed",
         "dags/llm_b.py": "removed",
         "dags/llm_c.py": "new",
+        "dags/team_x.py": "foreign",
     }
     assert result.update_request is None
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mwaa/dags/")["Contents"]]
-    assert keys == ["mwaa/dags/llm_a.py", "mwaa/dags/llm_c.py"]
+    assert keys == ["mwaa/dags/llm_a.py", "mwaa/dags/llm_c.py", "mwaa/dags/team_x.py"]
     assert s3.get_object(Bucket=bucket, Key="mwaa/dags/llm_a.py")["Body"].read() == b"A = 2\n"
 
 
@@ -581,6 +583,9 @@ def test_a_failed_update_fails_with_mwaas_reason(deployable, s3, bucket, mwaa_cl
                 echo=quiet,
                 sleep=lambda s: None,
             )
+    # The DAGs wait for the library they need: none went up, so MWAA keeps running the old ones.
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="mwaa/dags/").get("KeyCount") == 0
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="mwaa/plugins.zip").get("KeyCount") == 1
 
 
 def test_an_update_from_a_failed_one_waits_for_the_new_update(mwaa_client):
