@@ -202,6 +202,17 @@ class ServingConfig(_Strict):
         self.policy()
         if self.backend == "sagemaker" and not self.capture_uri.startswith("s3://"):
             raise ValueError(f"backend sagemaker captures to S3: capture_uri {self.capture_uri!r} is not s3://")
+        blue_green = 2 * self.sagemaker.blue_green_wait_seconds + 900  # both waits and a new fleet's start
+        if (
+            self.backend == "sagemaker"
+            and self.sagemaker.rollback_alarms
+            and self.deploy_timeout_minutes * 60 < blue_green
+        ):
+            raise ValueError(
+                f"deploy_timeout_minutes {self.deploy_timeout_minutes:g} is shorter than a blue/green update"
+                f" ({blue_green / 60:g} minutes with sagemaker.blue_green_wait_seconds"
+                f" {self.sagemaker.blue_green_wait_seconds}): the task would give up while SageMaker still works"
+            )
         return self
 
     def policy(self, overrides: dict[str, Any] | None = None):

@@ -234,7 +234,7 @@ def wait_settled(backend, endpoint: str, timeout: float, poll: float = 1.0) -> d
     deadline = time.monotonic() + timeout
     while True:
         described = backend.describe_endpoint(endpoint)
-        if described is None or described["EndpointStatus"] not in ("Creating", "Updating"):
+        if described is None or described["EndpointStatus"] not in ("Creating", "Updating", "Deleting"):
             return described
         if time.monotonic() > deadline:
             raise DeploymentError(f"endpoint {endpoint} still {described['EndpointStatus']} after {timeout:.0f}s")
@@ -511,7 +511,7 @@ def wait_for_shadow(backend, endpoint: str, shadow_variant: str, expected: int, 
         answered = window.invocations if window else 0
         if answered >= expected or time.monotonic() > deadline:
             return answered
-        time.sleep(0.5)
+        time.sleep(getattr(backend, "metrics_poll_seconds", 0.5))
 
 
 def wait_for_capture(event_count: Callable[[], int], expected: int, timeout: float = 10) -> None:
@@ -708,8 +708,14 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     requests = math.ceil(policy.replay_requests / sampled)
     results = replay(settings, backend, items, requests, tag=f"shadow-{run_key[-20:]}")
     log(f"replayed {len(results)} requests ({sum(r['status'] == 200 for r in results)} answered)")
+    # Only answered requests were mirrored: one that never reached the endpoint has no shadow copy.
     answered = wait_for_shadow(
-        backend, endpoint, mine, len(results), since, settings.serving.deploy_timeout_minutes * 60
+        backend,
+        endpoint,
+        mine,
+        sum(r["status"] == 200 for r in results),
+        since,
+        settings.serving.deploy_timeout_minutes * 60,
     )
     log(f"the shadow answered {answered} mirrored copies")
     expected = math.floor(answered * settings.serving.sampling_percentage / 100)

@@ -159,7 +159,8 @@ def test_a_retried_task_reuses_its_config_but_never_a_different_one(settings):
             backend(settings, sagemaker).create_endpoint_config(other)
 
 
-def test_a_whole_endpoint_update_is_blue_green_with_rollback_alarms(settings):
+def test_a_new_fleet_behind_the_same_variant_is_blue_green_with_rollback_alarms(settings):
+    """Re-serving a version alone on a new config (say, after a restart or new instance settings)."""
     sagemaker, cloudwatch = clients()
     target = backend(settings, sagemaker).endpoint_config_definition(
         endpoint_config_request("cfg-final", ENDPOINT, {"2": 1.0}, None, capture_config(settings))
@@ -173,9 +174,7 @@ def test_a_whole_endpoint_update_is_blue_green_with_rollback_alarms(settings):
         ),
     }
     with Stubber(sagemaker) as sm, Stubber(cloudwatch) as cw:
-        sm.add_response(
-            "describe_endpoint", endpoint("cfg-ab", weights={"v1": 0.0, "v2": 1.0}), {"EndpointName": ENDPOINT}
-        )
+        sm.add_response("describe_endpoint", endpoint("cfg-initial", weights={"v2": 1.0}), {"EndpointName": ENDPOINT})
         sm.add_response("describe_endpoint_config", config_description(target), {"EndpointConfigName": "cfg-final"})
         for alarm in alarms:
             cw.add_response("put_metric_alarm", {}, alarm)
@@ -184,6 +183,60 @@ def test_a_whole_endpoint_update_is_blue_green_with_rollback_alarms(settings):
         sm.assert_no_pending_responses()
         cw.assert_no_pending_responses()
     assert alarms[1]["Threshold"] == settings.serving.policy().guardrails.max_p99_latency_ms * 1000  # microseconds
+
+
+def test_an_update_that_changes_the_variants_has_no_blue_green_policy(settings):
+    """SageMaker's blue/green needs the same variant names on both sides: promotion changes them."""
+    sagemaker, cloudwatch = clients()
+    target = backend(settings, sagemaker).endpoint_config_definition(
+        endpoint_config_request("cfg-final", ENDPOINT, {"2": 1.0}, None, None)
+    )
+    with Stubber(sagemaker) as sm:
+        sm.add_response(
+            "describe_endpoint", endpoint("cfg-ab", weights={"v1": 0.0, "v2": 1.0}), {"EndpointName": ENDPOINT}
+        )
+        sm.add_response("describe_endpoint_config", config_description(target), {"EndpointConfigName": "cfg-final"})
+        sm.add_response(
+            "update_endpoint",
+            {"EndpointArn": ENDPOINT_ARN},
+            {"EndpointName": ENDPOINT, "EndpointConfigName": "cfg-final"},
+        )
+        backend(settings, sagemaker, cloudwatch).update_endpoint(ENDPOINT, "cfg-final")
+        sm.assert_no_pending_responses()
+
+
+def test_a_deploy_timeout_shorter_than_a_blue_green_update_is_refused(settings):
+    with pytest.raises(ValueError, match="shorter than a blue/green update"):
+        type(settings.serving).model_validate({**settings.serving.model_dump(), "deploy_timeout_minutes": 15})
+
+
+def test_the_execution_limit_covers_both_waits_and_the_fleets_start():
+    policy = deployment_config(["a"], 3600, 900)["BlueGreenUpdatePolicy"]
+    assert policy["MaximumExecutionTimeoutInSeconds"] > policy["TerminationWaitInSeconds"] + 3600
+
+
+@pytest.mark.parametrize(("instance_type", "top_level_key"), [("ml.g5.xlarge", False), ("ml.m5.xlarge", True)])
+def test_a_kms_key_encrypts_the_capture_and_the_volumes_where_sagemaker_takes_one(
+    settings, instance_type, top_level_key
+):
+    serving = settings.serving.sagemaker.model_copy(
+        update={"kms_key_id": "alias/llmops", "instance_type": instance_type}
+    )
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"sagemaker": serving})})
+    request = endpoint_config_request("cfg", ENDPOINT, {"1": 1.0}, None, capture_config(settings))
+    definition = backend(settings, None).endpoint_config_definition(request)
+    assert definition["DataCaptureConfig"]["KmsKeyId"] == "alias/llmops"
+    assert ("KmsKeyId" in definition) is top_level_key  # local NVMe instances refuse one
+
+
+def test_deleting_waits_until_the_endpoint_is_gone(settings):
+    sagemaker, _ = clients()
+    with Stubber(sagemaker) as sm:
+        sm.add_response("delete_endpoint", {}, {"EndpointName": ENDPOINT})
+        sm.add_response("describe_endpoint", endpoint("cfg", "Deleting"), {"EndpointName": ENDPOINT})
+        missing(sm, "describe_endpoint", "endpoint")
+        backend(settings, sagemaker, poll_seconds=0).delete_endpoint(ENDPOINT)
+        sm.assert_no_pending_responses()
 
 
 def test_an_update_to_or_from_a_shadow_config_has_no_blue_green_policy(settings):

@@ -88,14 +88,26 @@ def alarm_requests(endpoint: str, variant: str, max_p99_latency_ms: float, perio
     ]
 
 
+PROVISIONING_SECONDS = 900  # a new GPU fleet: instances, image, model download
+
+
+def has_instance_storage(instance_type: str) -> bool:
+    """Instance types with local NVMe storage, where CreateEndpointConfig refuses ``KmsKeyId``
+    (their volumes are encrypted by the hardware): the ``d`` families and the GPU ones with it."""
+    family = instance_type.split(".")[1]
+    return family.endswith("d") or "dn" in family or family in {"g5", "g6", "g6e", "p4de", "p5", "p5e", "p5en"}
+
+
 def deployment_config(alarms: list[str], wait_seconds: int, timeout_seconds: float) -> dict:
     """A blue/green ``DeploymentConfig``: the new fleet takes all traffic at once, bakes for
-    ``wait_seconds`` while ``alarms`` watch it, and SageMaker rolls back by itself if one fires."""
+    ``wait_seconds`` while ``alarms`` watch it, and SageMaker rolls back by itself if one fires.
+    The execution limit must exceed both waits (SageMaker's rule) plus the fleet's start."""
+    needed = 2 * wait_seconds + PROVISIONING_SECONDS
     return {
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": wait_seconds},
             "TerminationWaitInSeconds": min(wait_seconds, 3600),
-            "MaximumExecutionTimeoutInSeconds": int(min(max(timeout_seconds, 600), 28800)),
+            "MaximumExecutionTimeoutInSeconds": int(min(max(timeout_seconds, needed, 600), 28800)),
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": name} for name in alarms]},
     }
@@ -156,6 +168,7 @@ class SageMakerEndpointBackend:
         self._sleep = sleep
         self._poll = poll_seconds
         self._waited: set[float] = set()
+        self.metrics_poll_seconds = poll_seconds  # CloudWatch publishes once a minute
 
     # -- clients, through the provider's hooks (the connection's credentials and endpoint) -------
 
@@ -292,7 +305,8 @@ class SageMakerEndpointBackend:
                     for variant in definition[key]
                 ]
         if self.config.kms_key_id:
-            definition["KmsKeyId"] = self.config.kms_key_id
+            if not has_instance_storage(self.config.instance_type):  # SageMaker refuses a key for those
+                definition["KmsKeyId"] = self.config.kms_key_id
             if "DataCaptureConfig" in definition:
                 definition["DataCaptureConfig"] = {
                     **definition["DataCaptureConfig"],
@@ -373,6 +387,11 @@ class SageMakerEndpointBackend:
         target = self._call("describe_endpoint_config", EndpointConfigName=config)
         if current.get("ShadowProductionVariants") or target.get("ShadowProductionVariants"):
             return None
+        # A blue/green update keeps the variants' names: SageMaker allows one only between configs
+        # with the same names (a new fleet behind the same variants).
+        names = {v["VariantName"] for v in current.get("ProductionVariants", [])}
+        if names != {v["VariantName"] for v in target["ProductionVariants"]}:
+            return None
         rails = self.settings.serving.policy().guardrails
         alarms = []
         for variant in target["ProductionVariants"]:
@@ -385,13 +404,22 @@ class SageMakerEndpointBackend:
         return deployment_config(alarms, self.config.blue_green_wait_seconds, timeout)
 
     def delete_endpoint(self, name: str) -> None:
+        """Delete the endpoint and wait until it is gone: SageMaker deletes in the background, and an
+        endpoint still Deleting refuses a CreateEndpoint under its name."""
         from botocore.exceptions import ClientError
+
+        from llmops.deployment import DeploymentError
 
         try:
             self.sagemaker.delete_endpoint(EndpointName=name)
         except ClientError as exc:
             if not _missing(exc):
                 raise
+        deadline = time.monotonic() + self.settings.serving.deploy_timeout_minutes * 60
+        while self.describe_endpoint(name) is not None:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"endpoint {name} is still being deleted")
+            self._sleep(self._poll)
 
     def update_endpoint_weights(self, name: str, weights: dict[str, float]) -> dict:
         """Shift traffic between production variants, then wait until the endpoint is back in
