@@ -19,11 +19,12 @@ What the stock operators do not, and this backend does:
   ``FailureReason``: ``deployment.wait_in_service`` compares the config it serves with the one
   asked for, so that is a failure, not a success. Weight updates wait until the endpoint is back
   in service and are then read back.
-* **Deployment guardrails.** A whole-endpoint update between production-only configs (promotion,
-  restoring the champion) is a blue/green update with auto-rollback on two CloudWatch alarms per
-  new variant (5xx errors and p99 model latency, from the rollout policy's guardrails). Updates
-  to or from a config with a shadow variant, and the A/B weight steps, are checked by the
-  rollout's own guardrails instead.
+* **Deployment guardrails where they fit.** SageMaker's blue/green update needs the same variant
+  names on both sides and no shadow variant: an update that puts a new fleet behind the same
+  production variants (a version served alone again on a new config) gets one, with
+  auto-rollback on two CloudWatch alarms per variant (5xx errors and p99 model latency, from the
+  rollout policy's guardrails). Promotion and restoring change the variants, and the A/B steps
+  change weights: the state check and the rollout's own guardrail steps cover those.
 * **Metrics when they exist.** CloudWatch publishes an endpoint's per-minute metrics a minute or
   two late: a window's first read waits ``serving.sagemaker.metrics_delay_seconds``.
 """
