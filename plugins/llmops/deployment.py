@@ -118,6 +118,8 @@ def endpoint_config_request(
 class LocalGatewayBackend:
     """The local gateway's control API, with SageMaker's operation names."""
 
+    metrics_poll_seconds = 0.5  # its metrics are live
+
     def __init__(self, url: str, timeout: float = 30, region: str | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
@@ -229,8 +231,10 @@ def wait_in_service(backend, endpoint: str, config: str, timeout: float, poll: f
         time.sleep(poll)
 
 
-def wait_settled(backend, endpoint: str, timeout: float, poll: float = 1.0) -> dict | None:
-    """The endpoint's description once no create or update is in progress (None: no endpoint)."""
+def wait_settled(
+    backend, endpoint: str, timeout: float, poll: float = 1.0, sleep: Callable[[float], None] = time.sleep
+) -> dict | None:
+    """The endpoint's description once no create, update or delete is in progress (None: no endpoint)."""
     deadline = time.monotonic() + timeout
     while True:
         described = backend.describe_endpoint(endpoint)
@@ -238,7 +242,7 @@ def wait_settled(backend, endpoint: str, timeout: float, poll: float = 1.0) -> d
             return described
         if time.monotonic() > deadline:
             raise DeploymentError(f"endpoint {endpoint} still {described['EndpointStatus']} after {timeout:.0f}s")
-        time.sleep(poll)
+        sleep(poll)
 
 
 def apply_config(settings: Settings, backend, config_request: dict) -> dict:
@@ -511,7 +515,7 @@ def wait_for_shadow(backend, endpoint: str, shadow_variant: str, expected: int, 
         answered = window.invocations if window else 0
         if answered >= expected or time.monotonic() > deadline:
             return answered
-        time.sleep(getattr(backend, "metrics_poll_seconds", 0.5))
+        time.sleep(backend.metrics_poll_seconds)
 
 
 def wait_for_capture(event_count: Callable[[], int], expected: int, timeout: float = 10) -> None:

@@ -167,9 +167,8 @@ class SageMakerEndpointBackend:
         self.region = settings.aws.region
         self._sagemaker, self._runtime, self._cloudwatch = sagemaker, runtime, cloudwatch
         self._sleep = sleep
-        self._poll = poll_seconds
+        self.metrics_poll_seconds = poll_seconds  # also how often a wait asks SageMaker
         self._waited: set[float] = set()
-        self.metrics_poll_seconds = poll_seconds  # CloudWatch publishes once a minute
 
     # -- clients, through the provider's hooks (the connection's credentials and endpoint) -------
 
@@ -416,11 +415,14 @@ class SageMakerEndpointBackend:
         except ClientError as exc:
             if not _missing(exc):
                 raise
-        deadline = time.monotonic() + self.settings.serving.deploy_timeout_minutes * 60
-        while self.describe_endpoint(name) is not None:
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"endpoint {name} is still being deleted")
-            self._sleep(self._poll)
+        if self._settled(name) is not None:
+            raise DeploymentError(f"endpoint {name} is still there after DeleteEndpoint")
+
+    def _settled(self, name: str) -> dict | None:
+        from llmops.deployment import wait_settled
+
+        timeout = self.settings.serving.deploy_timeout_minutes * 60
+        return wait_settled(self, name, timeout, self.metrics_poll_seconds, self._sleep)
 
     def update_endpoint_weights(self, name: str, weights: dict[str, float]) -> dict:
         """Shift traffic between production variants, then wait until the endpoint is back in
@@ -433,19 +435,13 @@ class SageMakerEndpointBackend:
             EndpointName=name,
             DesiredWeightsAndCapacities=[{"VariantName": v, "DesiredWeight": w} for v, w in weights.items()],
         )
-        deadline = time.monotonic() + self.settings.serving.deploy_timeout_minutes * 60
-        while True:
-            described = self.describe_endpoint(name)
-            if described is None:
-                raise DeploymentError(f"endpoint {name} disappeared during a weight update")
-            status = described["EndpointStatus"]
-            if status == "InService":
-                return described
-            if status == "Failed":
-                raise DeploymentError(f"endpoint {name} failed a weight update: {described.get('FailureReason')}")
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"endpoint {name} still {status} after a weight update")
-            self._sleep(self._poll)
+        described = self._settled(name)
+        if described is None:
+            raise DeploymentError(f"endpoint {name} disappeared during a weight update")
+        if described["EndpointStatus"] != "InService":
+            why = described.get("FailureReason") or described["EndpointStatus"]
+            raise DeploymentError(f"endpoint {name} failed a weight update: {why}")
+        return described
 
     # -- metrics -----------------------------------------------------------------------------------
 
