@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmops import storage
 from llmops.config import ConfigError, Settings, format_validation_error
 from llmops.data import versioning
+from llmops.data.integrity import verify_version
+from llmops.data.records import DataQualityError
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
@@ -113,6 +115,10 @@ def select_dataset(settings: Settings, version: str, storage_options: dict | Non
         manifest = storage.read_json(uri, storage_options)
     if not manifest.get("validation", {}).get("success"):
         raise ConfigError(f"dataset {name}@{manifest['version']} did not pass validation; refusing to train on it")
+    try:
+        verify_version(settings.datasets_uri(), name, manifest, storage_options)
+    except DataQualityError as exc:
+        raise ConfigError(f"{exc}; refusing to train on it") from None
     manifest["uri"] = storage.join(settings.datasets_uri(), name, manifest["version"])
     manifest["manifest_uri"] = storage.join(manifest["uri"], versioning.MANIFEST)
     return manifest

@@ -22,104 +22,18 @@ from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
+from serving.guardrails import PII_PATTERNS, SECRET_TOKEN_LENGTH, luhn_ok
+
 PII_TYPES: tuple[str, ...] = ("EMAIL", "PHONE", "IP_ADDRESS", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "CARD_NUMBER")
 
-# --- EMAIL -----------------------------------------------------------------------------------
-# The lookbehind makes a match start only at the beginning of a run of local-part characters;
-# without it a long run with no "@" is rescanned from every position (quadratic time).
-_EMAIL = (
-    r"(?<![A-Za-z0-9._%+-])"
-    r"[A-Za-z0-9_%+-][A-Za-z0-9._%+-]*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-    r"[A-Za-z]{2,}(?![A-Za-z0-9_-])"
-)
-
-# --- PHONE -----------------------------------------------------------------------------------
-# Separators are mandatory so that bare digit runs (ids, timestamps, 10-digit constants) never
-# qualify; dates (4-2-2) and times (colons) do not fit either shape.
-_PHONE_INTL = (
-    r"(?<![\w+])"
-    # At least 8 digits in the run: "+1 2 34" is arithmetic, not a phone.
-    r"(?=\+(?:[ .()-]{0,3}\d){8})"
-    r"\+[1-9]\d{0,2}"
-    # Optional bracketed area code or trunk prefix: "+1 (415) ...", "+44 (0)20 ...".
-    r"(?:[ .-]?\(\d{1,4}\)\d{0,8})?"
-    # Two or more separated groups, the last of at least two digits so that "+1.0 2.0 3.0 4.0"
-    # cannot end on a lone digit of a decimal.
-    r"(?:[ .-]\d{1,8}){1,5}[ .-]\d{2,8}"
-)
-_PHONE_NANP = (
-    r"(?<![\w.+-])"
-    r"(?:1[ .-])?"
-    # One consistent separator: "415-555-0132" or "415.555.0132", never "415-555.0132".
-    r"(?:\(\d{3}\) ?\d{3}[ .-]|\d{3}-\d{3}-|\d{3}\.\d{3}\.)\d{4}"
-)
-# A trailing "-5" or ".5" means the digits go on (a longer identifier or a decimal).
-_PHONE = rf"(?:{_PHONE_INTL}|{_PHONE_NANP})(?!\w|[.-]\d)"
-
-# --- IP_ADDRESS ------------------------------------------------------------------------------
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-# No dot or word character on either side, so "1.2.3.4.5" and "v1.2.3.4" stay whole version
-# numbers; a sentence-ending period is still allowed.
-_IPV4 = rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)"
-_HEX = r"[0-9A-Fa-f]{1,4}"
-# Uncompressed IPv6 needs all eight groups; "12:30:45" (a time) has three and no "::".
-_IPV6_FULL = rf"{_HEX}(?::{_HEX}){{7}}"
-# Compressed IPv6 needs "::" plus at least three groups (counted by the lookahead), which rules out
-# "a::b", slices like "x[1::2]" and C++-style "A::B" (not hex, not enough groups).
-_IPV6_COMPRESSED = (
-    rf"(?=:{{0,2}}(?:{_HEX}:{{1,2}}){{2}}[0-9A-Fa-f])"
-    rf"(?:{_HEX}(?::{_HEX}){{0,6}})?::(?:{_HEX}(?::{_HEX}){{0,6}})?"
-)
-_IPV6 = rf"(?<![\w:])(?:{_IPV6_FULL}|{_IPV6_COMPRESSED})(?![\w:]|\.\d)"
-_IP_ADDRESS = rf"(?:{_IPV4}|{_IPV6})"
-
-# --- AWS keys --------------------------------------------------------------------------------
-_AWS_ACCESS_KEY = r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"
-# A bare 40-character base64 token is indistinguishable from a hash or an encoded blob, so a
-# secret key is only recognised right after a key-ish name and "=" or ":" (aws_secret_access_key =,
-# "SecretAccessKey": ", secret: ...). Only the token itself is replaced; the name stays, which
-# keeps config examples readable.
-_SECRET_TOKEN_LENGTH = 40
-_AWS_SECRET_KEY = (
-    r"(?i:secret)[A-Za-z0-9_.-]{0,25}[\"']?\s{0,3}[:=]{1,2}\s{0,3}[\"']?"
-    rf"[A-Za-z0-9/+]{{{_SECRET_TOKEN_LENGTH}}}(?![A-Za-z0-9/+])"
-)
-
-
-# --- CARD_NUMBER -----------------------------------------------------------------------------
-# Payment card numbers start with 2-6 (ISO/IEC 7812 industry identifiers for Mastercard, Amex,
-# Diners, JCB, Visa, Discover, UnionPay, Maestro). Requiring that removes most of the long integers
-# in technical text (sys.maxsize, 2**64 - 1, nanosecond timestamps) before Luhn is even consulted.
-def _grouped_card(sep: str) -> str:
-    # One separator throughout (no back-reference, so the pattern has no capturing group for pandas
-    # to warn about): 4-4-4-4(-3), 4-4-4-1..3 and 4-6-4/5 (Amex, Diners). A further group of 3+
-    # digits means a longer run, but a short one may follow: the "12/25" of an expiry date must not
-    # hide the card in front of it.
-    return (
-        rf"[2-6]\d{{3}}{sep}(?:\d{{4}}{sep}\d{{4}}{sep}(?:\d{{4}}(?:{sep}\d{{3}})?|\d{{1,3}})|\d{{6}}{sep}\d{{4,5}})"
-        rf"(?!\w|\.\d|{sep}\d{{3}})"
-    )
-
-
-_CARD = (
-    # Not inside a word, a decimal fraction, or a longer run of separated digit groups; two-digit
-    # date and time parts ("2024-01-15 4111 ...") may precede a card.
-    r"(?<![\w.])(?<!\d\d\d[ -])"
-    rf"(?:[2-6]\d{{12,18}}(?!\w|\.\d)|{_grouped_card(' ')}|{_grouped_card('-')})"
-)
-
-
-def _luhn_ok(number: str) -> bool:
-    digits = [int(ch) for ch in number if ch.isdigit()]
-    total = 0
-    for position, digit in enumerate(reversed(digits)):
-        if position % 2:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return total % 10 == 0
+# The patterns live with the gateway's guardrails (``serving`` ships to the model container,
+# which has no ``llmops``), so curation and serving find the same PII.
+_EMAIL = PII_PATTERNS["EMAIL"]
+_PHONE = PII_PATTERNS["PHONE"]
+_IP_ADDRESS = PII_PATTERNS["IP_ADDRESS"]
+_AWS_ACCESS_KEY = PII_PATTERNS["AWS_ACCESS_KEY"]
+_AWS_SECRET_KEY = PII_PATTERNS["AWS_SECRET_KEY"]
+_CARD = PII_PATTERNS["CARD_NUMBER"]
 
 
 class _Detector(NamedTuple):
@@ -135,8 +49,8 @@ _DETECTORS: tuple[_Detector, ...] = (
     _Detector("PHONE", re.compile(_PHONE)),
     _Detector("IP_ADDRESS", re.compile(_IP_ADDRESS)),
     _Detector("AWS_ACCESS_KEY", re.compile(_AWS_ACCESS_KEY)),
-    _Detector("AWS_SECRET_KEY", re.compile(_AWS_SECRET_KEY), tail=_SECRET_TOKEN_LENGTH),
-    _Detector("CARD_NUMBER", re.compile(_CARD), accept=_luhn_ok),
+    _Detector("AWS_SECRET_KEY", re.compile(_AWS_SECRET_KEY), tail=SECRET_TOKEN_LENGTH),
+    _Detector("CARD_NUMBER", re.compile(_CARD), accept=luhn_ok),
 )
 
 # One pattern per type, in PII_TYPES order.

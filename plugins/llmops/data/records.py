@@ -28,6 +28,12 @@ def where(record: dict) -> str:
     return f"{origin} (id={rid})" if rid else str(origin)
 
 
+def drop(record: dict, stage: str, reason: str, **detail) -> dict:
+    """An entry of the drop report: which record a stage left out, and why. Every record read is
+    either published or named in this report."""
+    return {"origin": record.get(ORIGIN, "?"), "id": record.get("id"), "stage": stage, "reason": reason, **detail}
+
+
 def examples(records: list[dict], limit: int = 3) -> str:
     shown = ", ".join(where(r) for r in records[:limit])
     more = f" and {len(records) - limit} more" if len(records) > limit else ""

@@ -2,8 +2,11 @@
 
 A stage reads its input records from a URI, applies one transform, writes its output to the
 run's own folder (``runs/llm_data_prep/<run>/<stage>.jsonl``) and returns a small dict (URI,
-count, stats) for XCom. Re-running a stage overwrites only its own output. Nothing is written
-under ``datasets/`` except by ``publish``, and only after validation passed.
+count, stats) for XCom. Re-running a stage overwrites only its own output. A record a stage
+drops (empty, duplicate, over-length) is named with its reason in ``<stage>.dropped.jsonl``;
+``publish`` refuses unless every record read is either published or in those reports, and lists
+the drops in the manifest. Nothing is written under ``datasets/`` except by ``publish``, and only
+after validation passed.
 
 ``curate()`` runs all stages in one process: the CLI and the tests use it.
 
@@ -12,12 +15,14 @@ under ``datasets/`` except by ``publish``, and only after validation passed.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from functools import cache
 
@@ -40,8 +45,19 @@ def run_folder(settings: Settings, run_id: str, dag_id: str = DAG_ID) -> str:
 def _apply(
     name: str, in_uri: str, run_uri: str, fn: Callable[[list[dict]], tuple[list[dict], dict]], options=None
 ) -> dict:
+    """Run one transform. The records it drops go to ``<run>/<name>.dropped.jsonl`` (the stats
+    keep its URI and count, not the list: XCom is for small values); ``publish`` gathers them."""
     records = storage.read_jsonl(in_uri, options)
     out, stats = fn(records)
+    drops = stats.pop("drops", None)
+    if drops is not None:
+        report_uri = storage.join(run_uri, f"{name}.dropped.jsonl")
+        storage.write_jsonl(report_uri, drops, options)
+        stats["drop_report"] = {"uri": report_uri, "records": len(drops)}
+    if len(out) + len(drops or ()) != len(records):
+        raise RuntimeError(
+            f"stage {name}: {len(records)} records in, {len(out)} out and {len(drops or ())} reported dropped"
+        )
     out_uri = storage.join(run_uri, f"{name}.jsonl")
     storage.write_jsonl(out_uri, out, options)
     return {"uri": out_uri, "count": len(out), "stats": stats}
@@ -153,6 +169,9 @@ def validate(data: DataConfig, in_uri: str, run_uri: str, options: dict | None =
     frame = pd.DataFrame(
         {
             "id": [r.get("id") for r in records],
+            "meta": [
+                json.dumps(r["meta"], ensure_ascii=False, sort_keys=True) if r.get("meta") else None for r in records
+            ],
             "prompt": [r.get("prompt") for r in records],
             "response": [r.get("response") for r in records],
             "source": [r.get("source") for r in records],
@@ -188,12 +207,24 @@ def publish(
     if not validation.get("success"):
         raise DataQualityError("refusing to publish: the dataset did not pass validation")
     records = storage.read_jsonl(in_uri, options)
+    dropped = drop_report(stage_stats, options)
+    read = stage_stats["ingest"]["records"]
+    if read != len(records) + len(dropped):
+        raise DataQualityError(
+            f"refusing to publish: {read} records were read, {len(records)} are to be published and {len(dropped)} "
+            f"were reported dropped; {read - len(records) - len(dropped)} record(s) vanished without a reason"
+        )
     manifest_fields = {
         "source_uris": sorted({stage_stats["ingest"]["source"], stage_stats["ingest"]["raw_uri"]}),
         "validation": validation,
         "stages": stage_stats,
         "config": data.model_dump(),
         "lineage": {"git_sha": git_sha(), **lineage},
+        "records": {"read": read, "published": len(records), "dropped": len(dropped)},
+        "dropped": {
+            "by_reason": dict(sorted(Counter(f"{d['stage']}: {d['reason']}" for d in dropped).items())),
+            "records": dropped,
+        },
     }
     published = versioning.publish(records, settings.datasets_uri(), data.dataset_name, manifest_fields, options)
     manifest = storage.read_json(published.manifest_uri, options)
@@ -207,6 +238,15 @@ def publish(
         "validation_result_uri": manifest["validation"]["result_uri"],
         "data_docs_uri": manifest["validation"]["data_docs_uri"],
     }
+
+
+def drop_report(stage_stats: dict[str, dict], options: dict | None = None) -> list[dict]:
+    """Every record the stages dropped, with the stage and the reason, in stage order."""
+    dropped: list[dict] = []
+    for stats in stage_stats.values():
+        if report := stats.get("drop_report"):
+            dropped += storage.read_jsonl(report["uri"], options)
+    return dropped
 
 
 @cache

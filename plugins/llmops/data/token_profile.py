@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmops.data.records import SPLITS, DataQualityError, examples
+from llmops.data.records import SPLITS, DataQualityError, drop, examples
 
 N_TOKENS = "_n_tokens"
 
@@ -70,29 +70,31 @@ def profile_tokens(
             f"({', '.join(str(r[N_TOKENS]) for r in over[:3])} tokens); raise data.max_tokens or fix the data"
         )
 
-    kept, truncated, dropped = [], 0, 0
+    kept, truncated, drops = [], 0, []
     for record, n in zip(records, lengths, strict=True):
         if n <= max_tokens:
             kept.append(dict(record, **{N_TOKENS: n}))
         elif over_length == "truncate" and truncate is not None:
             shortened = truncate(record, max_tokens)
             if shortened is None:
-                dropped += 1
+                reason = "longer than max_tokens, and the prompt alone leaves no room to truncate the response into"
+                drops.append(drop(record, "profile_tokens", reason, n_tokens=n, max_tokens=max_tokens))
                 continue
             kept.append(shortened)
             truncated += 1
         else:
-            dropped += 1
+            drops.append(drop(record, "profile_tokens", "longer than max_tokens", n_tokens=n, max_tokens=max_tokens))
     if not kept:
         raise DataQualityError(f"every one of the {total} records exceeds max_tokens={max_tokens}")
     stats = {
         "max_tokens": max_tokens,
         "over_length": len(over),
         "policy": over_length,
-        "dropped": dropped,
+        "dropped": len(drops),
         "truncated": truncated,
         "all": _quantiles([r[N_TOKENS] for r in kept]),
         "by_split": {s: _quantiles([r[N_TOKENS] for r in kept if r.get("split") == s]) for s in SPLITS},
+        "drops": drops,
     }
     return kept, stats
 

@@ -18,6 +18,7 @@ from llmops.data.records import (
     SPLITS,
     TEXT_FIELDS,
     DataQualityError,
+    drop,
     examples,
     normalized_key,
     sha256_text,
@@ -49,7 +50,8 @@ def _prompt_text(record: dict) -> str:
 
 
 def clean(records: list[dict], max_empty_fraction: float = 1.0) -> tuple[list[dict], dict]:
-    """Clean every text field; drop records left without a prompt or a response."""
+    """Clean every text field; drop records left without a prompt or a response (listed in the
+    stats' ``drops``)."""
     kept, empty_response, empty_prompt = [], [], []
     for record in records:
         record = dict(record)
@@ -75,23 +77,33 @@ def clean(records: list[dict], max_empty_fraction: float = 1.0) -> tuple[list[di
             f"{dropped} of {total} records ({dropped / total:.0%}) have an empty prompt or response, "
             f"more than the allowed {max_empty_fraction:.0%}: e.g. {examples(empty_response + empty_prompt)}"
         )
-    return kept, {"records_in": total, "empty_response": len(empty_response), "empty_prompt": len(empty_prompt)}
+    drops = [drop(r, "clean", "empty prompt") for r in empty_prompt]
+    drops += [drop(r, "clean", "empty response") for r in empty_response]
+    return kept, {
+        "records_in": total,
+        "empty_response": len(empty_response),
+        "empty_prompt": len(empty_prompt),
+        "drops": drops,
+    }
 
 
 def deduplicate(records: list[dict], max_duplicate_fraction: float = 1.0) -> tuple[list[dict], dict]:
     """Drop exact duplicates (same prompt and response text) and near-duplicates (the same once
-    case, accents, punctuation and spacing are ignored). The first occurrence wins."""
+    case, accents, punctuation and spacing are ignored). The first occurrence wins; each dropped
+    one is listed in the stats' ``drops`` with the record it duplicates."""
     seen_exact: dict[str, dict] = {}
     seen_near: dict[str, dict] = {}
-    kept, exact, near = [], [], []
+    kept, exact, near, drops = [], [], [], []
     for record in records:
         prompt = _prompt_text(record) + "\n" + (record.get("context") or "")
         exact_key = sha256_text(prompt + "\x00" + record["response"])
         near_key = sha256_text(normalized_key(prompt) + "\x00" + normalized_key(record["response"]))
         if exact_key in seen_exact:
             exact.append(record)
+            drops.append(drop(record, "deduplicate", "exact duplicate", duplicate_of=where(seen_exact[exact_key])))
         elif near_key in seen_near:
             near.append(record)
+            drops.append(drop(record, "deduplicate", "near duplicate", duplicate_of=where(seen_near[near_key])))
         else:
             seen_exact[exact_key] = seen_near[near_key] = record
             kept.append(record)
@@ -105,21 +117,42 @@ def deduplicate(records: list[dict], max_duplicate_fraction: float = 1.0) -> tup
             f"{duplicates} of {total} records ({duplicates / total:.0%}) are duplicates, more than the allowed "
             f"{max_duplicate_fraction:.0%}: e.g. {examples(exact + near)}"
         )
-    return kept, {"records_in": total, "exact_duplicates": len(exact), "near_duplicates": len(near)}
+    return kept, {
+        "records_in": total,
+        "exact_duplicates": len(exact),
+        "near_duplicates": len(near),
+        "drops": drops,
+    }
+
+
+# Not scrubbed: an id is the record's identity (validation refuses one that holds PII), and these
+# others are set or checked by curation itself.
+_NOT_SCRUBBED = ("id", "split", "template")
+
+
+def _scrub_value(value, counts: Counter[str]):
+    if isinstance(value, str):
+        value, found = pii.scrub_text(value)
+        counts.update(found)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub_value(v, counts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_value(v, counts) for v in value]
+    return value
 
 
 def scrub_pii(records: list[dict], enabled: bool = True) -> tuple[list[dict], dict]:
-    """Replace PII in every text field with typed placeholders, counted by type."""
+    """Replace PII with typed placeholders, counted by type: in the text fields and in every other
+    field that is published with the record (``source``, free metadata, nested or not)."""
     counts: Counter[str] = Counter()
     if not enabled:
         return records, {"enabled": False, "replaced": {}}
     scrubbed = []
     for record in records:
-        record = dict(record)
-        for field in TEXT_FIELDS:
-            if isinstance(record.get(field), str):
-                record[field], found = pii.scrub_text(record[field])
-                counts.update(found)
+        record = {
+            k: v if k in _NOT_SCRUBBED or k.startswith("_") else _scrub_value(v, counts) for k, v in record.items()
+        }
         scrubbed.append(record)
     return scrubbed, {"enabled": True, "replaced": dict(sorted(counts.items()))}
 
@@ -129,7 +162,16 @@ _CURATED_KEYS = ("id", "prompt", "response", "source", "system", "template", "sp
 
 def format_records(records: list[dict], template: PromptTemplate, default_source: str) -> tuple[list[dict], dict]:
     """Render each record's prompt with ``template`` and give it a stable id and a source.
-    Records that already carry a ``prompt`` keep it. Unknown fields move under ``meta``."""
+    Records that already carry a ``prompt`` keep it. Unknown fields move under ``meta``. A record
+    that names the template it was written for (``template``, as a published record does) must
+    name this one: its prompt would otherwise be labelled with a format it does not have."""
+    mismatched = [r for r in records if r.get("template") and r["template"].split("@", 1)[0] != template.name]
+    if mismatched:
+        declared = sorted({r["template"] for r in mismatched})
+        raise DataQualityError(
+            f"template mismatch: {len(mismatched)} record(s) were written for template(s) {declared} "
+            f"but this run formats with {template.ref}: e.g. {examples(mismatched)}; set data.template to match"
+        )
     formatted, rendered = [], 0
     for record in records:
         system = template.system

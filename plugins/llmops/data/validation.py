@@ -85,7 +85,10 @@ def _describe_failure(result: Any) -> dict:
         "examples": [_short(v) for v in (detail.get("partial_unexpected_list") or [])[:EXAMPLES]],
         "example_ids": ids[:EXAMPLES],
         "observed_value": detail.get("observed_value"),
-        "missing": detail.get("partial_missing_list") or detail.get("details", {}).get("missing") or [],
+        # GX builds this list from a set: sorted, the same defect always reads the same.
+        "missing": sorted(
+            detail.get("partial_missing_list") or detail.get("details", {}).get("missing") or [], key=str
+        ),
     }
 
 
@@ -179,6 +182,8 @@ def validate_records(
         docs_uri = storage.join(output_uri, "data_docs")
         storage.write_json(result_uri, result.to_json_dict(), storage_options)
         site = Path(project_dir) / "gx" / "uncommitted" / "data_docs" / "local_site"
+        # The site describes this validation alone: an earlier one's pages (a re-run) go first.
+        storage.delete(docs_uri, recursive=True, storage_options=storage_options)
         storage.upload_dir(str(site), docs_uri, storage_options)
 
     outcome = ValidationOutcome(

@@ -4,11 +4,13 @@ plus ``manifest.json``.
 The version is the sha256 of the canonical content (each split's records sorted by id, as
 canonical JSON lines), so the same data always gets the same version and a version is never
 overwritten. A version exists only once its manifest does: locally the whole folder is renamed
-into place; on S3 the manifest is written last and a failed publish deletes what it wrote.
+into place; on S3 the manifest is written last and a failed publish deletes what it wrote, unless
+the manifest landed after all (then the version is whole).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -100,17 +102,31 @@ def _publish_local(dataset_uri: str, version_uri: str, files: dict[str, bytes], 
 
 
 def _publish_object_store(version_uri: str, files: dict[str, bytes], manifest: dict, storage_options) -> None:
+    manifest_uri = storage.join(version_uri, MANIFEST)
     written = []
     try:
         for split, payload in files.items():
             uri = storage.join(version_uri, f"{split}.jsonl")
             storage.write_bytes(uri, payload, storage_options)
             written.append(uri)
-        storage.write_json(storage.join(version_uri, MANIFEST), manifest, storage_options)
+        storage.write_json(manifest_uri, manifest, storage_options)
     except BaseException:
-        for uri in written:
-            storage.delete(uri, storage_options=storage_options)
+        # A manifest there means the version is whole: ours landed and only its reply was lost, or
+        # another run published the same content (same keys, same bytes). Deleting the splits
+        # would leave it pointing at nothing.
+        if not _exists_quietly(manifest_uri, storage_options):
+            for uri in written:
+                with contextlib.suppress(Exception):  # best effort: the error to report is the write's
+                    storage.delete(uri, storage_options=storage_options)
         raise
+
+
+def _exists_quietly(uri: str, storage_options) -> bool:
+    """Whether ``uri`` exists; True when the store cannot say, so that nothing is deleted blind."""
+    try:
+        return storage.exists(uri, storage_options)
+    except Exception:
+        return True
 
 
 def list_versions(datasets_uri: str, name: str, storage_options: dict | None = None) -> list[dict]:

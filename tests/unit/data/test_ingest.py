@@ -36,11 +36,11 @@ def _error(path_or_uri) -> str:
 # --- good inputs -----------------------------------------------------------------------------
 
 
-def test_jsonl_prompt_and_instruction_variants_keep_their_physical_line(tmp_path):
+def test_jsonl_records_keep_their_physical_line(tmp_path):
     path = _write(
         tmp_path,
         "raw.jsonl",
-        json.dumps({"id": 7, "prompt": "What is a tuple?", "response": "An immutable sequence."})
+        json.dumps({"id": 7, "instruction": "What is a tuple?", "response": "An immutable sequence."})
         + "\n\n"
         + json.dumps(
             {"id": "b", "instruction": "Explain zip.", "context": "zip(*iterables)", "response": "It pairs items."}
@@ -50,7 +50,7 @@ def test_jsonl_prompt_and_instruction_variants_keep_their_physical_line(tmp_path
     uri = f"file://{path}"
     records = read_raw(str(path))
     assert records == [
-        {"id": "7", "prompt": "What is a tuple?", "response": "An immutable sequence.", ORIGIN: f"{uri}:1"},
+        {"id": "7", "instruction": "What is a tuple?", "response": "An immutable sequence.", ORIGIN: f"{uri}:1"},
         {
             "id": "b",
             "instruction": "Explain zip.",
@@ -101,6 +101,25 @@ def test_parquet_reads_with_row_numbers_and_text_ids(tmp_path):
         {"id": "10", "prompt": "What is a set?", "response": "Unique.", ORIGIN: f"{uri}:row 1"},
         {"id": "11", "prompt": "What is a dict?", "response": "Map.", ORIGIN: f"{uri}:row 2"},
     ]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    jsonl = _write(tmp_path, "bom.jsonl", bom + _jsonl({"prompt": "a", "response": "b"}).encode())
+    csv_file = _write(tmp_path, "bom.csv", bom + b"prompt,response\na,b\n")
+    assert [r["prompt"] for r in read_raw(str(jsonl))] == ["a"]
+    assert [r["prompt"] for r in read_raw(str(csv_file))] == ["a"]
+
+
+def test_a_long_csv_field_reads_and_the_reader_limit_is_restored(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    long = "word " * 40_000  # 200,000 characters: over the csv module's default limit
+    path = _write(tmp_path, "long.csv", f'prompt,response\nSay it all.,"{long}"\n')
+    (record,) = read_raw(str(path))
+    assert record["response"] == long
+    assert csv.field_size_limit() == limit
 
 
 # --- bad inputs --------------------------------------------------------------------------------
@@ -265,7 +284,7 @@ def test_s3_object_reads_through_the_given_client(s3_client):
     s3_client.put_object(
         Bucket="raw-data",
         Key="in/qa.jsonl",
-        Body=_jsonl({"id": 1, "prompt": "a", "response": "b"}, {"instruction": "c", "response": "d"}).encode(),
+        Body=_jsonl({"id": 1, "instruction": "a", "response": "b"}, {"instruction": "c", "response": "d"}).encode(),
     )
     records = read_raw("s3://raw-data/in/qa.jsonl", {"client": s3_client})
     assert [r[ORIGIN] for r in records] == ["s3://raw-data/in/qa.jsonl:1", "s3://raw-data/in/qa.jsonl:2"]

@@ -52,6 +52,11 @@ def test_drop_policy_drops_over_length_records_and_counts_them():
     assert [r["id"] for r in kept] == ["r1", "r3"]
     assert stats["over_length"] == 2
     assert stats["dropped"] == 2
+    assert [(d["origin"], d["id"], d["stage"], d["n_tokens"]) for d in stats["drops"]] == [
+        ("file:///raw.jsonl:2", "r2", "profile_tokens", 11),
+        ("file:///raw.jsonl:4", "r4", "profile_tokens", 50),
+    ]
+    assert {d["reason"] for d in stats["drops"]} == {"longer than max_tokens"}
     assert stats["truncated"] == 0
     assert stats["policy"] == "drop"
 
@@ -88,6 +93,8 @@ def test_truncate_policy_drops_records_the_truncate_function_cannot_fit():
     assert [r["id"] for r in kept] == ["r1"]
     assert stats["dropped"] == 1
     assert stats["truncated"] == 0
+    (entry,) = stats["drops"]
+    assert entry["id"] == "r2" and "no room to truncate" in entry["reason"]
 
 
 @pytest.mark.parametrize("policy", ["drop", "truncate"])

@@ -80,7 +80,15 @@ def test_clean_drops_records_without_prompt_or_response_and_counts_them():
     assert [r[ORIGIN] for r in kept] == ["file:///raw.jsonl:1", "file:///raw.jsonl:4"]
     assert kept[0]["prompt"] == "What is a list?"
     assert kept[0]["response"] == "A mutable sequence."
-    assert stats == {"records_in": 4, "empty_response": 1, "empty_prompt": 1}
+    assert stats == {
+        "records_in": 4,
+        "empty_response": 1,
+        "empty_prompt": 1,
+        "drops": [
+            {"origin": "file:///raw.jsonl:3", "id": None, "stage": "clean", "reason": "empty prompt"},
+            {"origin": "file:///raw.jsonl:2", "id": None, "stage": "clean", "reason": "empty response"},
+        ],
+    }
     assert records[0]["prompt"] == "What is a list?  ", "the input records are not modified"
 
 
@@ -117,7 +125,27 @@ def test_deduplicate_drops_exact_and_near_duplicates_keeping_the_first():
     ]
     kept, stats = deduplicate(records)
     assert [r[ORIGIN] for r in kept] == ["file:///raw.jsonl:1", "file:///raw.jsonl:2", "file:///raw.jsonl:5"]
-    assert stats == {"records_in": 5, "exact_duplicates": 1, "near_duplicates": 1}
+    assert stats == {
+        "records_in": 5,
+        "exact_duplicates": 1,
+        "near_duplicates": 1,
+        "drops": [
+            {
+                "origin": "file:///raw.jsonl:3",
+                "id": None,
+                "stage": "deduplicate",
+                "reason": "exact duplicate",
+                "duplicate_of": "file:///raw.jsonl:1",
+            },
+            {
+                "origin": "file:///raw.jsonl:4",
+                "id": None,
+                "stage": "deduplicate",
+                "reason": "near duplicate",
+                "duplicate_of": "file:///raw.jsonl:1",
+            },
+        ],
+    }
 
 
 def test_deduplicate_counts_context_as_part_of_the_prompt():
@@ -134,7 +162,7 @@ def test_deduplicate_leaves_distinct_records_untouched():
     records = [rec(i, f"Question number {i}?", f"Answer {i}.") for i in range(1, 6)]
     kept, stats = deduplicate(records)
     assert kept == records
-    assert stats == {"records_in": 5, "exact_duplicates": 0, "near_duplicates": 0}
+    assert stats == {"records_in": 5, "exact_duplicates": 0, "near_duplicates": 0, "drops": []}
 
 
 def test_deduplicate_a_file_of_only_duplicates_raises():
@@ -195,6 +223,26 @@ def test_scrub_pii_replaces_pii_in_every_text_field_and_counts_it():
     assert records[0]["instruction"] == "Mail jane.doe@example.com about it", "the input is not modified"
 
 
+def test_scrub_pii_reaches_source_and_nested_metadata_but_never_the_id():
+    records = [
+        {
+            "id": "q-1",
+            "instruction": "Explain sets.",
+            "response": "Unique items.",
+            "source": "export by jane.doe@example.com",
+            "author": {"email": "jane.doe@example.com", "hosts": ["10.0.0.1", 3]},
+            "split": "train",
+            ORIGIN: "a:1",
+        }
+    ]
+    (scrubbed,), stats = scrub_pii(records)
+    assert scrubbed["source"] == "export by [EMAIL]"
+    assert scrubbed["author"] == {"email": "[EMAIL]", "hosts": ["[IP_ADDRESS]", 3]}
+    assert (scrubbed["id"], scrubbed["split"], scrubbed[ORIGIN]) == ("q-1", "train", "a:1")
+    assert stats["replaced"] == {"EMAIL": 2, "IP_ADDRESS": 1}
+    assert records[0]["author"]["email"] == "jane.doe@example.com", "the input is not modified"
+
+
 def test_scrub_pii_disabled_leaves_text_unchanged():
     records = [rec(1, "Mail jane.doe@example.com", "ping 10.0.0.1")]
     scrubbed, stats = scrub_pii(records, enabled=False)
@@ -250,6 +298,27 @@ def test_format_keeps_given_ids_sources_and_splits(template):
     assert out[0]["split"] == "test"
     assert out[1]["source"] == "python-docs"
     assert "split" not in out[1]
+
+
+def test_format_accepts_records_written_for_its_template_at_any_version(template):
+    records = [
+        {"prompt": "p", "response": "r", "template": "python_docs_qa@3"},
+        {"prompt": "p2", "response": "r2", "template": "python_docs_qa"},
+    ]
+    out, _ = format_records(records, template, "s")
+    assert {r["template"] for r in out} == {"python_docs_qa@catalog"}
+
+
+def test_format_refuses_records_written_for_another_template(template):
+    records = [
+        {"prompt": "p", "response": "r", "template": "python_docs_qa@1", ORIGIN: "a:1"},
+        {"prompt": "p2", "response": "r2", "template": "plain_instruction@2", ORIGIN: "a:2", "id": "x"},
+    ]
+    with pytest.raises(DataQualityError) as info:
+        format_records(records, template, "s")
+    message = str(info.value)
+    assert "template mismatch: 1 record(s) were written for template(s) ['plain_instruction@2']" in message
+    assert "this run formats with python_docs_qa@catalog" in message and "a:2 (id=x)" in message
 
 
 def test_format_moves_unknown_fields_under_meta(template):

@@ -36,6 +36,7 @@ def good_rows() -> list[dict]:
                     "split": split,
                     "n_tokens": [1, 20, 40, 64][i],
                     "prompt_splits": 1,
+                    "meta": '{"license": "PSF"}' if i == 1 else None,
                 }
             )
     return rows
@@ -44,7 +45,9 @@ def good_rows() -> list[dict]:
 def frame(rows: list[dict]):
     import pandas as pd
 
-    return pd.DataFrame(rows, columns=["id", "prompt", "response", "source", "split", "n_tokens", "prompt_splits"])
+    return pd.DataFrame(
+        rows, columns=["id", "prompt", "response", "source", "split", "n_tokens", "prompt_splits", "meta"]
+    )
 
 
 def _set(rows, rid, **values):
@@ -84,6 +87,20 @@ DEFECTS = {
         "response",
         "PII left in responses after scrubbing",
         ["1 unexpected", "jane.doe@example.com", "record ids: ['test-3']"],
+    ),
+    "pii_in_metadata": (
+        lambda: _set(good_rows(), "train-1", meta='{"reviewer": "jane.doe@example.com"}'),
+        "expect_column_values_to_not_match_regex_list",
+        "meta",
+        "PII left in metadata after scrubbing",
+        ["1 unexpected", "record ids: ['train-1']"],
+    ),
+    "pii_in_id": (
+        lambda: _set(good_rows(), "test-0", id="jane.doe@example.com"),
+        "expect_column_values_to_not_match_regex_list",
+        "id",
+        "PII in record ids (an id is never scrubbed: give records ids without personal data)",
+        ["1 unexpected", "record ids: ['jane.doe@example.com']"],
     ),
     "missing_split": (
         lambda: [r for r in good_rows() if r["split"] != "test"],
@@ -128,7 +145,7 @@ def test_clean_dataset_passes_and_saves_result_and_data_docs(passing):
     summary = outcome.summary()
     assert summary["success"] is True
     assert summary["suite"] == SUITE
-    assert summary["evaluated_expectations"] == N_EXPECTATIONS == 15
+    assert summary["evaluated_expectations"] == N_EXPECTATIONS == 17
     assert summary["failed_expectations"] == 0
     assert outcome.failed == []
     assert summary["result_uri"] == f"{uri}/result.json"
