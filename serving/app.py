@@ -13,9 +13,13 @@ Concurrent requests are batched (``serving.model.Batcher``): ``LLMOPS_MAX_BATCH_
 1 serves one request at a time) and ``LLMOPS_BATCH_WAIT_MS`` (default 5), how long the first
 request of a batch waits for company when the model is idle.
 
+Operators may cap what one request costs: ``LLMOPS_MAX_NEW_TOKENS`` (a request asking for more is
+refused with a 400; one that does not ask gets at most this many) and ``LLMOPS_MAX_INPUT_TOKENS``
+(a longer prompt, counted after templating, is refused with a 413).
+
 A request the server cannot honour (bad JSON, missing inputs, an unknown adapter, parameters out
-of range, a prompt longer than the model's context) gets a 4xx with a message saying what was
-wrong; a 5xx means a fault of the server itself.
+of range, a prompt longer than the model's context or the cap) gets a 4xx with a message saying
+what was wrong; a 5xx means a fault of the server itself.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_BODY_BYTES = 1_000_000
+MAX_NEW_TOKENS = 2048  # what Parameters accepts at all
 
 
 class ChatMessage(BaseModel):
@@ -43,7 +48,7 @@ class ChatMessage(BaseModel):
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(128, ge=1, le=2048)
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=8)
@@ -90,9 +95,19 @@ def _setting(name: str, default: float, kind: type) -> float:
         raise ValueError(f"{name}={raw!r} is not a {kind.__name__}") from None
 
 
+def _cap(name: str, highest: int) -> int | None:
+    value = int(_setting(name, 0, int))
+    if value == 0:
+        return None
+    if not 1 <= value <= highest:
+        raise ValueError(f"{name}={value} must be between 1 and {highest} (or unset: no cap)")
+    return value
+
+
 def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: float | None = None):
     """The FastAPI app; ``loader()`` returns a ``serving.model.LoadedModel`` (loaded at start-up).
-    Batching takes its settings from the arguments, else from the environment."""
+    Batching and the per-request caps take their settings from the arguments, else from the
+    environment."""
     from contextlib import asynccontextmanager
 
     from serving.model import Batcher, BatcherStopped, load
@@ -101,6 +116,8 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
         max_batch_size = int(_setting("LLMOPS_MAX_BATCH_SIZE", 8, int))
     if max_wait_ms is None:
         max_wait_ms = _setting("LLMOPS_BATCH_WAIT_MS", 5.0, float)
+    new_tokens_cap = _cap("LLMOPS_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+    input_tokens_cap = _cap("LLMOPS_MAX_INPUT_TOKENS", 1 << 24)
     state: dict = {}
 
     @asynccontextmanager
@@ -135,12 +152,31 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
         if not isinstance(inputs, str):
             inputs = [m.model_dump() for m in inputs]
         p = invocation.parameters
+        max_new_tokens = p.max_new_tokens
+        if new_tokens_cap is not None and max_new_tokens > new_tokens_cap:
+            if "max_new_tokens" in p.model_fields_set:
+                return JSONResponse(
+                    {
+                        "error": f"parameters.max_new_tokens is {max_new_tokens}; this server answers at most"
+                        f" {new_tokens_cap} tokens (LLMOPS_MAX_NEW_TOKENS)"
+                    },
+                    status_code=400,
+                )
+            max_new_tokens = new_tokens_cap
         try:  # templating and tokenizing up to 32k characters: off the event loop
             prepared = await run_in_threadpool(
-                model.prepare, inputs, p.max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter
+                model.prepare, inputs, max_new_tokens, p.temperature, p.top_p, p.stop, invocation.adapter
             )
         except ValueError as exc:  # the prompt does not fit the model's context
             return JSONResponse({"error": str(exc)}, status_code=413)
+        if input_tokens_cap is not None and len(prepared.ids) > input_tokens_cap:
+            return JSONResponse(
+                {
+                    "error": f"the prompt is {len(prepared.ids)} tokens; this server accepts at most"
+                    f" {input_tokens_cap} (LLMOPS_MAX_INPUT_TOKENS)"
+                },
+                status_code=413,
+            )
         try:
             future = state["batcher"].submit(prepared)
         except BatcherStopped as exc:

@@ -16,8 +16,12 @@ one JSON object per line, one line per captured request::
 ``data`` holds the payload as text when its content type is a JSON (or CSV) type, else base64.
 The gateway adds fields SageMaker does not write, all in ``eventMetadata``: ``endpointName``,
 ``variantName``, ``latencyMs``, ``statusCode``, ``shadow`` and, on a shadow's record, the
-``sourceEventId`` of the production request it mirrors. The reader takes the endpoint and variant
-from the path, so it reads SageMaker's own files as well (where the extra fields are absent).
+``sourceEventId`` of the production request it mirrors; ``clientName``, the API key's client that
+sent the request; ``guardrails`` when a guardrail found something (``serving.guardrails``): the
+mode, the rules found per side (``{"input": [{"rule", "count"}], "output": [...]}``) and, when it
+stopped the request or withheld the answer, ``"blocked": "input"`` or ``"output"``. The reader
+takes the endpoint and variant from the path, so it reads SageMaker's own files as well (where the
+extra fields are absent).
 
 The writer never blocks the request path: records go to a queue that a thread drains to the
 files, flushing after each batch. ``close()`` drains the queue before it returns, so every
@@ -85,6 +89,8 @@ def capture_record(
     inference_id: str | None = None,
     shadow: bool = False,
     source_event_id: str | None = None,
+    client: str | None = None,
+    guardrails: dict | None = None,
     json_types=_MEDIA_JSON,
     csv_types=_MEDIA_CSV,
 ) -> dict:
@@ -113,6 +119,10 @@ def capture_record(
     if shadow:
         metadata["shadow"] = True
         metadata["sourceEventId"] = source_event_id
+    if client:
+        metadata["clientName"] = client
+    if guardrails:
+        metadata["guardrails"] = guardrails
     return {"captureData": data, "eventMetadata": metadata, "eventVersion": EVENT_VERSION}
 
 
@@ -238,7 +248,15 @@ class CapturedRecord:
     status_code: int | None = None
     shadow: bool = False
     source_event_id: str | None = None
+    client: str | None = None
+    guardrails: dict | None = None
     path: str = ""
+
+    @property
+    def blocked(self) -> str | None:
+        """``"input"`` when a guardrail refused the request (no model saw it), ``"output"`` when it
+        withheld the answer, else None."""
+        return (self.guardrails or {}).get("blocked")
 
     def request_json(self):
         return _as_json(self.request)
@@ -301,6 +319,8 @@ def parse_record(line: str, endpoint: str, variant: str, where: str = "") -> Cap
             status_code=metadata.get("statusCode"),
             shadow=bool(metadata.get("shadow", False)),
             source_event_id=metadata.get("sourceEventId"),
+            client=metadata.get("clientName"),
+            guardrails=metadata.get("guardrails") if isinstance(metadata.get("guardrails"), dict) else None,
             path=where,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

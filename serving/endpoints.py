@@ -9,6 +9,9 @@ Routing is a pure function of the variants' weights and a random draw, as on Sag
 request goes to a production variant with probability weight / sum of weights, or to the variant
 it names (``TargetVariant``). A shadow variant receives a mirrored copy of a share of the
 requests: its weight over the production variants' total weight, capped at 1.
+
+An endpoint config's ``Tags`` may set its guardrail mode (``serving.guardrails``): the tag
+``llmops:guardrails`` with ``off``, ``flag`` or ``block``; without it the gateway's default applies.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.guardrails import MODES, TAG
 
 NAME = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"  # SageMaker's pattern for model, config, endpoint and variant names
 
@@ -74,11 +79,30 @@ class CaptureSpec(_Shape):
         return any(o.CaptureMode in (mode, "InputAndOutput") for o in self.CaptureOptions)
 
 
+class TagSpec(_Shape):
+    Key: str = Field(min_length=1, max_length=128)
+    Value: str = Field("", max_length=256)
+
+
 class EndpointConfigSpec(_Shape):
     EndpointConfigName: str = Field(pattern=NAME, max_length=63)
     ProductionVariants: list[VariantSpec] = Field(min_length=1, max_length=10)
     ShadowProductionVariants: list[VariantSpec] = Field(default_factory=list, max_length=1)
     DataCaptureConfig: CaptureSpec | None = None
+    Tags: list[TagSpec] = Field(default_factory=list, max_length=50)
+
+    @field_validator("Tags")
+    @classmethod
+    def _guardrail_tag(cls, tags: list[TagSpec]) -> list[TagSpec]:
+        for tag in tags:
+            if tag.Key == TAG and tag.Value not in MODES:
+                raise ValueError(f"tag {TAG} must be one of {', '.join(MODES)}, got {tag.Value!r}")
+        return tags
+
+    @property
+    def guardrails(self) -> str | None:
+        """The guardrail mode this config asks for, or None (the gateway's default)."""
+        return next((tag.Value for tag in self.Tags if tag.Key == TAG), None)
 
     @model_validator(mode="after")
     def _names_unique_and_some_traffic(self) -> EndpointConfigSpec:

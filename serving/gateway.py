@@ -22,6 +22,22 @@ the shadow's record points at the production record it mirrors.
 per-variant metrics. Every variant runs in its own model server process (``serving.app``), so a
 crashing variant cannot take another down. The state is saved in ``--state-dir`` and restored at
 start-up.
+
+**Access** (``serving.access``). With API keys (``--api-keys-file``, ``LLMOPS_GATEWAY_API_KEYS_FILE``
+or ``LLMOPS_GATEWAY_API_KEY``) every route but ``/ping`` needs one, as ``x-api-key`` or
+``Authorization: Bearer``; a missing or unknown key is a 401 and reaches no model. Without keys the
+gateway warns and serves anyone, unless ``--require-auth`` makes that a refusal to start.
+``--rate-limit`` gives each client (key, or address without keys) a token bucket; a request over it
+is a 429 ``ThrottlingException``. ``--max-body-bytes`` lowers SageMaker's 6 MB payload cap (413),
+``--max-new-tokens`` caps what a request may ask for (400) and, with ``--max-input-tokens``, what
+the model servers it starts accept. Refusals are counted (``GET /control/metrics``), never captured.
+
+**Guardrails** (``serving.guardrails``): personal data and prompt injection in requests and
+answers are flagged in the capture record and the metrics, or blocked (``--guardrails``, or the
+endpoint config's tag ``llmops:guardrails``).
+
+**Model store.** ``CreateModel`` takes a ``ModelDataUrl`` only under ``--model-store`` (default
+``$LLMOPS_HOME/store``), and a ``ContainerUrl`` only on loopback unless ``--allow-remote-containers``.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -50,6 +67,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from serving import guardrails
+from serving.access import (
+    AccessConfigError,
+    ApiKeys,
+    ModelStore,
+    RateLimiter,
+    SourceRefused,
+    load_api_keys,
+    presented_key,
+)
 from serving.capture import CaptureWriter, capture_record, local_root
 from serving.endpoints import (
     EndpointConfigSpec,
@@ -61,13 +88,17 @@ from serving.endpoints import (
     choose_variant,
     shadow_share,
 )
-from serving.metrics import VariantMetrics
+from serving.metrics import RefusalCounters, VariantMetrics
 
 log = logging.getLogger("llmops.gateway")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker's real-time limit
+DRAIN_BYTES = 64 * 1024 * 1024  # a refused request's body read (and dropped) so the caller reads the answer
+CLIENT = "llmops.client"  # the ASGI scope key of the authenticated client's name
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
 VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"
+# The capture record's eventId, so a caller can find its own request in the captured traffic.
+EVENT_ID_HEADER = "x-llmops-event-id"
 
 
 class ControlError(Exception):
@@ -150,11 +181,21 @@ def _free_port() -> int:
 class VariantServer:
     """One model server: a ``serving.app`` process this gateway started, or a server at a URL."""
 
-    def __init__(self, key: str, model: ModelSpec, state_dir: Path, startup_timeout: float):
+    def __init__(
+        self,
+        key: str,
+        model: ModelSpec,
+        state_dir: Path,
+        startup_timeout: float,
+        store: ModelStore,
+        limits_env: dict[str, str] | None = None,
+    ):
         self.key = key
         self.model = model
         self.state_dir = state_dir
         self.startup_timeout = startup_timeout
+        self.store = store
+        self.limits_env = limits_env or {}
         self.process: subprocess.Popen | None = None
         self.inflight = 0  # requests sent to it and not answered yet
         container = model.PrimaryContainer
@@ -163,8 +204,15 @@ class VariantServer:
 
     def _model_dir(self) -> Path:
         source = self.model.PrimaryContainer.ModelDataUrl
-        if source.startswith("file://") or "://" not in source:
-            path = local_root(source)
+        path = None
+        try:  # again: the model may predate the store's current roots, or a link may have changed
+            if source.startswith("file://") or "://" not in source:
+                path = self.store.local_source(self.model.ModelName, source)
+            else:
+                self.store.check_model_data(self.model.ModelName, source)
+        except SourceRefused as exc:
+            raise ControlError(400, str(exc)) from None
+        if path is not None:
             if path.is_dir():
                 return path
             if not path.is_file():
@@ -175,8 +223,8 @@ class VariantServer:
         if not tarball.is_file():
             target.mkdir(parents=True, exist_ok=True)
             partial = target / f".model.tar.gz.{uuid.uuid4().hex}"
-            if "://" not in source or source.startswith("file://"):
-                shutil.copyfile(local_root(source), partial)
+            if path is not None:
+                shutil.copyfile(path, partial)
             elif source.startswith("s3://"):
                 import boto3
 
@@ -188,18 +236,26 @@ class VariantServer:
         return target
 
     async def start(self, client: httpx.AsyncClient) -> None:
-        if self.process is None and not self.model.PrimaryContainer.ContainerUrl:
+        container = self.model.PrimaryContainer
+        if container.ContainerUrl:
+            try:
+                self.store.check_container_url(self.model.ModelName, container.ContainerUrl)
+            except SourceRefused as exc:
+                raise ControlError(400, str(exc)) from None
+        if self.process is None and not container.ContainerUrl:
             port = _free_port()
             self.url = f"http://127.0.0.1:{port}"
             env = {
                 **os.environ,
                 **self.model.PrimaryContainer.Environment,
+                **self.limits_env,  # the operator's caps win over a model's own
                 "SM_MODEL_DIR": str(await asyncio.to_thread(self._model_dir)),
                 "PORT": str(port),
                 "LLMOPS_SERVING_HOST": "127.0.0.1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
             }
-            env.pop("SAGEMAKER_BIND_TO_PORT", None)
+            for name in ("SAGEMAKER_BIND_TO_PORT", "LLMOPS_GATEWAY_API_KEY", "LLMOPS_GATEWAY_API_KEYS_FILE"):
+                env.pop(name, None)  # the gateway's own; a model server has no use for its keys
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as out:
                 self.process = subprocess.Popen(
@@ -280,9 +336,12 @@ class Routing:
     capture_input: bool
     capture_output: bool
     sampling: float
+    guardrails: str  # off, flag or block
 
 
-def make_routing(config: EndpointConfigSpec, weights: dict[str, float], servers: dict[str, VariantServer]) -> Routing:
+def make_routing(
+    config: EndpointConfigSpec, weights: dict[str, float], servers: dict[str, VariantServer], guardrails_default: str
+) -> Routing:
     shadow = config.ShadowProductionVariants[0] if config.ShadowProductionVariants else None
     capture = config.DataCaptureConfig
     enabled = capture is not None and capture.EnableCapture
@@ -296,6 +355,7 @@ def make_routing(config: EndpointConfigSpec, weights: dict[str, float], servers:
         capture_input=enabled and capture.captures("Input"),
         capture_output=enabled and capture.captures("Output"),
         sampling=capture.InitialSamplingPercentage / 100 if enabled else 0.0,
+        guardrails=config.guardrails or guardrails_default,
     )
 
 
@@ -311,12 +371,75 @@ class Endpoint:
     modified: datetime = field(default_factory=lambda: datetime.now(UTC))
     metrics: dict[str, VariantMetrics] = field(default_factory=dict)
     shadow_metrics: dict[str, VariantMetrics] = field(default_factory=dict)
+    refusals: RefusalCounters = field(default_factory=RefusalCounters)  # throttled, token caps, guardrails
 
     def variant_metrics(self, variant: str, shadow: bool = False) -> VariantMetrics:
         table = self.shadow_metrics if shadow else self.metrics
         if variant not in table:
             table[variant] = VariantMetrics()
         return table[variant]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost: its body, the new tokens it asks for, its prompt's tokens (the
+    last two also passed to the model servers the gateway starts)."""
+
+    max_body_bytes: int = MAX_PAYLOAD_BYTES
+    max_new_tokens: int | None = None
+    max_input_tokens: int | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.max_body_bytes <= MAX_PAYLOAD_BYTES:
+            raise ValueError(f"max_body_bytes must be between 1 and {MAX_PAYLOAD_BYTES} (SageMaker's cap)")
+        from serving.app import MAX_NEW_TOKENS
+
+        # The model servers refuse to start with a cap they cannot honour: say so here, once.
+        for name, highest in (("max_new_tokens", MAX_NEW_TOKENS), ("max_input_tokens", 1 << 24)):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= highest:
+                raise ValueError(f"{name} must be between 1 and {highest}, got {value}")
+
+    @property
+    def server_env(self) -> dict[str, str]:
+        env = {}
+        if self.max_new_tokens is not None:
+            env["LLMOPS_MAX_NEW_TOKENS"] = str(self.max_new_tokens)
+        if self.max_input_tokens is not None:
+            env["LLMOPS_MAX_INPUT_TOKENS"] = str(self.max_input_tokens)
+        return env
+
+
+def _token_count(value) -> int | None:
+    """``parameters.max_new_tokens`` as the model server reads it (pydantic's lax int: an int, an
+    integral float or a string of one), so ``"5000"`` meets the cap as 5000 does; None where the
+    model server would refuse the value itself."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:  # "5000.0"; a form the server refuses anyway ("5e3") may be counted too
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+    return None
+
+
+def default_model_store() -> list[str]:
+    """``LLMOPS_GATEWAY_MODEL_STORE`` (comma-separated roots), else the store of the local settings
+    (``$LLMOPS_HOME/store``, ``LLMOPS_HOME`` defaulting to ``<repo>/.llmops``)."""
+    configured = [r.strip() for r in os.environ.get("LLMOPS_GATEWAY_MODEL_STORE", "").split(",") if r.strip()]
+    if configured:
+        return configured
+    return [str(Path(os.environ.get("LLMOPS_HOME") or PROJECT_ROOT / ".llmops") / "store")]
 
 
 @dataclass
@@ -328,6 +451,8 @@ class Mirror:
     source_event_id: str
     inference_id: str | None
     capture: bool
+    client: str | None = None
+    found_in: tuple = ()
 
 
 class Gateway:
@@ -338,8 +463,21 @@ class Gateway:
         invoke_timeout: float = 60,
         shadow_workers: int = 1,
         shadow_queue: int = 1024,
+        *,
+        api_keys: ApiKeys | None = None,
+        rate_limiter: RateLimiter | None = None,
+        limits: Limits | None = None,
+        guardrails_mode: str = "flag",
+        store: ModelStore | None = None,
     ):
         self.state_dir = Path(state_dir)
+        self.api_keys = api_keys if api_keys else None  # no keys: open
+        self.rate_limiter = rate_limiter
+        self.limits = limits or Limits()
+        self.guardrails = guardrails.check_mode(guardrails_mode, "--guardrails")
+        self.store = store or ModelStore(default_model_store())
+        self.refusals = RefusalCounters()  # the gateway's: unauthenticated, throttled, too large
+        self._last_warning: dict[str, float] = {}
         self.startup_timeout = startup_timeout
         self.invoke_timeout = invoke_timeout
         self.models: dict[str, ModelSpec] = {}
@@ -458,12 +596,29 @@ class Gateway:
             existing = self.models.get(model.ModelName)
             if existing is not None and existing != model:
                 raise ControlError(409, f"model {model.ModelName} exists with another definition")
-            source = model.PrimaryContainer.ModelDataUrl
-            if source and ("://" not in source or source.startswith("file://")) and not local_root(source).exists():
-                raise ControlError(400, f"model {model.ModelName}: no model data at {source}")
+            await asyncio.to_thread(self._check_source, model)
             self.models[model.ModelName] = model
             self._save()
         return {"ModelArn": arn("model", model.ModelName)}
+
+    def _check_source(self, model: ModelSpec) -> None:
+        """``ControlError`` 400 unless the model comes from the store (or a loopback server)."""
+        container, name = model.PrimaryContainer, model.ModelName
+        try:
+            self.store.check_environment(name, container.Environment)
+            if container.ContainerUrl:
+                self.store.check_container_url(name, container.ContainerUrl)
+                return
+            source = container.ModelDataUrl
+            local = source.startswith("file://") or "://" not in source
+            path = self.store.local_source(name, source) if local else None
+            if not local:
+                self.store.check_model_data(name, source)
+        except SourceRefused as exc:
+            log.warning("refused CreateModel: %s", exc)
+            raise ControlError(400, str(exc)) from None
+        if path is not None and not path.exists():
+            raise ControlError(400, f"model {name}: no model data at {source}")
 
     async def create_endpoint_config(self, config: EndpointConfigSpec) -> dict:
         async with self._lock:
@@ -531,7 +686,14 @@ class Gateway:
                 key = f"{endpoint.name}-{variant.VariantName}-{variant.ModelName}"
                 server = self.servers.get(key)
                 if server is None or server.model != self.models[variant.ModelName]:
-                    server = VariantServer(key, self.models[variant.ModelName], self.state_dir, self.startup_timeout)
+                    server = VariantServer(
+                        key,
+                        self.models[variant.ModelName],
+                        self.state_dir,
+                        self.startup_timeout,
+                        self.store,
+                        self.limits.server_env,
+                    )
                     started.append(server)
                     await server.start(self.client)
                 servers[variant.VariantName] = server
@@ -551,7 +713,7 @@ class Gateway:
         async with self._lock:
             if weights is None or set(weights) != {v.VariantName for v in config.ProductionVariants}:
                 weights = {v.VariantName: v.InitialVariantWeight for v in config.ProductionVariants}
-            endpoint.routing = make_routing(config, dict(weights), servers)
+            endpoint.routing = make_routing(config, dict(weights), servers, self.guardrails)
             endpoint.config_name, endpoint.pending_config = config.EndpointConfigName, None
             endpoint.status, endpoint.modified = "InService", datetime.now(UTC)
             for server in started:
@@ -583,7 +745,7 @@ class Gateway:
             weights = {**routing.weights, **{w.VariantName: w.DesiredWeight for w in spec.DesiredWeightsAndCapacities}}
             if sum(weights.values()) <= 0:
                 raise ControlError(400, "at least one production variant needs a weight above 0")
-            endpoint.routing = make_routing(routing.config, weights, routing.servers)
+            endpoint.routing = make_routing(routing.config, weights, routing.servers, self.guardrails)
             endpoint.modified = datetime.now(UTC)
             self._save()
         return {"EndpointArn": arn("endpoint", name)}
@@ -650,6 +812,9 @@ class Gateway:
             "Variants": {variant: m.summary(since) for variant, m in endpoint.metrics.items()},
             "ShadowVariants": {variant: m.summary(since) for variant, m in endpoint.shadow_metrics.items()},
             "ShadowPending": self.shadow_queue.qsize() if self.shadow_queue else 0,
+            # Since the gateway started: requests throttled or over a token cap, guardrail findings.
+            "Guardrails": endpoint.routing.guardrails if endpoint.routing else None,
+            "Refused": endpoint.refusals.summary(),
             "Capture": {
                 "Running": self.writer.alive,  # False: the writer stopped, and records are piling up
                 "Written": self.writer.written,
@@ -659,26 +824,109 @@ class Gateway:
             },
         }
 
+    def gateway_metrics(self) -> dict:
+        """Refusals of the whole gateway since it started, and how it is guarded."""
+        return {
+            "Refused": self.refusals.summary(),
+            "Endpoints": {name: e.refusals.summary() for name, e in sorted(self.endpoints.items())},
+            "Authentication": {"Clients": self.api_keys.clients} if self.api_keys else "off",
+            "RateLimit": (
+                {"RequestsPerSecond": self.rate_limiter.rate, "Burst": self.rate_limiter.burst}
+                if self.rate_limiter
+                else "off"
+            ),
+            "Limits": {
+                "MaxBodyBytes": self.limits.max_body_bytes,
+                "MaxNewTokens": self.limits.max_new_tokens,
+                "MaxInputTokens": self.limits.max_input_tokens,
+            },
+            "Guardrails": self.guardrails,
+            "ModelStore": self.store.roots,
+        }
+
     # -- runtime ----------------------------------------------------------------------------------
 
-    async def invoke(self, name: str, body: bytes, headers) -> Response:
+    def warn_now_and_then(self, key: str, message: str, *args, every: float = 10.0) -> None:
+        """A warning at most every ``every`` seconds per ``key``: refusals can come by the thousand."""
+        now = time.monotonic()
+        if now - self._last_warning.get(key, -every) >= every:
+            if len(self._last_warning) > 10_000:
+                self._last_warning.clear()
+            self._last_warning[key] = now
+            log.warning(message, *args)
+
+    def admit(self, client: str, endpoint_name: str) -> Response | None:
+        """A 429 ``ThrottlingException`` when ``client`` is over its rate limit, else None."""
+        if self.rate_limiter is None:
+            return None
+        wait = self.rate_limiter.acquire(client)
+        if not wait:
+            return None
+        limiter = self.rate_limiter
+        self.refusals.add("Throttled")
+        endpoint = self.endpoints.get(endpoint_name)
+        if endpoint is not None:
+            endpoint.refusals.add("Throttled")
+        self.warn_now_and_then(
+            f"throttled {client}", "throttling %s: over %g requests/s (burst %g)", client, limiter.rate, limiter.burst
+        )
+        response = aws_error(
+            429,
+            "ThrottlingException",
+            f"Rate exceeded: {client} may send {limiter.rate:g} requests a second (burst {limiter.burst:g});"
+            f" retry in {wait:.2f}s",
+        )
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
+
+    def _over_token_cap(self, endpoint: Endpoint, parsed) -> Response | None:
+        cap = self.limits.max_new_tokens
+        if cap is None or not isinstance(parsed, dict):
+            return None
+        parameters = parsed.get("parameters")
+        asked = _token_count(parameters.get("max_new_tokens")) if isinstance(parameters, dict) else None
+        if asked is not None and asked > cap:
+            self.refusals.add("TokenLimit")
+            endpoint.refusals.add("TokenLimit")
+            return aws_error(
+                400,
+                "ValidationError",
+                f"parameters.max_new_tokens is {asked}; endpoint {endpoint.name} answers at most {cap} new tokens"
+                " a request",
+            )
+        return None
+
+    async def invoke(self, name: str, body: bytes, headers, client: str | None = None) -> Response:
         endpoint = self.endpoints.get(name)
         if endpoint is None:
             return aws_error(400, "ValidationError", f"Endpoint {name} of account 000000000000 not found.")
         routing = endpoint.routing
         if routing is None:
             return aws_error(400, "ValidationError", f"Endpoint {name} is {endpoint.status}, not in service.")
-        if len(body) > MAX_PAYLOAD_BYTES:
-            return aws_error(
-                413, "ValidationError", f"the payload is {len(body)} bytes; at most {MAX_PAYLOAD_BYTES} are accepted"
-            )
         try:
             variant = choose_variant(routing.weights, headers.get("x-amzn-sagemaker-target-variant"))
         except RoutingError as exc:
             return aws_error(400, "ValidationError", str(exc))
         forward = {h: headers[h] for h in FORWARDED_HEADERS if h in headers}
+        mode = routing.guardrails
+        parsed = guardrails.NOT_JSON
+        if mode != "off" or self.limits.max_new_tokens is not None:
+            parsed = guardrails.parse_json(body)
+        refused = self._over_token_cap(endpoint, parsed)
+        if refused is not None:
+            return refused
         inference_id = headers.get("x-amzn-sagemaker-inference-id")
         moment = datetime.now(UTC)
+        event_id = str(uuid.uuid4())
+        found_in = await guardrails.scan_payload_async(body, parsed) if mode != "off" else ()
+        if found_in:
+            endpoint.refusals.add("InputFlagged")
+            endpoint.refusals.findings("input", found_in)
+            if mode == "block" and guardrails.blocking(found_in):
+                return self._block_input(
+                    endpoint, routing, variant, body, forward, found_in, moment, event_id, inference_id, client
+                )
+
         server = routing.servers[variant]
         started = time.perf_counter()
         model_response, failure = None, None
@@ -693,13 +941,36 @@ class Gateway:
             server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000
         status = model_response.status_code if model_response is not None else 502
-        endpoint.variant_metrics(variant).observe(latency_ms, status, moment.timestamp())
+        answered = model_response is not None and status < 400
+        media = model_response.headers.get("content-type", "application/json") if answered else None
+        found_out = await guardrails.scan_payload_async(model_response.content) if answered and mode != "off" else ()
+        withheld = mode == "block" and bool(guardrails.blocking(found_out))
+        if found_out:
+            endpoint.refusals.add("OutputFlagged")
+            endpoint.refusals.findings("output", found_out)
+        # A withheld answer is the variant's failure: a model that leaks is not serving well.
+        endpoint.variant_metrics(variant).observe(latency_ms, 424 if withheld else status, moment.timestamp())
 
-        if model_response is not None and status < 400:
+        if withheld:
+            endpoint.refusals.add("OutputBlocked")
+            rules = guardrails.describe(guardrails.blocking(found_out))
+            self.warn_now_and_then(
+                f"output {name} {variant}", "endpoint %s: withheld an answer of variant %s (%s)", name, variant, rules
+            )
+            response = aws_error(
+                424,
+                "ModelError",
+                f"The answer of variant {variant} was withheld by the gateway's output guardrails: {rules}.",
+                OriginalStatusCode=status,
+                OriginalMessage=f"withheld: the answer matched {rules}",
+                ErrorCode="OUTPUT_BLOCKED_BY_GUARDRAILS",
+            )
+            response.headers[VARIANT_HEADER] = variant
+        elif answered:
             response = Response(
                 model_response.content,
                 status_code=200,
-                media_type=model_response.headers.get("content-type", "application/json"),
+                media_type=media,
                 headers={VARIANT_HEADER: variant},
             )
             if "x-amzn-sagemaker-custom-attributes" in model_response.headers:
@@ -719,9 +990,59 @@ class Gateway:
             )
             response.headers[VARIANT_HEADER] = variant
 
-        event_id = str(uuid.uuid4())
-        sampled = routing.capture_root is not None and random.random() < routing.sampling
+        # Withheld answers are always captured: a sampled-out one would leave no trace of a leak.
+        sampled = routing.capture_root is not None and (withheld or random.random() < routing.sampling)
         if sampled:
+            self._capture(
+                routing,
+                endpoint=endpoint.name,
+                variant=variant,
+                request=body,
+                request_type=forward.get("content-type"),
+                # The operator sees what was withheld; the caller never did.
+                response=model_response.content if withheld else bytes(response.body),
+                response_type=media if withheld else response.headers.get("content-type"),
+                status_code=424 if withheld else status,
+                latency_ms=latency_ms,
+                inference_time=moment,
+                event_id=event_id,
+                inference_id=inference_id,
+                client=client,
+                guardrails=guardrail_record(mode, found_in, found_out, "output" if withheld else None),
+            )
+        if routing.shadow is not None and random.random() < routing.shadow_share:
+            mirror = Mirror(endpoint, routing, body, forward, event_id, inference_id, sampled, client, found_in)
+            try:
+                self.shadow_queue.put_nowait(mirror)
+            except asyncio.QueueFull:
+                endpoint.variant_metrics(routing.shadow, shadow=True).dropped += 1
+        response.headers[EVENT_ID_HEADER] = event_id
+        return response
+
+    def _block_input(
+        self,
+        endpoint: Endpoint,
+        routing: Routing,
+        variant: str,
+        body: bytes,
+        forward: dict[str, str],
+        found: tuple,
+        moment: datetime,
+        event_id: str,
+        inference_id: str | None,
+        client: str | None,
+    ) -> Response:
+        """Refuse a request an input guardrail stopped; it is captured (always: an operator must see
+        every block) under the variant it was routed to, and reaches no model."""
+        rules = guardrails.describe(guardrails.blocking(found))
+        endpoint.refusals.add("InputBlocked")
+        self.warn_now_and_then(
+            f"input {endpoint.name}", "endpoint %s: blocked a request from %s (%s)", endpoint.name, client or "?", rules
+        )
+        response = aws_error(
+            400, "ValidationError", f"The request was blocked by the gateway's input guardrails: {rules}."
+        )
+        if routing.capture_root is not None:
             self._capture(
                 routing,
                 endpoint=endpoint.name,
@@ -730,18 +1051,15 @@ class Gateway:
                 request_type=forward.get("content-type"),
                 response=bytes(response.body),
                 response_type=response.headers.get("content-type"),
-                status_code=status,
-                latency_ms=latency_ms,
+                status_code=400,
+                latency_ms=0.0,
                 inference_time=moment,
                 event_id=event_id,
                 inference_id=inference_id,
+                client=client,
+                guardrails=guardrail_record(routing.guardrails, found, (), "input"),
             )
-        if routing.shadow is not None and random.random() < routing.shadow_share:
-            mirror = Mirror(endpoint, routing, body, forward, event_id, inference_id, sampled)
-            try:
-                self.shadow_queue.put_nowait(mirror)
-            except asyncio.QueueFull:
-                endpoint.variant_metrics(routing.shadow, shadow=True).dropped += 1
+        response.headers[EVENT_ID_HEADER] = event_id
         return response
 
     def _capture(self, routing: Routing, *, request: bytes, response: bytes, **fields) -> None:
@@ -782,6 +1100,11 @@ class Gateway:
             server.inflight -= 1
         latency_ms = (time.perf_counter() - started) * 1000
         mirror.endpoint.variant_metrics(variant, shadow=True).observe(latency_ms, status, moment.timestamp())
+        # A shadow's answer reaches no caller: its findings are recorded, never blocked.
+        found = await guardrails.scan_payload_async(content) if routing.guardrails != "off" and status < 400 else ()
+        if found:
+            mirror.endpoint.refusals.add("ShadowOutputFlagged")
+            mirror.endpoint.refusals.findings("shadow-output", found)
         if mirror.capture:
             self._capture(
                 routing,
@@ -797,7 +1120,23 @@ class Gateway:
                 inference_id=mirror.inference_id,
                 shadow=True,
                 source_event_id=mirror.source_event_id,
+                client=mirror.client,
+                guardrails=guardrail_record(routing.guardrails, mirror.found_in, found, None),
             )
+
+
+def guardrail_record(mode: str, found_in: tuple, found_out: tuple, blocked: str | None) -> dict | None:
+    """A capture record's ``guardrails`` field: None when nothing was found."""
+    if not found_in and not found_out:
+        return None
+    record: dict = {"mode": mode}
+    if found_in:
+        record["input"] = [f.to_dict() for f in found_in]
+    if found_out:
+        record["output"] = [f.to_dict() for f in found_out]
+    if blocked:
+        record["blocked"] = blocked
+    return record
 
 
 def arn(kind: str, name: str) -> str:
@@ -814,6 +1153,81 @@ def _body(model: type[BaseModel], data: bytes):
         raise ControlError(400, f"invalid {model.__name__}: {problems}") from None
 
 
+async def _drain(receive, limit: int = DRAIN_BYTES) -> int:
+    """Read and drop a request's body (up to ``limit`` bytes): a client still sending when the
+    answer comes can miss it (a reset connection instead of a 401 or 413)."""
+    size = 0
+    while size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return size
+
+
+class Authentication:
+    """ASGI middleware: with API keys, every route but ``/ping`` needs one. The client's name goes
+    into the scope (``CLIENT``) for rate limits and capture."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope, receive, send):
+        keys = self.gateway.api_keys
+        if keys is None or scope["type"] != "http" or scope["path"] == "/ping":
+            return await self.app(scope, receive, send)
+        presented = presented_key(scope["headers"])
+        client = keys.identify(presented)
+        if client is not None:
+            scope[CLIENT] = client
+            return await self.app(scope, receive, send)
+        self.gateway.refusals.add("Unauthenticated")
+        address = (scope.get("client") or ("?",))[0]
+        if presented is None:
+            code, message = (
+                "MissingAuthenticationTokenException",
+                "This gateway needs an API key: send it in the x-api-key header or as Authorization: Bearer <key>.",
+            )
+        else:
+            code, message = "UnrecognizedClientException", "The API key in the request is not valid."
+        self.gateway.warn_now_and_then(
+            f"unauthenticated {address}", "refused %s %s from %s: %s", scope["method"], scope["path"], address, code
+        )
+        await _drain(receive, self.gateway.limits.max_body_bytes)  # no more than a caller with a key may send
+        response = aws_error(401, code, message)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="llmops-gateway"'
+        await response(scope, receive, send)
+
+
+class ClientGone(Exception):
+    """The caller closed the connection before its request's body was whole."""
+
+
+async def read_body(request: Request, limit: int) -> tuple[bytes | None, int]:
+    """The body, or None when it is over ``limit`` bytes (then read and dropped); and its size.
+    ``ClientGone`` when the caller left halfway: a partial body must never reach a model."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request.receive)
+        return None, int(declared)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
+        size += len(chunk)
+        if size > limit:
+            if more:
+                size += await _drain(request.receive)
+            return None, size
+        chunks.append(chunk)
+    return b"".join(chunks), size
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     from contextlib import asynccontextmanager
 
@@ -825,6 +1239,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="llmops endpoint gateway", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(Authentication, gateway=gateway)
 
     @app.exception_handler(ControlError)
     async def control_error(request, exc: ControlError):
@@ -836,7 +1251,24 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/endpoints/{name}/invocations")
     async def invocations(name: str, request: Request):
-        return await gateway.invoke(name, await request.body(), request.headers)
+        client = request.scope.get(CLIENT)
+        throttled = gateway.admit(client or f"address {request.client.host if request.client else '?'}", name)
+        if throttled is not None:
+            await _drain(request.receive)
+            return throttled
+        limit = gateway.limits.max_body_bytes
+        try:
+            body, size = await read_body(request, limit)
+        except ClientGone:
+            return Response(status_code=400)  # nobody is left to read it
+        if body is None:
+            gateway.refusals.add("PayloadTooLarge")
+            return aws_error(413, "ValidationError", f"the payload is {size} bytes; at most {limit} are accepted")
+        return await gateway.invoke(name, body, request.headers, client)
+
+    @app.get("/control/metrics")
+    async def gateway_metrics():
+        return gateway.gateway_metrics()
 
     @app.post("/control/models")
     async def create_model(request: Request):
@@ -888,25 +1320,120 @@ def create_app(gateway: Gateway) -> FastAPI:
     return app
 
 
+def _optional_int(value: str) -> int | None:
+    return int(value) if value not in ("", "0") else None
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=os.environ.get("LLMOPS_GATEWAY_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090")))
-    parser.add_argument("--state-dir", default=os.environ.get("LLMOPS_GATEWAY_STATE", ".llmops/gateway"))
+    parser.add_argument("--host", default=env("LLMOPS_GATEWAY_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("LLMOPS_GATEWAY_PORT", "8090")))
+    parser.add_argument("--state-dir", default=env("LLMOPS_GATEWAY_STATE", ".llmops/gateway"))
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds a model server may take to load")
     parser.add_argument("--invoke-timeout", type=float, default=60, help="seconds a model may take to answer")
     parser.add_argument(
         "--shadow-workers",
         type=int,
         default=1,
-        help="shadow copies in flight at once; a model server answers one request at a time, so more would only"
-        " queue there and count as the shadow's latency",
+        help="shadow copies in flight at once; one by default, so the shadow's latency compares like for like with"
+        " the champion's answers the rollout replays one at a time (under heavy load more copies are dropped and"
+        " counted)",
+    )
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--api-keys-file",
+        default=env("LLMOPS_GATEWAY_API_KEYS_FILE"),
+        help="'<client-name> <key>' (or '<client-name> sha256:<hex>') a line; LLMOPS_GATEWAY_API_KEY adds the"
+        " client 'default'. Without keys the gateway serves anyone",
+    )
+    access.add_argument(
+        "--require-auth",
+        action="store_true",
+        default=env("LLMOPS_GATEWAY_REQUIRE_AUTH", "") == "1",
+        help="refuse to start without API keys (LLMOPS_GATEWAY_REQUIRE_AUTH=1)",
+    )
+    access.add_argument(
+        "--rate-limit",
+        type=float,
+        default=float(env("LLMOPS_GATEWAY_RATE_LIMIT", "0")),
+        help="invocations a second per client (API key, or address without keys); 0: no limit",
+    )
+    access.add_argument("--rate-burst", type=float, default=None, help="invocations at once (default: the rate, >= 1)")
+    access.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(env("LLMOPS_GATEWAY_MAX_BODY_BYTES", str(MAX_PAYLOAD_BYTES))),
+        help=f"largest request payload (at most SageMaker's {MAX_PAYLOAD_BYTES})",
+    )
+    access.add_argument(
+        "--max-new-tokens",
+        type=_optional_int,
+        default=_optional_int(env("LLMOPS_GATEWAY_MAX_NEW_TOKENS", "")),
+        help="most new tokens a request may ask for (also the cap of the model servers it starts)",
+    )
+    access.add_argument(
+        "--max-input-tokens",
+        type=_optional_int,
+        default=_optional_int(env("LLMOPS_GATEWAY_MAX_INPUT_TOKENS", "")),
+        help="longest prompt, in tokens, the model servers it starts accept",
+    )
+    access.add_argument(
+        "--guardrails",
+        choices=guardrails.MODES,
+        default=env("LLMOPS_GATEWAY_GUARDRAILS", "flag"),
+        help="what PII and prompt-injection findings do, unless an endpoint config's llmops:guardrails tag says",
+    )
+    access.add_argument(
+        "--model-store",
+        action="append",
+        default=None,
+        help="a root models may load from (folder, file:// or s3://bucket/prefix); repeat for more. Default:"
+        " LLMOPS_GATEWAY_MODEL_STORE (comma-separated), else $LLMOPS_HOME/store",
+    )
+    access.add_argument(
+        "--allow-remote-containers",
+        action="store_true",
+        default=env("LLMOPS_GATEWAY_ALLOW_REMOTE_CONTAINERS", "") == "1",
+        help="accept a ContainerUrl on another host (default: loopback only)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    gateway = Gateway(Path(args.state_dir), args.startup_timeout, args.invoke_timeout, args.shadow_workers)
+    try:
+        keys = load_api_keys(args.api_keys_file)
+        limits = Limits(args.max_body_bytes, args.max_new_tokens, args.max_input_tokens)
+        limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit > 0 else None
+        store = ModelStore(args.model_store or default_model_store(), args.allow_remote_containers)
+    except (AccessConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if not keys:
+        if args.require_auth:
+            parser.error(
+                "--require-auth: no API keys (give --api-keys-file, LLMOPS_GATEWAY_API_KEYS_FILE or"
+                " LLMOPS_GATEWAY_API_KEY)"
+            )
+        log.warning(
+            "NO AUTHENTICATION: anyone who reaches %s:%s can create models and call endpoints; give API keys with"
+            " --api-keys-file or LLMOPS_GATEWAY_API_KEY (and --require-auth to make them mandatory)",
+            args.host,
+            args.port,
+        )
+    else:
+        log.info("API keys of %d client(s): %s", len(keys), ", ".join(keys.clients))
+    log.info("models load from: %s; guardrails: %s", ", ".join(store.roots), args.guardrails)
+    gateway = Gateway(
+        Path(args.state_dir),
+        args.startup_timeout,
+        args.invoke_timeout,
+        args.shadow_workers,
+        api_keys=keys,
+        rate_limiter=limiter,
+        limits=limits,
+        guardrails_mode=args.guardrails,
+        store=store,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(
         create_app(gateway),

@@ -75,3 +75,32 @@ def latency_summary(latencies_ms: list[float]) -> dict:
         "p99": round(float(p99), 3),
         "max": round(float(values.max()), 3),
     }
+
+
+class RefusalCounters:
+    """What the gateway refused or flagged before or after a model answered, by reason: keys and
+    counts only, so a summary is cheap and holds no request content."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._rules: dict[str, dict[str, int]] = {}  # side ("input", "output", "shadow-output") -> rule -> n
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + n
+
+    def findings(self, side: str, rules) -> None:
+        """One payload's guardrail findings (``serving.guardrails.Finding``), on one side."""
+        with self._lock:
+            table = self._rules.setdefault(side, {})
+            for finding in rules:
+                table[finding.rule] = table.get(finding.rule, 0) + 1
+
+    def count(self, reason: str) -> int:
+        with self._lock:
+            return self._counts.get(reason, 0)
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {**self._counts, "Rules": {side: dict(rules) for side, rules in self._rules.items()}}

@@ -9,8 +9,17 @@ holding its ``model.tar.gz``:
 * a full model (``config.json`` without an adapter) is served as it is.
 
 The base model is ``LLMOPS_BASE_MODEL`` when set, else the ``base_model`` recorded in the
-adapter's ``training_config.json``; ``LLMOPS_SYSTEM_PROMPT`` is put in front of plain-text inputs
+adapters' ``training_config.json``; ``LLMOPS_SYSTEM_PROMPT`` is put in front of plain-text inputs
 (chat inputs bring their own). Everything loads once, at start-up.
+
+Nothing is loaded from outside the model folder and the allowed base-model folders, and nothing is
+downloaded: the tarball is unpacked by ``training.archive.safe_extract`` (no member may leave the
+folder, no links, size and member limits), adapter names are plain identifiers, adapter folders are
+real folders inside the model folder, and a base model named by an adapter must be a folder under
+``LLMOPS_BASE_MODEL_ROOTS`` (``os.pathsep``-separated; default: the models cache
+``LLMOPS_MODELS_DIR``, the state folder ``LLMOPS_HOME`` and SageMaker's
+``/opt/ml/additional-model-data-sources``), never a Hugging Face Hub id. A model that breaks a
+rule is refused with ``ModelLoadError`` saying what and where.
 """
 
 from __future__ import annotations
@@ -18,16 +27,23 @@ from __future__ import annotations
 import json
 import os
 import queue
-import tarfile
+import re
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.archive import ArchiveError, model_archive_limits, safe_extract
 from training.chat_format import render
 
 DEFAULT_ADAPTER = "default"
+# PEFT keys modules by adapter name: a dot or a slash would break them, and names reach logs and URLs.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SAGEMAKER_MODEL_SOURCES = "/opt/ml/additional-model-data-sources"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ModelLoadError(RuntimeError):
@@ -40,29 +56,150 @@ def _unpack(model_dir: Path) -> Path:
         return model_dir
     if not tarball.is_file():
         raise ModelLoadError(f"{model_dir} holds no adapter_config.json, config.json or model.tar.gz")
-    target = model_dir / "unpacked" if os.access(model_dir, os.W_OK) else Path("/tmp/llmops-model")
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tarball, "r:gz") as tar:
-        tar.extractall(target, filter="data")  # members must stay inside target
-    return target
+    if not os.access(model_dir, os.W_OK):
+        target = Path(tempfile.mkdtemp(prefix="llmops-model-")) / "model"
+    else:
+        # Named after the tarball's size and time: a restart, or a second server of the same model,
+        # reuses the folder (it only ever appears complete), and a new tarball gets a new folder.
+        stamp = tarball.stat()
+        target = model_dir / f"unpacked-{stamp.st_size:x}-{stamp.st_mtime_ns:x}"
+        if target.is_dir() and not target.is_symlink():
+            return target
+    try:
+        return safe_extract(tarball, target, **model_archive_limits())
+    except ArchiveError as exc:
+        raise ModelLoadError(str(exc)) from None
+    except FileExistsError:
+        if target.is_dir() and not target.is_symlink():
+            return target  # another server of this model unpacked it first
+        raise ModelLoadError(f"{target} exists and is not a folder: cannot unpack {tarball} there") from None
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _check_files(root: Path, folder: Path) -> None:
+    """The files the server reads from ``folder`` must be inside the model folder, links included."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() and not _inside(root, entry):
+            raise ModelLoadError(
+                f"{entry} is a symbolic link to {entry.resolve()}, outside the model folder {root}:"
+                " the server loads only files inside it"
+            )
+
+
+def _check_adapter(root: Path, name: str, folder: Path) -> None:
+    where = folder.relative_to(root) if folder != root else Path(".")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ModelLoadError(
+            f"adapter folder {where} in {root}: {name!r} is not a valid adapter name (letters, digits, '_' and '-',"
+            " at most 64, not starting with '-')"
+        )
+    if folder.is_symlink() or not folder.is_dir() or not _inside(root, folder):
+        raise ModelLoadError(
+            f"adapter {name!r}: {folder} is a link or not a folder inside the model folder {root}; adapters load"
+            " only from real folders inside it"
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {name!r}: {folder} holds no adapter_config.json")
+    if not any((folder / weights).is_file() for weights in ADAPTER_WEIGHTS):
+        raise ModelLoadError(f"adapter {name!r}: {folder} holds no {' or '.join(ADAPTER_WEIGHTS)}")
+    _check_files(root, folder)
 
 
 def _adapter_folders(root: Path) -> dict[str, Path]:
+    """The adapters to serve, each checked: ``default`` at the top level, then ``adapters/<name>/``."""
+    _check_files(root, root)
     adapters = {}
     if (root / "adapter_config.json").is_file():
+        _check_adapter(root, DEFAULT_ADAPTER, root)
         adapters[DEFAULT_ADAPTER] = root
     extra = root / "adapters"
+    if extra.is_symlink() or (extra.exists() and not extra.is_dir()):
+        raise ModelLoadError(f"{extra} is a link or a file: adapters load only from a real folder inside {root}")
     if extra.is_dir():
-        for folder in sorted(p for p in extra.iterdir() if (p / "adapter_config.json").is_file()):
+        for folder in sorted(extra.iterdir()):
+            if not folder.is_symlink() and folder.is_file():
+                continue  # a README or the like next to the adapters
+            if folder.name in adapters:
+                raise ModelLoadError(f"adapter {folder.name!r}: {folder} clashes with the adapter at the top of {root}")
+            _check_adapter(root, folder.name, folder)
             adapters[folder.name] = folder
     return adapters
 
 
 def _base_of(adapter_dir: Path) -> str | None:
     config = adapter_dir / "training_config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("base_model")
-    return None
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{config} is not a JSON object: {exc}") from None
+    if base is not None and not isinstance(base, str):
+        raise ModelLoadError(f"{config}: base_model must be a string, not {base!r}")
+    return base or None
+
+
+def base_model_roots() -> list[Path]:
+    """The folders an adapter's recorded base model may come from (see the module's docstring)."""
+    configured = os.environ.get("LLMOPS_BASE_MODEL_ROOTS", "").strip()
+    if configured:
+        return [Path(p).expanduser() for p in configured.split(os.pathsep) if p.strip()]
+    home = Path(os.environ.get("LLMOPS_HOME") or PROJECT_ROOT / ".llmops")
+    models = Path(os.environ.get("LLMOPS_MODELS_DIR") or PROJECT_ROOT / ".llmops" / "models")
+    return [models, home, Path(SAGEMAKER_MODEL_SOURCES)]
+
+
+def _allowed_base(name: str, config: Path, roots: list[Path]) -> Path:
+    """The folder of base model ``name`` recorded in ``config``: an absolute folder under one of
+    ``roots``, or a name or relative path found under one; ``ModelLoadError`` otherwise."""
+    candidates = [Path(name)] if Path(name).is_absolute() else [root / name for root in roots]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file() and any(_inside(root, candidate) for root in roots if root.is_dir()):
+            return candidate.resolve()
+    allowed = os.pathsep.join(str(r) for r in roots)
+    if (
+        not Path(name).is_absolute()
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+        and not any(c.exists() for c in candidates)
+    ):
+        why = "looks like a Hugging Face Hub id, and the server never downloads models"
+    elif Path(name).is_absolute() and (Path(name) / "config.json").is_file():
+        why = "is a model folder outside the allowed base-model folders"
+    else:
+        why = "is not a model folder (with a config.json) under the allowed base-model folders"
+    raise ModelLoadError(
+        f"the base model {name!r} named by {config} {why} ({allowed}); set LLMOPS_BASE_MODEL to the base model's"
+        " folder, or add its parent folder to LLMOPS_BASE_MODEL_ROOTS"
+    )
+
+
+def _base_model(root: Path, adapters: dict[str, Path], given: str | None) -> str:
+    """The base model's folder: the one given (argument or ``LLMOPS_BASE_MODEL``), else the one
+    every adapter's ``training_config.json`` names, within the allowed roots."""
+    if given:
+        if not (Path(given) / "config.json").is_file():
+            raise ModelLoadError(
+                f"the base model {given!r} (LLMOPS_BASE_MODEL or load's base_model) is not a model folder with a"
+                " config.json"
+            )
+        return given
+    roots = base_model_roots()
+    bases = {}
+    for name, folder in adapters.items():
+        recorded = _base_of(folder)
+        if recorded is not None:
+            bases[name] = _allowed_base(recorded, folder / "training_config.json", roots)
+    if not bases:
+        raise ModelLoadError(
+            f"the adapters in {root} record no base model (training_config.json); set LLMOPS_BASE_MODEL"
+        )
+    if len(set(bases.values())) > 1:
+        named = ", ".join(f"{name}: {path}" for name, path in bases.items())
+        raise ModelLoadError(f"the adapters in {root} name different base models ({named}); serve them separately")
+    return str(next(iter(bases.values())))
 
 
 @dataclass(frozen=True)
@@ -101,7 +238,11 @@ class LoadedModel:
         stop: list[str] | tuple[str, ...] = (),
         adapter: str | None = None,
     ) -> Prepared:
-        """The request tokenized; ``ValueError`` when the prompt and answer do not fit the context."""
+        """The request tokenized; ``ValueError`` when the prompt and answer do not fit the context, or the
+        adapter is not one this model serves."""
+        if adapter is not None and adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none: this model has no adapters"
+            raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
         if isinstance(inputs, str):
             text = render(self.tokenizer, inputs, None, self.system)
         else:
@@ -329,29 +470,27 @@ def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None
     root = _unpack(model_dir)
     adapters = _adapter_folders(root)
     if adapters:
-        base = base_model or os.environ.get("LLMOPS_BASE_MODEL") or _base_of(next(iter(adapters.values())))
-        if not base or not (Path(base) / "config.json").is_file():
-            raise ModelLoadError(
-                f"the base model of the adapters in {root} is {base!r}, not a model folder; set LLMOPS_BASE_MODEL"
-            )
+        base = _base_model(root, adapters, base_model or os.environ.get("LLMOPS_BASE_MODEL"))
     else:
+        _check_files(root, root)
         base = str(root)
     # The folder is checked before torch is imported: a wrong folder fails in a fraction of a second.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer_dir = root if (root / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Local files only: a folder missing a file must fail here, not fetch one from the Hub.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
     if adapters:
         from peft import PeftModel
 
         names = list(adapters)
-        model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+        model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0], local_files_only=True)
         for name in names[1:]:
-            model.load_adapter(str(adapters[name]), adapter_name=name)
+            model.load_adapter(str(adapters[name]), adapter_name=name, local_files_only=True)
     model.eval()
     # The system message training data carried (the prompt template's); plain-text inputs get it.
     system = os.environ.get("LLMOPS_SYSTEM_PROMPT") or None

@@ -185,6 +185,15 @@ class ServingConfig(_Strict):
     backend: Literal["local", "sagemaker"] = "local"
     sagemaker: SageMakerEndpointConfig = SageMakerEndpointConfig()
     gateway_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://")
+    gateway_conn_id: str = Field(
+        "llmops_gateway",
+        min_length=1,
+        description="Airflow connection whose password is the local gateway's API key (else LLMOPS_GATEWAY_API_KEY)",
+    )
+    guardrails: Literal["off", "flag", "block"] | None = Field(
+        None,
+        description="the local gateway's guardrail mode for this endpoint's configs (None: the gateway's --guardrails)",
+    )
     endpoint_name: str = Field("python-docs-assistant", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$", max_length=63)
     capture_uri: str = Field(
         min_length=1, description="the data capture destination (folder, file:// or s3://); default <store_uri>/capture"

@@ -169,20 +169,46 @@ def rollout(settings) -> int:
         print(f"  outcome:       version {rolled_back['rolled_back']} rolled back; the champion keeps serving")
     url, endpoint = settings.serving.gateway_url, settings.serving.endpoint_name
     print()
-    print(f"Endpoint {endpoint} on the local gateway {url}. With curl:")
+    print(f"Endpoint {endpoint} on the local gateway {url}. It takes the API key in {key_reference()}; with curl:")
     body = json.dumps({"inputs": "How do I reverse a list in Python?", "parameters": {"max_new_tokens": 64}})
-    print(f"  curl -s {url}/endpoints/{endpoint}/invocations -H 'Content-Type: application/json' -d '{body}'")
-    print("With boto3 (any credentials: the gateway does not check signatures):")
     print(
-        "  import boto3, json\n"
+        f'  curl -s {url}/endpoints/{endpoint}/invocations -H "x-api-key: {key_reference(shell=True)}"'
+        f" -H 'Content-Type: application/json' -d '{body}'"
+    )
+    print("With boto3 (any AWS credentials: the gateway checks the API key, not signatures):")
+    print(
+        "  import boto3, json, os\n"
         f"  runtime = boto3.client('sagemaker-runtime', endpoint_url='{url}', region_name='us-east-1',\n"
         "                         aws_access_key_id='x', aws_secret_access_key='x')\n"
+        f"  key = {key_reference(python=True)}\n"
+        "  runtime.meta.events.register('before-sign.sagemaker-runtime.*',\n"
+        "                               lambda request, **_: request.headers.__setitem__('x-api-key', key))\n"
         f"  r = runtime.invoke_endpoint(EndpointName='{endpoint}', ContentType='application/json',\n"
         "                             Body=json.dumps({'inputs': 'What does len() do?'}))\n"
         "  print(r['InvokedProductionVariant'], json.loads(r['Body'].read())['generated_text'])"
     )
     print(f"  captured traffic: {settings.serving.capture_uri}")
     return monitor(settings)
+
+
+def key_reference(shell: bool = False, python: bool = False) -> str:
+    """Where the gateway's API key is, as a reader would fetch it (never the key itself): the file
+    ``make up`` made, or ``LLMOPS_GATEWAY_API_KEY`` when the key is one of the user's own."""
+    import os
+    from pathlib import Path
+
+    from llmops.localstack import GATEWAY_KEY_ENV, GATEWAY_KEY_FILE, gateway_api_key
+
+    home = Path(os.environ["LLMOPS_HOME"])
+    made = gateway_api_key(home)
+    if made is not None and os.environ.get(GATEWAY_KEY_ENV) in (None, "", made):
+        path = home / "secrets" / GATEWAY_KEY_FILE
+        if python:
+            return f"open('{path}').read().strip()"
+        return f"$(cat {path})" if shell else str(path)
+    if python:
+        return f"os.environ['{GATEWAY_KEY_ENV}']"
+    return f"${GATEWAY_KEY_ENV}" if shell else GATEWAY_KEY_ENV
 
 
 def monitor(settings, count: int = 60) -> int:

@@ -3,6 +3,12 @@
 One place defines the environment every local entry point shares (the demo, the tests and
 ``make up``), so they cannot drift apart.
 
+The endpoint gateway ``make up`` starts requires an API key: one is made once per state folder
+(``$LLMOPS_HOME/secrets/gateway_api_key``, mode 0600) and handed to the gateway and to the Airflow
+processes as ``LLMOPS_GATEWAY_API_KEY``; ``apply_environment`` puts it into the processes that
+talk to the gateway from here (the demo, ``python -m llmops.traffic``). An Airflow connection
+``llmops_gateway`` (the key as its password) takes precedence where it is defined.
+
     python -m llmops.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow, gateway
     python -m llmops.localstack down
     python -m llmops.localstack env      # print the environment as shell exports
@@ -28,6 +34,8 @@ MLFLOW_PORT = int(os.environ.get("LLMOPS_MLFLOW_PORT", "5000"))
 GATEWAY_PORT = int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090"))
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 COMPONENTS = (*AIRFLOW_COMPONENTS, "mlflow", "gateway")
+GATEWAY_KEY_ENV = "LLMOPS_GATEWAY_API_KEY"
+GATEWAY_KEY_FILE = "gateway_api_key"
 
 
 def _secret(home: Path, name: str) -> str:
@@ -35,10 +43,36 @@ def _secret(home: Path, name: str) -> str:
     JWT secret, or tasks cannot talk to the API server."""
     path = home / "secrets" / name
     if not path.is_file() or len(path.read_text().strip()) < 64:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(64))
-        path.chmod(0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written under a private name created 0600 (never readable by others, not even for a
+        # moment), then renamed over the old one.
+        partial = path.with_name(f".{name}.{os.getpid()}")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(64))
+        partial.replace(path)
     return path.read_text().strip()
+
+
+def gateway_api_key(home: str | os.PathLike[str], create: bool = False) -> str | None:
+    """The API key of the gateway ``make up`` runs for this state folder (made when ``create``)."""
+    home = Path(home)
+    if create:
+        return _secret(home, GATEWAY_KEY_FILE)
+    path = home / "secrets" / GATEWAY_KEY_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def model_store(home: Path) -> list[str]:
+    """Where the gateway may load models from: the settings' store (training jobs write model
+    tarballs under it), else the state folder's ``store``."""
+    from llmops.config import ConfigError, load_settings
+
+    try:
+        return [load_settings().store_uri]
+    except ConfigError as exc:
+        print(f"gateway: model store {home / 'store'} (the settings did not load: {exc})", file=sys.stderr)
+        return [str(home / "store")]
 
 
 def environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
@@ -81,9 +115,14 @@ def environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
 
 
 def apply_environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """Put the stack's environment into this process (before Airflow is imported)."""
+    """Put the stack's environment into this process (before Airflow is imported), with the
+    gateway's API key when ``make up`` made one and none is set already."""
     env = environment(home)
     os.environ.update(env)
+    if not os.environ.get(GATEWAY_KEY_ENV):
+        key = gateway_api_key(env["LLMOPS_HOME"])
+        if key:
+            os.environ[GATEWAY_KEY_ENV] = key
     for path in reversed(env["PYTHONPATH"].split(os.pathsep)):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -161,7 +200,14 @@ def up(timeout: float = 180, components: tuple[str, ...] = COMPONENTS) -> int:
         str(GATEWAY_PORT),
         "--state-dir",
         str(home / "gateway"),
+        *(arg for root in model_store(home) for arg in ("--model-store", root)),
+        "--require-auth",
     ]
+    # The user's own key wins; else the state folder's. Tasks find it here unless the Airflow
+    # connection llmops_gateway says otherwise; MLflow has no use for it.
+    if not os.environ.get(GATEWAY_KEY_ENV):
+        os.environ[GATEWAY_KEY_ENV] = gateway_api_key(home, create=True)
+    keyed = {*AIRFLOW_COMPONENTS, "gateway"}
     for name, command in commands.items():
         if name not in components:
             continue
@@ -169,10 +215,13 @@ def up(timeout: float = 180, components: tuple[str, ...] = COMPONENTS) -> int:
         if pid_file.is_file() and _alive(int(pid_file.read_text())):
             print(f"{name}: already running (pid {pid_file.read_text().strip()})")
             continue
+        child_env = {**os.environ, **env}
+        if name not in keyed:
+            child_env.pop(GATEWAY_KEY_ENV, None)
         with open(logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 command,
-                env={**os.environ, **env},
+                env=child_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -7,7 +7,8 @@ monitoring without production users (the demo) and for its tests.
 
 Each is deterministic for a seed, so a test or a demo run sends the same requests every time.
 ``send`` puts prompts through the serving endpoint with boto3's ``invoke_endpoint``, as a client
-would, so the gateway captures them; from a shell:
+would (with the gateway's API key, see ``llmops.deployment.LocalGatewayBackend``), so the gateway
+captures them; from a shell:
 
     python -m llmops.traffic off-domain --count 60      # or: in-domain, longer, de, es, ru
 """
@@ -110,6 +111,11 @@ def longer_prompts(prompts: Sequence[str], count: int, factor: int = 6, seed: in
 
 
 KINDS = ("in-domain", "off-domain", "longer", *LANGUAGES)
+_REFUSED_KEY = ("MissingAuthenticationTokenException", "UnrecognizedClientException")
+
+
+class GatewayRefusedKey(PermissionError):
+    """The endpoint refused the API key: every further call would be refused too."""
 
 
 def bundled_records(template_name: str) -> list[dict]:
@@ -192,7 +198,17 @@ def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callab
             )
             response["Body"].read()
             ok += 1
-        except (ClientError, BotoCoreError) as exc:
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _REFUSED_KEY:
+                raise GatewayRefusedKey(
+                    f"{settings.serving.gateway_url} refused the API key ({exc.response['Error'].get('Message')});"
+                    f" set the password of the Airflow connection {settings.serving.gateway_conn_id} or"
+                    " LLMOPS_GATEWAY_API_KEY to a key it accepts (`make up` keeps its own in"
+                    " $LLMOPS_HOME/secrets/gateway_api_key)"
+                ) from None
+            failed += 1
+            log(f"  call {index} failed: {exc}")
+        except BotoCoreError as exc:
             failed += 1
             log(f"  call {index} failed: {exc}")
         if index % 20 == 0 or index == len(prompts):
@@ -225,7 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     where = f"{settings.serving.endpoint_name} at {settings.serving.gateway_url}"
     print(f"Sending {len(prompts)} {args.kind} prompts to {where}")
-    sent = send(settings, prompts, args.max_new_tokens)
+    try:
+        sent = send(settings, prompts, args.max_new_tokens)
+    except GatewayRefusedKey as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"{sent['ok']} answered, {sent['failed']} failed, between {sent['start']} and {sent['end']}")
     print(
         "Analyse that window: trigger llm_drift_monitor with "

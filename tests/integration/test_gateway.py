@@ -15,14 +15,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from serving.capture import read_capture
-from tests.gateways import free_port, running_fake, running_gateway, wait_in_service
+from tests.gateways import free_port, running_fake, running_gateway, runtime, wait_in_service
 
 pytestmark = [pytest.mark.integration]
 
@@ -33,18 +31,6 @@ ECHOES = ("alpha", "beta", "gamma")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def runtime(url: str):
-    """The stock boto3 runtime client pointed at the gateway; no retries, so every error shows."""
-    return boto3.client(
-        "sagemaker-runtime",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
-    )
 
 
 def payload(text: str = "hello") -> bytes:
@@ -508,10 +494,13 @@ def test_control_plane_validates_and_keeps_configs_immutable(gateway):
     model = {"ModelName": "alpha", "PrimaryContainer": {"ContainerUrl": "http://127.0.0.1:9"}}
     assert control.post("/control/models", json=model).status_code == 409  # models are immutable too
 
-    missing = control.post(
+    outside = control.post(
         "/control/models", json={"ModelName": "ghost", "PrimaryContainer": {"ModelDataUrl": "/no/such/folder"}}
     )
-    assert missing.status_code == 400 and "/no/such/folder" in missing.json()["error"]
+    assert outside.status_code == 400 and "/no/such/folder is outside the store" in outside.json()["error"]
+    absent = f"{os.environ['LLMOPS_HOME']}/no/such/folder"  # in the test gateway's store, but not there
+    missing = control.post("/control/models", json={"ModelName": "ghost", "PrimaryContainer": {"ModelDataUrl": absent}})
+    assert missing.status_code == 400 and f"no model data at {absent}" in missing.json()["error"]
     both = {"ContainerUrl": "http://127.0.0.1:9", "ModelDataUrl": "/tmp"}
     response = control.post("/control/models", json={"ModelName": "both", "PrimaryContainer": both})
     assert response.status_code == 400 and "exactly one" in response.json()["error"]

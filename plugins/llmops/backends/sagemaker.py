@@ -411,9 +411,12 @@ def plan_job(settings, request, dataset: dict, name: str, lineage: dict, code_ur
 
 def archive_metrics(artifact: str, storage_options: dict | None = None) -> dict:
     """The final metrics the entrypoint wrote into the model archive (``metrics.json``)."""
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(artifact, storage_options)), mode="r:gz") as tar:
-        member = next((m for m in tar.getmembers() if m.name.removeprefix("./") == "metrics.json"), None)
-        return json.loads(tar.extractfile(member).read())["final"] if member is not None else {}
+    from training.archive import model_archive_limits, read_member
+
+    data = read_member(
+        storage.read_bytes(artifact, storage_options), "metrics.json", name=artifact, **model_archive_limits()
+    )
+    return json.loads(data)["final"] if data is not None else {}
 
 
 def collect(settings, described: dict, storage_options: dict | None = None) -> dict:

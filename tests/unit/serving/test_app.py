@@ -99,3 +99,34 @@ def test_batching_settings_come_from_the_environment_and_bad_ones_are_named(monk
         TestClient(create_app(loader=FakeModel)),
     ):
         pass
+
+
+def test_operator_caps_on_new_and_prompt_tokens(monkeypatch):
+    monkeypatch.setenv("LLMOPS_MAX_NEW_TOKENS", "16")
+    monkeypatch.setenv("LLMOPS_MAX_INPUT_TOKENS", "2")  # FakeModel's prompts are 3 tokens
+    model = FakeModel()
+    with TestClient(create_app(loader=lambda: model)) as client:
+        over = client.post("/invocations", json={"inputs": "q", "parameters": {"max_new_tokens": 17}})
+        assert over.status_code == 400
+        assert over.json()["error"] == (
+            "parameters.max_new_tokens is 17; this server answers at most 16 tokens (LLMOPS_MAX_NEW_TOKENS)"
+        )
+        long_prompt = client.post("/invocations", json={"inputs": "q", "parameters": {"max_new_tokens": 16}})
+        assert long_prompt.status_code == 413
+        assert (
+            long_prompt.json()["error"]
+            == "the prompt is 3 tokens; this server accepts at most 2 (LLMOPS_MAX_INPUT_TOKENS)"
+        )
+    # Without a cap on prompts, a request that asks for nothing gets the cap, not the default 128.
+    monkeypatch.delenv("LLMOPS_MAX_INPUT_TOKENS")
+    model = FakeModel()
+    with TestClient(create_app(loader=lambda: model)) as client:
+        assert client.post("/invocations", json={"inputs": "q"}).status_code == 200
+        assert (
+            client.post("/invocations", json={"inputs": "q", "parameters": {"max_new_tokens": 16}}).status_code == 200
+        )
+    assert [call[1] for call in model.calls] == [16, 16]
+    for bad in ("0x", "4096"):
+        monkeypatch.setenv("LLMOPS_MAX_NEW_TOKENS", bad)
+        with pytest.raises(ValueError, match="LLMOPS_MAX_NEW_TOKENS"):
+            create_app(loader=FakeModel)

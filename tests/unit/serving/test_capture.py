@@ -154,6 +154,18 @@ def test_every_field_survives_a_round_trip(tmp_path):
     assert second.source_event_id == "e-1"
 
 
+def test_the_client_and_guardrail_findings_survive_a_round_trip(tmp_path):
+    findings = {"mode": "block", "input": [{"rule": "injection.role_markers", "count": 2}], "blocked": "input"}
+    refused = record(event_id="e-1", status_code=400, client="notebook", guardrails=findings)
+    plain = record(event_id="e-2", at=MOMENT + timedelta(seconds=1))
+    assert refused["eventMetadata"]["clientName"] == "notebook"
+    assert "guardrails" not in plain["eventMetadata"] and "clientName" not in plain["eventMetadata"]
+    write(tmp_path, [("ep", "v", refused), ("ep", "v", plain)])
+    first, second = read_capture(str(tmp_path)).records
+    assert (first.client, first.guardrails, first.blocked) == ("notebook", findings, "input")
+    assert (second.client, second.guardrails, second.blocked) == (None, None, None)
+
+
 def test_a_generated_event_id_is_a_fresh_uuid():
     first, second = record(), record()
     ids = {first["eventMetadata"]["eventId"], second["eventMetadata"]["eventId"]}

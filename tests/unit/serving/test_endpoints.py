@@ -233,8 +233,10 @@ def test_aws_fields_the_gateway_does_not_use_are_accepted_and_ignored():
         KmsKeyId="arn:aws:kms:key",
     )
     dumped = spec.model_dump()
-    assert "Tags" not in dumped and "KmsKeyId" not in dumped
+    assert "KmsKeyId" not in dumped
     assert set(dumped["ProductionVariants"][0]) == {"VariantName", "ModelName", "InitialVariantWeight"}
+    # Tags are kept: one of them may set the endpoint's guardrail mode.
+    assert dumped["Tags"] == [{"Key": "team", "Value": "ml"}] and spec.guardrails is None
     model = ModelSpec.model_validate(
         {
             "ModelName": "m",
@@ -305,3 +307,9 @@ def test_a_weights_update_may_name_each_variant_once():
                 ]
             }
         )
+
+
+def test_a_tag_sets_the_guardrail_mode_of_a_config():
+    assert config(Tags=[{"Key": "llmops:guardrails", "Value": "block"}]).guardrails == "block"
+    with pytest.raises(ValidationError, match="tag llmops:guardrails must be one of off, flag, block, got 'strict'"):
+        config(Tags=[{"Key": "llmops:guardrails", "Value": "strict"}])
