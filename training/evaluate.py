@@ -25,11 +25,11 @@ import json
 import math
 import os
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.archive import model_archive_limits, safe_extract
 from training.chat_format import render
 from training.data import IGNORE_INDEX, encode
 
@@ -124,15 +124,13 @@ def read_items(path: Path) -> list[dict]:
 
 
 def _unpack(path: Path, into: Path) -> Path:
-    """A model given as ``model.tar.gz`` is unpacked (safely) next to the outputs."""
+    """A model given as ``model.tar.gz`` is unpacked next to the outputs; an unsafe, corrupt or
+    oversized archive is refused (``training.archive.ArchiveError``) and leaves nothing there."""
     if path.is_dir():
         return path
     if not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist")
-    into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "r:gz") as tar:
-        tar.extractall(into, filter="data")
-    return into
+    return safe_extract(path, into, replace=True, **model_archive_limits())
 
 
 def load_model(spec: ModelSpec, paths: ProcessingPaths, work: Path):

@@ -170,6 +170,41 @@ def _trainer_callback():
     return MetricLines()
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that a kill did not cut short. The Trainer writes ``trainer_state.json``
+    last, so a folder without a readable one was being saved when the job died; resuming from it
+    fails (or, without its state, would restart the schedule on trained weights)."""
+    complete = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            _say(f"ignoring checkpoint {path}: it was cut short (no readable trainer_state.json)")
+            continue
+        complete.append((int(state["global_step"]), path))
+    return max(complete)[1] if complete else None
+
+
+def _finished_state(checkpoint: Path | None):
+    """The checkpoint's ``TrainerState`` when it was saved at the last step, else None."""
+    from transformers import TrainerState
+
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return state if 0 < state.max_steps <= state.global_step else None
+
+
+def _logged_train_loss(history: list[dict]) -> dict:
+    """The mean training loss over the steps the logged losses cover (each logged loss is the mean
+    of the steps since the one before)."""
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total, previous = total + loss * (step - previous), step
+    return {"train_loss": total / previous} if previous else {}
+
+
 def write_model_card(path: Path, config: TrainConfig, metrics: dict, lineage: dict) -> None:
     lines = [
         f"# Fine-tuned {Path(config.base_model).name}",
@@ -189,7 +224,6 @@ def write_model_card(path: Path, config: TrainConfig, metrics: dict, lineage: di
 
 def train(config: TrainConfig, paths: JobPaths) -> dict:
     from transformers import AutoTokenizer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from training.data import Collator, encode_all, read_split
 
@@ -250,7 +284,7 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         callbacks=[_trainer_callback()],
     )
 
-    resume_from = get_last_checkpoint(str(paths.checkpoint_dir)) if paths.checkpoint_dir.is_dir() else None
+    resume_from = last_complete_checkpoint(paths.checkpoint_dir)
     baseline_file = paths.checkpoint_dir / BASELINE
     if baseline_file.is_file():
         baseline = json.loads(baseline_file.read_text())
@@ -263,11 +297,24 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
     if resume_from:
         _say(f"resuming from checkpoint {resume_from}")
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    finished = _finished_state(resume_from)
+    if finished is not None:
+        # Killed after its last step was saved: Trainer.train would take one more step before it
+        # checks max_steps (mid-epoch), so the checkpoint itself is the result.
+        _say(f"checkpoint {resume_from} is the last step ({finished.global_step}); nothing left to train")
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = finished
+        trained = _logged_train_loss(finished.log_history)
+    else:
+        if resume_from is None:
+            # A restart that found no whole checkpoint skipped the baseline evaluation above, which
+            # draws random numbers: reseed, so it trains as the first attempt did.
+            set_seed(config.seed)
+        trained = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
     final = trainer.evaluate() if eval_set else {}
     metrics = {
         **baseline,
-        **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        **{k: float(v) for k, v in trained.items() if isinstance(v, (int, float))},
         **{k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
         "global_step": trainer.state.global_step,
         "train_examples": len(train_set),

@@ -5,6 +5,13 @@ curve, the curated dataset as an input, the model files) and registers it as a m
 whose tags answer "where did this come from": dataset URI and hash, validation result, git SHA,
 Airflow DAG and run, backend and job, base model, PEFT method, metrics. Both steps are keyed by
 the Airflow run, so a retried or re-run task finds and returns what it made the first time.
+
+An attempt can die anywhere (the MLflow server gone, a full disk under the artifact store, a
+worker killed), and an HTTP client that retries a request whose reply was lost can make a thing
+twice. So a run counts as made only once it is ``FINISHED`` (its last write); the next attempt
+deletes the key's unfinished runs and logs a new one, and a model version exists only for a
+finished run. Duplicate versions of one key are removed, the lowest kept; a version whose
+registration failed is replaced.
 """
 
 from __future__ import annotations
@@ -51,6 +58,19 @@ def ensure_experiment(mlflow_client, name: str, artifact_root: str) -> str:
 def _find_run(mlflow_client, experiment_id: str, run_key: str):
     runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=5)
     return runs[0] if runs else None
+
+
+def _finished_run(mlflow_client, experiment_id: str, run_key: str):
+    """The key's finished run, if an earlier attempt got that far. Every other active run of the
+    key is the remains of an attempt that died (or a retried create) and is deleted."""
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=50, order_by=["start_time ASC"]
+    )
+    finished = next((r for r in runs if r.info.status == "FINISHED"), None)
+    for run in runs:
+        if run is not finished:
+            mlflow_client.delete_run(run.info.run_id)
+    return finished
 
 
 def loss_curve_png(history: list[dict], path: Path) -> Path:
@@ -131,12 +151,6 @@ def record_training(
 ) -> RegisteredVersion:
     """Log the job as a run and register it; returns the existing version when this Airflow run
     already registered one."""
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
-    from llmops.backends.local import extract_model
-
     mlflow_client = client(tracking_uri)
     run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', job['job_name'])}"
     existing = _registered_version(mlflow_client, model_name, run_key)
@@ -145,54 +159,17 @@ def record_training(
 
     experiment_id = ensure_experiment(mlflow_client, model_name, artifact_root)
     tags = version_tags(job, dataset, hyperparameters, lineage)
-    run = _find_run(mlflow_client, experiment_id, run_key)
-    if run is None or run.info.status != "FINISHED":
-        if run is not None:
-            mlflow_client.delete_run(run.info.run_id)
+    run = _finished_run(mlflow_client, experiment_id, run_key)
+    if run is None:
         run = mlflow_client.create_run(experiment_id, run_name=job["job_name"], tags={RUN_KEY: run_key, **tags})
         run_id = run.info.run_id
-        mlflow_client.log_batch(
-            run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
-        )
-        with tempfile.TemporaryDirectory(prefix="llmops-mlflow-") as tmp:
-            model_dir = extract_model(
-                storage.read_bytes(job["model_artifact_uri"], storage_options), Path(tmp) / "model"
+        try:
+            _log_training_run(
+                mlflow_client, tracking_uri, run_id, job, dataset, hyperparameters, lineage, tags, storage_options
             )
-            history = json.loads((model_dir / "metrics.json").read_text())["history"]
-            _log_history(mlflow_client, run_id, history)
-            final = {k: v for k, v in job["metrics"].items() if isinstance(v, (int, float))}
-            final.update(
-                {
-                    f"cost.{k}": float(v)
-                    for k, v in cost_figures(job).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-            )
-            mlflow_client.log_batch(
-                run_id, metrics=[_metric(k, v, final.get("global_step", 0)) for k, v in final.items()]
-            )
-            mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
-            mlflow_client.log_artifacts(run_id, str(model_dir), "model")
-            if lineage.get("baseline_uri"):
-                baseline_dir = Path(tmp) / "baseline"
-                baseline_dir.mkdir()
-                for name in ("profile.json", "embeddings.npy"):
-                    payload = storage.read_bytes(storage.join(lineage["baseline_uri"], name), storage_options)
-                    (baseline_dir / name).write_bytes(payload)
-                mlflow_client.log_artifacts(run_id, str(baseline_dir), "baseline")
-        dataset_entity = MetaDataset(
-            source=_uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
-        )
-        mlflow_client.log_inputs(
-            run_id,
-            datasets=[
-                DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
-            ],
-        )
-        if tags["dataset.template"]:
-            from llmops.prompts import link_to_run
-
-            link_to_run(tracking_uri, run_id, [tags["dataset.template"]])
+        except BaseException:
+            _mark_failed(mlflow_client, run_id)
+            raise
         mlflow_client.set_terminated(run_id, "FINISHED")
         run = mlflow_client.get_run(run_id)
 
@@ -208,7 +185,79 @@ def record_training(
             f"Fine-tuned {tags['base_model']} ({tags['peft_method']}) on {dataset['name']}@{dataset['version'][:12]}"
         ),
     )
-    return RegisteredVersion(model_name, str(version.version), run_id, experiment_id, source, created=True)
+    # MLflow's HTTP client resends a POST whose reply was lost, which registers the run twice: settle
+    # on the first version now, before anything downstream learns a number.
+    settled = _registered_version(mlflow_client, model_name, run_key)
+    number = settled.version if settled is not None else str(version.version)
+    return RegisteredVersion(model_name, number, run_id, experiment_id, source, created=True)
+
+
+def _log_training_run(
+    mlflow_client,
+    tracking_uri: str,
+    run_id: str,
+    job: dict,
+    dataset: dict,
+    hyperparameters: dict,
+    lineage: dict,
+    tags: dict[str, str],
+    storage_options: dict | None,
+) -> None:
+    """Everything a training run holds: params, per-step and final metrics, the loss curve, the model
+    files, the drift baseline, the dataset input and the prompt it was formatted with."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from llmops.backends.local import extract_model
+
+    mlflow_client.log_batch(
+        run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
+    )
+    with tempfile.TemporaryDirectory(prefix="llmops-mlflow-") as tmp:
+        model_dir = extract_model(storage.read_bytes(job["model_artifact_uri"], storage_options), Path(tmp) / "model")
+        history = json.loads((model_dir / "metrics.json").read_text())["history"]
+        _log_history(mlflow_client, run_id, history)
+        final = {k: v for k, v in job["metrics"].items() if isinstance(v, (int, float))}
+        final.update(
+            {
+                f"cost.{k}": float(v)
+                for k, v in cost_figures(job).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
+        mlflow_client.log_batch(run_id, metrics=[_metric(k, v, final.get("global_step", 0)) for k, v in final.items()])
+        mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
+        mlflow_client.log_artifacts(run_id, str(model_dir), "model")
+        if lineage.get("baseline_uri"):
+            baseline_dir = Path(tmp) / "baseline"
+            baseline_dir.mkdir()
+            for name in ("profile.json", "embeddings.npy"):
+                payload = storage.read_bytes(storage.join(lineage["baseline_uri"], name), storage_options)
+                (baseline_dir / name).write_bytes(payload)
+            mlflow_client.log_artifacts(run_id, str(baseline_dir), "baseline")
+    dataset_entity = MetaDataset(
+        source=_uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
+    )
+    mlflow_client.log_inputs(
+        run_id,
+        datasets=[DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])],
+    )
+    if tags["dataset.template"]:
+        from llmops.prompts import link_to_run
+
+        link_to_run(tracking_uri, run_id, [tags["dataset.template"]])
+
+
+def _mark_failed(mlflow_client, run_id: str) -> None:
+    """Best effort, on the way out of a failed attempt: the run must not look like it is still
+    going. The server may be what failed; the next attempt deletes the run either way."""
+    import logging
+
+    try:
+        mlflow_client.set_terminated(run_id, "FAILED")
+    except Exception as exc:
+        logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED: %s", run_id, exc)
 
 
 def _uri_source(uri: str):
@@ -239,25 +288,42 @@ def _log_history(mlflow_client, run_id: str, history: list[dict]) -> None:
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
 
 
+def _error_code(exc) -> str:
+    return getattr(exc, "error_code", "")
+
+
 def _ensure_registered_model(mlflow_client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
         mlflow_client.get_registered_model(name)
-    except MlflowException:
+        return
+    except MlflowException as exc:
+        if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the server is down or refused: not a reason to create anything
+    try:
         mlflow_client.create_registered_model(name, description="Fine-tuned model of the llmops use case.")
+    except MlflowException as exc:
+        if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent or lost-reply attempt
+            raise
 
 
 def _registered_version(mlflow_client, model_name: str, run_key: str) -> RegisteredVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = mlflow_client.search_model_versions(f"name = '{model_name}' and tag.`{RUN_KEY}` = '{run_key}'")
-    except MlflowException:
-        return None
+    """The version this key registered; an error (not None) when the registry cannot say."""
+    versions = mlflow_client.search_model_versions(f"name = '{model_name}' and tag.`{RUN_KEY}` = '{run_key}'")
+    for failed in [v for v in versions if v.status == "FAILED_REGISTRATION"]:
+        mlflow_client.delete_model_version(model_name, failed.version)
+    versions = sorted((v for v in versions if v.status != "FAILED_REGISTRATION"), key=lambda v: int(v.version))
     if not versions:
         return None
-    version = min(versions, key=lambda v: int(v.version))
+    version, duplicates = versions[0], versions[1:]
+    # A create whose reply was lost and that the HTTP client sent again registers the run twice.
+    # record_training settles on the first right after creating, so a later one is only ever known
+    # to a process that died in between; one with an alias is someone's choice, and stays.
+    for duplicate in duplicates:
+        # Search results carry no aliases: ask for the version itself.
+        if not mlflow_client.get_model_version(model_name, duplicate.version).aliases:
+            mlflow_client.delete_model_version(model_name, duplicate.version)
     run = mlflow_client.get_run(version.run_id)
     return RegisteredVersion(
         model_name, str(version.version), version.run_id, run.info.experiment_id, version.source, False

@@ -65,3 +65,82 @@ def test_registering_the_same_airflow_run_twice_returns_the_same_version(tmp_pat
     versions = mlflow_client.search_model_versions("name = 'test-model'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert {v.tags[RUN_KEY] for v in versions} == {"llm_finetune/manual__1", "llm_finetune/manual__2"}
+
+
+# -- what an earlier attempt left behind ---------------------------------------------------------
+
+
+def _versions(tmp_path, run_id="manual__1") -> list[str]:
+    found = client(f"sqlite:///{tmp_path}/mlflow.db").search_model_versions(
+        f"name = 'test-model' and tag.`{RUN_KEY}` = 'llm_finetune/{run_id}'"
+    )
+    return sorted(str(v.version) for v in found)
+
+
+def _set_status(tmp_path, version: str, status: str) -> None:
+    """What a registry with asynchronous registration (or one that failed it) reports."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE model_versions SET status = ? WHERE name = 'test-model' AND version = ?", (status, version))
+
+
+@pytest.mark.reliability("faults")
+def test_a_registration_sent_twice_by_the_http_client_is_left_with_one_version(tmp_path, job, curated_dataset):
+    first = _record(tmp_path, job, curated_dataset)
+    # A create whose reply was lost, sent again by MLflow's HTTP retries: the same key registered twice.
+    mlflow_client = client(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow_client.create_model_version(
+        "test-model", source=first.source, run_id=first.run_id, tags={RUN_KEY: "llm_finetune/manual__1"}
+    )
+    assert _versions(tmp_path) == ["1", "2"]
+    again = _record(tmp_path, job, curated_dataset)
+    assert (again.version, again.created) == ("1", False)
+    assert _versions(tmp_path) == ["1"]
+
+
+def test_a_duplicate_someone_gave_an_alias_is_kept(tmp_path, job, curated_dataset):
+    first = _record(tmp_path, job, curated_dataset)
+    mlflow_client = client(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow_client.create_model_version(
+        "test-model", source=first.source, run_id=first.run_id, tags={RUN_KEY: "llm_finetune/manual__1"}
+    )
+    mlflow_client.set_registered_model_alias("test-model", "champion", "2")
+    assert _record(tmp_path, job, curated_dataset).version == "1"
+    assert _versions(tmp_path) == ["1", "2"]
+
+
+@pytest.mark.reliability("faults")
+def test_a_version_whose_registration_failed_is_registered_again(tmp_path, job, curated_dataset):
+    first = _record(tmp_path, job, curated_dataset)
+    _set_status(tmp_path, first.version, "FAILED_REGISTRATION")
+    again = _record(tmp_path, job, curated_dataset)
+    assert again.created and again.run_id == first.run_id, "the finished run is reused"
+    assert _versions(tmp_path) == [again.version] and again.version != first.version
+
+
+def test_a_version_still_pending_registration_is_returned_not_registered_twice(tmp_path, job, curated_dataset):
+    first = _record(tmp_path, job, curated_dataset)
+    _set_status(tmp_path, first.version, "PENDING_REGISTRATION")
+    again = _record(tmp_path, job, curated_dataset)
+    assert (again.version, again.created) == (first.version, False)
+    assert _versions(tmp_path) == [first.version]
+
+
+@pytest.mark.reliability("faults")
+def test_a_registry_that_cannot_answer_the_lookup_fails_the_attempt_instead_of_registering_twice(
+    tmp_path, job, curated_dataset, monkeypatch
+):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _record(tmp_path, job, curated_dataset)
+
+    def unavailable(self, *args, **kwargs):
+        raise MlflowException("the registry is restarting", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", unavailable)
+    with pytest.raises(MlflowException, match="restarting"):
+        _record(tmp_path, job, curated_dataset)
+    monkeypatch.undo()
+    assert _versions(tmp_path) == ["1"]

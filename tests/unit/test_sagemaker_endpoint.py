@@ -256,6 +256,7 @@ def test_an_update_to_or_from_a_shadow_config_has_no_blue_green_policy(settings)
         sm.assert_no_pending_responses()
 
 
+@pytest.mark.reliability("faults")
 def test_a_failed_update_that_leaves_the_endpoint_in_service_on_the_old_config_is_an_error(settings):
     """SageMaker answers a failed (or auto-rolled-back) update with InService on the old config."""
     sagemaker, _ = clients()
@@ -386,6 +387,7 @@ def moto(settings, monkeypatch):
         yield url, fail
 
 
+@pytest.mark.reliability("faults")
 def test_serving_alone_then_moving_on_runs_against_sagemakers_api(settings, moto):
     _, fail = moto
     # moto's list of instance types stops before ml.g5; g4dn is a real GPU type it knows.

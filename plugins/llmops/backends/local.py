@@ -116,7 +116,15 @@ class LocalTrainingBackend:
                 "training.train",
             ]
         log_path = job_dir / "training.log"
-        run_process(command, env, log_path, spec.timeout_s, on_line, f"training job {spec.job_name}")
+        # Set once the process exits 0, for these hyperparameters: a rerun after a failed upload
+        # packs that model again instead of training on (resuming past the last step trains more).
+        trained = job_dir / "trained.sha256"
+        config_sha256 = hashlib.sha256((config_dir / "hyperparameters.json").read_bytes()).hexdigest()
+        if trained.is_file() and trained.read_text() == config_sha256:
+            on_line(f"job {spec.job_name} trained already; uploading its model again")
+        else:
+            run_process(command, env, log_path, spec.timeout_s, on_line, f"training job {spec.job_name}")
+            trained.write_text(config_sha256)
         storage.write_bytes(log_uri, log_path.read_bytes(), self.storage_options)
 
         metrics = json.loads((model_dir / "metrics.json").read_text())["final"]
@@ -186,9 +194,10 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 def _tarball(model_dir: Path) -> bytes:
-    """``model.tar.gz`` with the model folder's files at its root, as SageMaker packs it."""
+    """``model.tar.gz`` with the model folder's files at its root, as SageMaker packs it. A link is
+    packed as the file it points to: extraction refuses links."""
     with tempfile.TemporaryFile() as buffer:
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        with tarfile.open(fileobj=buffer, mode="w:gz", dereference=True) as tar:
             for path in sorted(model_dir.rglob("*")):
                 if path.is_file():
                     tar.add(path, arcname=str(path.relative_to(model_dir)))
@@ -196,15 +205,12 @@ def _tarball(model_dir: Path) -> bytes:
         return buffer.read()
 
 
-def extract_model(artifact_bytes: bytes, target: Path) -> Path:
-    """Unpack a ``model.tar.gz`` safely: members must stay inside ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile() as buffer:
-        buffer.write(artifact_bytes)
-        buffer.seek(0)
-        with tarfile.open(fileobj=buffer, mode="r:gz") as tar:
-            tar.extractall(target, filter="data")
-    return target
+def extract_model(artifact_bytes: bytes, target: Path, name: str = "model.tar.gz") -> Path:
+    """Unpack a ``model.tar.gz`` into ``target`` (new or empty) with ``training.archive.safe_extract``:
+    an unsafe, corrupt or oversized archive raises ``ArchiveError`` naming ``name`` and leaves nothing."""
+    from training.archive import model_archive_limits, safe_extract
+
+    return safe_extract(artifact_bytes, target, name=name, **model_archive_limits())
 
 
 @dataclass(frozen=True)
