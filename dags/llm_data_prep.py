@@ -25,7 +25,9 @@ from llmops.data import stages
 from llmops.orchestration import (
     curated_dataset_asset,
     data_config_from_params,
+    event_recorded,
     fail_without_retry,
+    skip_as_done,
     storage_options_for,
 )
 
@@ -155,11 +157,15 @@ def llm_data_prep():
             storage_options_for(SETTINGS.store_uri, SETTINGS),
         )
 
-    @task(outlets=[CURATED_DATASET])
+    @task(inlets=[CURATED_DATASET], outlets=[CURATED_DATASET])
     def announce_dataset(published: dict) -> dict:
         if not published["created"]:
             raise AirflowSkipException(f"dataset version {published['version']} already exists; nothing new")
-        get_current_context()["outlet_events"][CURATED_DATASET].extra = {
+        context = get_current_context()
+        if event_recorded(context, CURATED_DATASET, version=published["version"]):
+            # A re-run: the version was announced, and fine-tuning asked for, once already.
+            skip_as_done(context, published, f"dataset version {published['version']} was announced already")
+        context["outlet_events"][CURATED_DATASET].extra = {
             "version": published["version"],
             "manifest_uri": published["manifest_uri"],
         }

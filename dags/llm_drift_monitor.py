@@ -26,12 +26,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from llmops.compat import CronDataIntervalTimetable
 from llmops.config import get_settings
-from llmops.orchestration import fail_without_retry, storage_options_for
+from llmops.orchestration import fail_without_retry, storage_options_for, trigger_once_operator
 
 SETTINGS = get_settings()
 MONITORING = SETTINGS.monitoring
@@ -156,7 +155,7 @@ def llm_drift_monitor():
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return decision["trigger"]
 
-    request_retraining = TriggerDagRunOperator(
+    request_retraining = trigger_once_operator()(
         task_id="request_retraining",
         trigger_dag_id="llm_finetune",
         trigger_run_id="{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['run_id'] }}",

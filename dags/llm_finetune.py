@@ -47,9 +47,11 @@ from llmops.orchestration import (
     approval_operator,
     challenger_asset,
     curated_dataset_asset,
+    event_recorded,
     fail_without_retry,
     sagemaker_processing_operator,
     sagemaker_training_operator,
+    skip_as_done,
     storage_options_for,
 )
 
@@ -527,18 +529,30 @@ def llm_finetune():
         retries=0,
     )
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[challenger_asset(SETTINGS)])
+    @task(
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        inlets=[challenger_asset(SETTINGS)],
+        outlets=[challenger_asset(SETTINGS)],
+    )
     def promote_challenger(request: dict, registered: dict) -> dict:
         from llmops.compat import AirflowSkipException
         from llmops.evaluation import approval_status, promote_challenger
 
-        approval = get_current_context()["ti"].xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)
+        context = get_current_context()
+        approval = context["ti"].xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)
         if request["require_approval"] and approval_status(approval)["status"] != "approved":
             # e.g. the approval task was marked skipped or successful by hand: no answer, no promotion.
             raise AirflowSkipException("approval was required and not given")
-        return promote_challenger(
-            SETTINGS.mlflow.tracking_uri, registered["model_name"], registered["version"], approval
+        asset, version = challenger_asset(SETTINGS), registered["version"]
+        announced = event_recorded(context, asset, model_name=registered["model_name"], version=version)
+        promoted = promote_challenger(
+            SETTINGS.mlflow.tracking_uri, registered["model_name"], version, approval, move=not announced
         )
+        if announced:
+            # Rollout may have moved the alias on since; this run's promotion happened once.
+            skip_as_done(context, promoted, f"version {version} was made the challenger, and announced, already")
+        context["outlet_events"][asset].extra = {"model_name": registered["model_name"], "version": version}
+        return promoted
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def record_outcome(registered: dict, decided: dict) -> dict:

@@ -151,7 +151,9 @@ def llm_rollout():
     def plan_rollout() -> dict:
         from llmops.deployment import plan_rollout
 
-        plan = plan_rollout(SETTINGS, get_current_context()["params"]["model_version"] or None)
+        context = get_current_context()
+        run_key = f"{context['dag'].dag_id}/{context['run_id']}"
+        plan = plan_rollout(SETTINGS, context["params"]["model_version"] or None, run_key, _log)
         _log(f"{plan['action']}: {plan['reason']}")
         if plan["action"] == "nothing":
             _skip(plan["reason"])

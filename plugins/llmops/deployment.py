@@ -10,6 +10,12 @@ SageMaker endpoint. Decisions come from the pure functions of ``llmops.rollout``
 Names: a model version ``N`` of registered model ``M`` becomes the SageMaker model ``<endpoint>-vN``
 serving as variant ``vN``. Endpoint configs are immutable and named after the Airflow run and
 phase, so a retried task reuses the config it created.
+
+Each phase keeps what it did in the run's partition of the store
+(``runs/llm_rollout/<run>/phases/<task>.json``). Once a run has promoted or rolled back, a task of
+it cleared and run again returns that and touches nothing: without it, clearing a finished run's
+``deploy_shadow`` would put the endpoint back in shadow, and an old run's ``promote`` would move
+``champion`` back to its version.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
+from llmops import storage
 from llmops.config import Settings
 from llmops.rollout import VariantWindow
 from llmops.tracking import CHALLENGER, CHAMPION
@@ -116,20 +123,42 @@ def endpoint_config_request(
 
 
 class LocalGatewayBackend:
-    """The local gateway's control API, with SageMaker's operation names."""
+    """The local gateway's control API, with SageMaker's operation names. ``api_key`` (see
+    ``llmops.backends.gateway_credentials``) goes with every call, the control API's and the
+    runtime client's, as ``x-api-key``; ``guardrails`` tags the endpoint configs it creates with
+    that guardrail mode."""
 
     metrics_poll_seconds = 0.5  # its metrics are live
 
-    def __init__(self, url: str, timeout: float = 30, region: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30,
+        region: str | None = None,
+        api_key: str | None = None,
+        guardrails: str | None = None,
+        conn_id: str = "llmops_gateway",
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.region = region or "us-east-1"
+        self._api_key = api_key or None
+        self.guardrails = guardrails
+        self.conn_id = conn_id
+
+    def __repr__(self) -> str:  # never the key
+        return f"LocalGatewayBackend({self.url!r}, api_key={'set' if self._api_key else 'none'})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-api-key": self._api_key} if self._api_key else {}
 
     def _call(self, method: str, path: str, body: dict | None = None, missing_ok: bool = False):
         import httpx
 
         try:
-            response = httpx.request(method, f"{self.url}{path}", json=body, timeout=self.timeout)
+            response = httpx.request(
+                method, f"{self.url}{path}", json=body, headers=self._headers(), timeout=self.timeout
+            )
         except httpx.HTTPError as exc:
             raise DeploymentError(
                 f"the endpoint gateway at {self.url} is not reachable ({type(exc).__name__}: {exc});"
@@ -139,9 +168,15 @@ class LocalGatewayBackend:
             return None
         if response.status_code >= 400:
             try:
-                message = response.json().get("error", response.text)
-            except ValueError:
+                answer = response.json()
+                message = answer.get("error") or answer.get("message") or response.text
+            except (ValueError, AttributeError):
                 message = response.text
+            if response.status_code == 401:
+                raise DeploymentRejected(
+                    f"{method} {path}: the gateway at {self.url} refused the API key ({message}); make the password"
+                    f" of the Airflow connection {self.conn_id} (or LLMOPS_GATEWAY_API_KEY) a key it accepts"
+                )
             kind = DeploymentRejected if 400 <= response.status_code < 500 else DeploymentError
             raise kind(f"{method} {path}: {message}")
         return response.json()
@@ -153,6 +188,11 @@ class LocalGatewayBackend:
         return self._call("GET", f"/control/models/{name}", missing_ok=True)
 
     def create_endpoint_config(self, request: dict) -> dict:
+        if self.guardrails:
+            from serving.guardrails import TAG
+
+            tags = [t for t in request.get("Tags", []) if t.get("Key") != TAG]
+            request = {**request, "Tags": [*tags, {"Key": TAG, "Value": self.guardrails}]}
         return self._call("POST", "/control/endpoint-configs", request)
 
     def describe_endpoint(self, name: str) -> dict | None:
@@ -186,11 +226,13 @@ class LocalGatewayBackend:
         return windows
 
     def runtime(self):
-        """A boto3 ``sagemaker-runtime`` client pointed at the gateway (it checks no signature)."""
+        """A boto3 ``sagemaker-runtime`` client pointed at the gateway. The gateway checks no
+        signature; it checks the API key, which a handler adds to every request (``x-api-key``:
+        SigV4 takes the ``Authorization`` header)."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client(
+        client = boto3.client(
             "sagemaker-runtime",
             endpoint_url=self.url,
             region_name=self.region,
@@ -198,6 +240,14 @@ class LocalGatewayBackend:
             aws_secret_access_key="llmops-local",
             config=Config(retries={"max_attempts": 2, "mode": "standard"}, read_timeout=120),
         )
+        if self._api_key:
+            key = self._api_key
+
+            def send_key(request, **_):
+                request.headers["x-api-key"] = key
+
+            client.meta.events.register("before-sign.sagemaker-runtime.*", send_key)
+        return client
 
 
 def backend_for(settings: Settings):
@@ -206,7 +256,16 @@ def backend_for(settings: Settings):
         from llmops.backends.sagemaker_endpoint import SageMakerEndpointBackend
 
         return SageMakerEndpointBackend(settings)
-    return LocalGatewayBackend(settings.serving.gateway_url, region=settings.aws.region)
+    from llmops.backends.gateway_credentials import gateway_api_key
+
+    serving = settings.serving
+    return LocalGatewayBackend(
+        serving.gateway_url,
+        region=settings.aws.region,
+        api_key=gateway_api_key(serving.gateway_conn_id),
+        guardrails=serving.guardrails,
+        conn_id=serving.gateway_conn_id,
+    )
 
 
 def wait_in_service(backend, endpoint: str, config: str, timeout: float, poll: float = 1.0) -> dict:
@@ -326,9 +385,19 @@ def _version_info(version) -> dict:
     }
 
 
-def plan_rollout(settings: Settings, requested_version: str | None) -> dict:
+def plan_rollout(
+    settings: Settings, requested_version: str | None, run_key: str | None = None, log: Callable[[str], None] = print
+) -> dict:
     """What this rollout does: ``first_deploy`` (no champion yet), ``rollout`` (shadow, A/B,
-    promote or roll back) or ``nothing`` (with the reason)."""
+    promote or roll back) or ``nothing`` (with the reason). With the run's key, a finished
+    rollout's plan is the one it made (see ``finished_phase``)."""
+    if run_key is not None and (done := finished_phase(settings, run_key, "plan_rollout", log)) is not None:
+        return done
+    plan = _plan(settings, requested_version)
+    return record_phase(settings, run_key, "plan_rollout", plan) if run_key is not None else plan
+
+
+def _plan(settings: Settings, requested_version: str | None) -> dict:
     from mlflow.exceptions import MlflowException
 
     from llmops.tracking import client
@@ -622,6 +691,39 @@ def mean(values) -> float | None:
 # -- the rollout's steps (one per llm_rollout task) ---------------------------------------------
 
 
+# The phases that end a rollout with a verdict. A rollout that failed outright (restored by
+# ``restore_on_failure``) has not ended: clearing its tasks rolls it out again.
+CONCLUSIONS = ("promote", "roll_back")
+
+
+def _phase_uri(settings: Settings, run_key: str, phase: str) -> str:
+    from llmops.data.stages import run_folder
+
+    dag_id, _, run_id = run_key.partition("/")
+    return storage.join(run_folder(settings, run_id, dag_id), "phases", f"{phase}.json")
+
+
+def record_phase(settings: Settings, run_key: str, phase: str, result: dict) -> dict:
+    """Keep what a phase of this rollout run did, in the run's partition of the store; returns it."""
+    storage.write_json(_phase_uri(settings, run_key, phase), result)
+    return result
+
+
+def finished_phase(settings: Settings, run_key: str, phase: str, log: Callable[[str], None] = print) -> dict | None:
+    """What ``phase`` of this rollout run did, once the run has promoted or rolled back: a task of a
+    finished rollout, cleared and run again (even after later rollouts moved the endpoint on),
+    returns it and touches nothing; rolling out again is a new run. None while the rollout is under
+    way (or failed outright): the phase is done again, idempotently (configs named by the run,
+    waits for updates in progress)."""
+    if not any(storage.exists(_phase_uri(settings, run_key, p)) for p in CONCLUSIONS):
+        return None
+    uri = _phase_uri(settings, run_key, phase)
+    if not storage.exists(uri):
+        return None
+    log(f"{phase}: this rollout has ended; keeping what the phase did then ({uri})")
+    return storage.read_json(uri)
+
+
 def _tag_version(settings: Settings, version: str, tags: dict[str, object]) -> None:
     from llmops.tracking import client
 
@@ -655,6 +757,8 @@ def _now() -> str:
 
 def deploy_first(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
     """No champion yet: serve the candidate alone, and check it answers (a few catalog prompts)."""
+    if (done := finished_phase(settings, run_key, "deploy_champion", log)) is not None:
+        return done
     backend = backend_for(settings)
     candidate = plan["candidate"]
     name = serve_alone(settings, backend, candidate, "initial", run_key)
@@ -665,11 +769,14 @@ def deploy_first(settings: Settings, plan: dict, run_key: str, log: Callable[[st
         raise DeploymentError(
             f"the smoke test failed on {len(failed)} of {len(smoke)} requests: {failed[0].get('error')}"
         )
-    return {"config": name, "variant": variant_name(candidate["version"]), "smoke_requests": len(smoke)}
+    result = {"config": name, "variant": variant_name(candidate["version"]), "smoke_requests": len(smoke)}
+    return record_phase(settings, run_key, "deploy_champion", result)
 
 
 def deploy_shadow(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
     """The champion serves all traffic; the candidate receives a mirrored copy as the shadow."""
+    if (done := finished_phase(settings, run_key, "deploy_shadow", log)) is not None:
+        return done
     backend = backend_for(settings)
     champion, candidate = plan["champion"], plan["candidate"]
     ensure_models(settings, backend, [champion, candidate])
@@ -690,7 +797,7 @@ def deploy_shadow(settings: Settings, plan: dict, run_key: str, log: Callable[[s
         f"endpoint {plan['endpoint']}: champion {variant_name(champion['version'])} serves, "
         f"{variant_name(candidate['version'])} shadows it ({name})"
     )
-    return {"config": name, "status": described["EndpointStatus"]}
+    return record_phase(settings, run_key, "deploy_shadow", {"config": name, "status": described["EndpointStatus"]})
 
 
 def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: Callable[[str], None] = print) -> dict:
@@ -699,6 +806,8 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     from llmops.rollout import compare_shadow, decide_shadow
     from serving.capture import read_capture
 
+    if (done := finished_phase(settings, run_key, "compare_shadow", log)) is not None:
+        return done
     backend = backend_for(settings)
     endpoint = plan["endpoint"]
     mine, theirs = variant_name(plan["candidate"]["version"]), variant_name(plan["champion"]["version"])
@@ -749,12 +858,13 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
             "rollout.shadow.reasons": "; ".join(decision.reasons),
         },
     )
-    return {
+    result = {
         "comparison": comparison.to_dict(),
         "decision": decision.to_dict(),
         "replayed": len(results),
         "items": items,
     }
+    return record_phase(settings, run_key, "compare_shadow", result)
 
 
 def traffic_step(
@@ -765,11 +875,14 @@ def traffic_step(
     from llmops.rollout import check_guardrails, step_label, step_request_budget, step_weights
     from serving.capture import read_capture
 
+    label = step_label(share)
+    phase = f"shift_traffic_{label}"
+    if (done := finished_phase(settings, run_key, phase, log)) is not None:
+        return done
     backend = backend_for(settings)
     endpoint = plan["endpoint"]
     champion, candidate = plan["champion"]["version"], plan["candidate"]["version"]
     mine, theirs = variant_name(candidate), variant_name(champion)
-    label = step_label(share)
     described = backend.describe_endpoint(endpoint)
     production = {v["VariantName"] for v in (described or {}).get("ProductionVariants", [])}
     if mine not in production:
@@ -819,7 +932,7 @@ def traffic_step(
     decision = check_guardrails(
         label, window, judged, shadow["comparison"]["champion_judge_mean"], policy, judged_answers=scored
     )
-    return {
+    result = {
         "label": label,
         "share": share,
         "weights": weights,
@@ -829,6 +942,7 @@ def traffic_step(
         "replayed": len(results),
         "decision": decision.to_dict(),
     }
+    return record_phase(settings, run_key, phase, result)
 
 
 def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
@@ -836,6 +950,8 @@ def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], N
     ``champion`` alias moves to it, and both versions record where they serve."""
     from llmops.tracking import client
 
+    if (done := finished_phase(settings, run_key, "promote", log)) is not None:
+        return done
     backend = backend_for(settings)
     endpoint, candidate, previous = plan["endpoint"], plan["candidate"], plan["champion"]
     name = serve_alone(settings, backend, candidate, "final", run_key)
@@ -867,7 +983,8 @@ def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], N
             },
         )
     log(f"version {candidate['version']} is the {CHAMPION}, serving all traffic on {endpoint}")
-    return {"champion": candidate["version"], "previous": previous["version"] if previous else None, "config": name}
+    result = {"champion": candidate["version"], "previous": previous["version"] if previous else None, "config": name}
+    return record_phase(settings, run_key, "promote", result)
 
 
 def current_champion(settings: Settings) -> str | None:
@@ -896,6 +1013,8 @@ def roll_back(
     (re-created if it is gone). With ``reject`` (a failed check) the candidate is tagged rejected
     with the reasons and loses the ``challenger`` alias; without (the rollout itself failed) it is
     tagged failed and keeps the alias, so it can be rolled out again."""
+    if reject and (done := finished_phase(settings, run_key, "roll_back", log)) is not None:
+        return done
     backend = backend_for(settings)
     endpoint, candidate, champion = plan["endpoint"], plan["candidate"], plan["champion"]
     described = backend.describe_endpoint(endpoint)
@@ -923,12 +1042,15 @@ def roll_back(
     if reject:
         _drop_challenger_alias(settings, candidate["version"])
     log(f"version {candidate['version']} rolled back: " + "; ".join(reasons))
-    return {"rolled_back": candidate["version"], "reasons": reasons, "config": restored, "rejected": reject}
+    result = {"rolled_back": candidate["version"], "reasons": reasons, "config": restored, "rejected": reject}
+    # A verdict ends the rollout; a failure does not (clearing the failed tasks tries again).
+    return record_phase(settings, run_key, "roll_back", result) if reject else result
 
 
 def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases: dict) -> dict:
     """One MLflow run per rollout (in the model's experiment, keyed by the Airflow run): the
-    policy, the shadow comparison and every step's figures, linked from the candidate's version."""
+    policy, the shadow comparison and every step's figures, linked from the candidate's version.
+    The same record again logs nothing (a metric logged twice would show twice in its history)."""
     import mlflow
 
     from llmops.tracking import RUN_KEY, _find_run, client, ensure_experiment
@@ -937,6 +1059,8 @@ def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases
     experiment_id = ensure_experiment(mlflow_client, plan["model_name"], settings.mlflow.artifact_uri)
     run_key = f"{lineage['dag_id']}/{lineage['run_id']}"
     outcome = phases.get("outcome", "unknown")
+    record = json.dumps({"plan": plan, "policy": policy.model_dump(), **phases}, indent=1, default=str)
+    digest = hashlib.sha256(record.encode()).hexdigest()
     run = _find_run(mlflow_client, experiment_id, run_key)
     if run is None:
         run = mlflow_client.create_run(
@@ -983,14 +1107,16 @@ def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases
             metrics[f"{prefix}.p99_ms"] = window["p99_ms"]
         if step.get("judge_mean") is not None:
             metrics[f"{prefix}.judge_mean"] = step["judge_mean"]
-    stamp = int(time.time() * 1000)
-    mlflow_client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
-    mlflow_client.log_text(
-        run_id,
-        json.dumps({"plan": plan, "policy": policy.model_dump(), **phases}, indent=1, default=str),
-        "rollout/rollout.json",
-    )
-    mlflow_client.set_tag(run_id, "rollout.outcome", outcome)
-    mlflow_client.set_terminated(run_id, "FINISHED")
+    recorded = run.info.status == "FINISHED" and run.data.tags.get("llmops.record_sha256") == digest
+    if not recorded:
+        stamp = int(time.time() * 1000)
+        mlflow_client.log_batch(
+            run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+        )
+        mlflow_client.log_text(run_id, record, "rollout/rollout.json")
+        mlflow_client.set_tag(run_id, "rollout.outcome", outcome)
+        # The digest goes last: a run that has it holds the whole record.
+        mlflow_client.set_tag(run_id, "llmops.record_sha256", digest)
+        mlflow_client.set_terminated(run_id, "FINISHED")
     _tag_version(settings, plan["candidate"]["version"], {"rollout.mlflow_run_id": run_id, "rollout.outcome": outcome})
     return {"run_id": run_id, "outcome": outcome, "metrics": metrics}

@@ -147,7 +147,13 @@ def run_evaluation(
     )
     started = time.monotonic()
     result = backend.run(spec, on_line)
-    cost = estimate_cost("local", 1, time.monotonic() - started, settings.sagemaker.prices_per_hour)
+    # The cost is the job's that made the outputs: a re-run that reuses them reports that job's.
+    cost_uri = storage.join(backend.jobs_uri, name, "output", "cost.json")
+    if result.reused and storage.exists(cost_uri, storage_options):
+        cost = storage.read_json(cost_uri, storage_options)
+    else:
+        cost = estimate_cost("local", 1, time.monotonic() - started, settings.sagemaker.prices_per_hour)
+        storage.write_json(cost_uri, cost, storage_options)
     versions = evaluated_versions(candidate, champion, models)
     return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions, "cost": cost}
 
@@ -387,12 +393,24 @@ def _catalog_source(path: str):
         return HTTPDatasetSource(Path(path).resolve().as_uri())
 
 
-def promote_challenger(tracking_uri: str, model_name: str, version: str, approval: dict | None) -> dict:
-    """Point the ``challenger`` alias at ``version`` (nothing serves it yet: rollout does that)."""
+def promote_challenger(
+    tracking_uri: str, model_name: str, version: str, approval: dict | None, move: bool = True
+) -> dict:
+    """Point the ``challenger`` alias at ``version`` (nothing serves it yet: rollout does that),
+    unless it points there already. Without ``move`` (this run promoted it before, and the alias
+    may have moved on since: rollout drops it) only the result is made, as the first time."""
+    from mlflow.exceptions import MlflowException
+
     from llmops.tracking import client
 
-    mlflow_client = client(tracking_uri)
-    mlflow_client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+    if move:
+        mlflow_client = client(tracking_uri)
+        try:
+            current = str(mlflow_client.get_model_version_by_alias(model_name, CHALLENGER).version)
+        except MlflowException:
+            current = None
+        if current != str(version):
+            mlflow_client.set_registered_model_alias(model_name, CHALLENGER, str(version))
     return {"alias": CHALLENGER, "version": str(version), "approval": approval_status(approval)}
 
 

@@ -75,6 +75,54 @@ def fail_without_retry(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def event_recorded(context, asset, **extra) -> bool:
+    """Whether this DAG run has recorded an event of ``asset`` (an inlet of the task) whose extra
+    has these values. Airflow records an event for every try of a task with outlets that
+    succeeds, so a task that announces something looks first: a re-run must not announce twice.
+    Only this run's events count: another run's (a registry re-created since, counting its
+    versions from 1 again) say nothing about this one."""
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    return any(
+        event.source_dag_id == dag_id
+        and event.source_run_id == run_id
+        and all((event.extra or {}).get(k) == v for k, v in extra.items())
+        for event in context["inlet_events"][asset]
+    )
+
+
+def skip_as_done(context, result, reason: str):
+    """End a task whose event is recorded already: skipped (succeeding would record the event
+    again), with the XCom its first try returned, which downstream tasks and their re-runs read."""
+    from llmops.compat import AirflowSkipException
+
+    ti = context["ti"]
+    if getattr(ti.task, "multiple_outputs", False) and isinstance(result, dict):
+        for key, value in result.items():  # as a TaskFlow task returning a dict pushes it
+            ti.xcom_push(key=key, value=value)
+    ti.xcom_push(key="return_value", value=result)
+    raise AirflowSkipException(reason)
+
+
+def trigger_once_operator():
+    """``TriggerDagRunOperator`` for a run id fixed by the caller (one request per key, e.g. a
+    drift window). When that run exists, the stock operator with ``skip_when_already_exists``
+    skips and loses its ``trigger_run_id`` XCom, the UI's link to the run; this one keeps it, and
+    asks for nothing. Built on first use, so importing this module does not import the provider."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    from llmops.compat import AirflowSkipException
+
+    class TriggerOnceDagRunOperator(TriggerDagRunOperator):
+        def execute(self, context):
+            run_id = str(self.trigger_run_id or "")
+            if run_id and context["ti"].get_dr_count(dag_id=self.trigger_dag_id, run_ids=[run_id]):
+                context["ti"].xcom_push(key="trigger_run_id", value=run_id)
+                raise AirflowSkipException(f"{self.trigger_dag_id} run {run_id} exists: it was asked for already")
+            return super().execute(context)
+
+    return TriggerOnceDagRunOperator
+
+
 APPROVAL_RESPONSE_KEY = "response"
 
 

@@ -6,62 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from llmops.demo import return_value
 from llmops.tracking import CHALLENGER, CHAMPION, client
-from tests.dagruns import parsed_dag, task_states
-from tests.gateways import running_gateway
+from tests.dagruns import FAST_ROLLOUT, parsed_dag, rollout_stack, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
-
-FAST_ROLLOUT = {
-    "traffic_steps": [0.5, 1.0],
-    "replay_requests": 6,
-    "step_requests": 4,
-    "shadow": {"min_pairs": 4, "min_win_rate": 0.4, "max_error_rate": 0.0, "max_latency_ratio": 20.0},
-    "guardrails": {"min_invocations": 2, "max_error_rate": 0.0, "max_p99_latency_ms": 60000, "max_judge_drop": 1.0},
-}
 
 
 @pytest.fixture
 def stack(tmp_path, airflow_db, tiny_training_job, curated_dataset):
-    """A state folder with two registered versions of the same tiny adapter, the prompt catalog
-    synced, a running gateway, and a config with a short rollout policy."""
-    from llmops.config import INCLUDE_DIR
-    from llmops.prompts import sync_prompts
-    from llmops.tracking import record_training
-
-    home = tmp_path / "home"
-    home.mkdir()
-    config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
-    config["serving"] = {**config["serving"], "replay_max_new_tokens": 8, "rollout": FAST_ROLLOUT}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    tracking = f"sqlite:///{home}/mlflow.db"
-    sync_prompts(tracking)
-    dataset = {**curated_dataset, "name": curated_dataset["name"], "version": curated_dataset["version"]}
-    for run in ("train-1", "train-2"):
-        record_training(
-            tracking,
-            (home / "artifacts").as_uri(),
-            "python-docs-assistant",
-            tiny_training_job,
-            dataset,
-            {"peft_method": "lora"},
-            {"dag_id": "llm_finetune", "run_id": run, "git_sha": "test"},
-        )
-    with running_gateway(tmp_path / "gateway") as (url, _):
-        yield {
-            "home": str(home),
-            "url": url,
-            "tracking": tracking,
-            "env": {
-                "LLMOPS_HOME": str(home),
-                "MLFLOW_TRACKING_URI": tracking,
-                "LLMOPS_CONFIG_FILE": str(tmp_path / "config.yaml"),
-                "LLMOPS_GATEWAY_URL": url,
-            },
-        }
+    """Two registered versions of the same tiny adapter, a running gateway, a short rollout policy."""
+    with rollout_stack(tmp_path, tiny_training_job, curated_dataset) as built:
+        yield built
 
 
 def run_rollout(stack, **conf):
@@ -142,6 +99,7 @@ def test_first_deploy_then_a_challenger_is_promoted_through_shadow_and_ab(stack)
     assert "step.50pct.invocations" in recorded.data.metrics
 
 
+@pytest.mark.reliability("faults")
 def test_a_challenger_that_breaks_a_guardrail_is_rolled_back_at_the_first_step(stack):
     mlflow_client = client(stack["tracking"])
     mlflow_client.set_registered_model_alias("python-docs-assistant", CHALLENGER, "1")
