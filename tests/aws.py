@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -310,6 +312,99 @@ def emulated_processing(url: str, work_dir: Path):
 def emulated_training(url: str, work_dir: Path):
     """While open, ``CreateTrainingJob`` on the moto server at ``url`` runs the job (see above)."""
     return _emulating("create_training_job", "TrainingJobName", "training_jobs", TrainingEmulator(url, work_dir))
+
+
+def _processes_of_training_job(name: str) -> list[int]:
+    """Processes an emulated training job started (they carry its ``SM_TRAINING_JOB_NAME``)."""
+    marker = f"\0SM_TRAINING_JOB_NAME={name}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class StoppableTrainingEmulator(TrainingEmulator):
+    """``TrainingEmulator`` that also answers ``StopTrainingJob`` (moto has none) as SageMaker does:
+    the job goes Stopping, its processes get SIGTERM (until they are gone: a stop may come while
+    the channels still download), and it ends Stopped, with no ``FailureReason``, whatever its
+    script exited with."""
+
+    def __init__(self, url: str, work_dir: Path, timeout: float = 600):
+        super().__init__(url, work_dir, timeout)
+        self.stopped: set[str] = set()
+
+    @staticmethod
+    def running_process(name: str) -> bool:
+        """Whether the job's entry point is running now (a stop then reaches the script)."""
+        return bool(_processes_of_training_job(name))
+
+    def stop(self, job) -> None:
+        name = job.training_job_name
+        if job.training_job_status != "InProgress":
+            raise ValueError(f"training job {name} is {job.training_job_status}: only an InProgress job can be stopped")
+        self.stopped.add(name)
+        self._transition(job, "Stopping", "Stopping the training job")
+        job.training_job_status = "Stopping"
+
+        def terminate():
+            while job.training_job_status == "Stopping":
+                for pid in _processes_of_training_job(name):
+                    with suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=terminate, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _run(self, job, request: dict) -> None:
+        name = request["TrainingJobName"]
+        self._transition(job, "Training", "Training image download completed. Training in progress.")
+        started = time.monotonic()
+        try:
+            metrics, failure = self._train(request)
+        except Exception as exc:
+            metrics, failure = {}, f"InternalServerError: {type(exc).__name__}: {exc}"
+        seconds = int(time.monotonic() - started) + 1
+        job.training_time_in_seconds = job.billable_time_in_seconds = seconds
+        job.training_end_time = datetime.now(UTC)
+        now = datetime.now(UTC)
+        job.final_metric_data_list = [{"MetricName": k, "Value": v, "Timestamp": now} for k, v in metrics.items()]
+        if name in self.stopped:
+            self._transition(job, "Stopped", "Training job stopped by StopTrainingJob")
+            job.training_job_status = "Stopped"
+        elif failure:
+            job.failure_reason = failure[-1024:]
+            self._transition(job, "Failed", f"Training job failed. {job.failure_reason}")
+            job.training_job_status = "Failed"
+        else:
+            self._transition(job, "Completed", "Training job completed")
+            job.training_job_status = "Completed"
+
+
+@contextmanager
+def emulated_stoppable_training(url: str, work_dir: Path) -> Iterator[StoppableTrainingEmulator]:
+    """``emulated_training`` whose jobs ``StopTrainingJob`` stops (see ``StoppableTrainingEmulator``)."""
+    from moto.sagemaker.responses import SageMakerResponse
+
+    emulator = StoppableTrainingEmulator(url, work_dir)
+
+    def stop_training_job(self):
+        name = json.loads(self.body)["TrainingJobName"]
+        emulator.stop(self.sagemaker_backend.training_jobs[name])
+        return json.dumps({})
+
+    SageMakerResponse.stop_training_job = stop_training_job
+    try:
+        with _emulating("create_training_job", "TrainingJobName", "training_jobs", emulator):
+            yield emulator
+    finally:
+        del SageMakerResponse.stop_training_job
 
 
 @contextmanager

@@ -15,6 +15,19 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# The gateway's access settings from the environment: a test gateway gets only the ones it names.
+GATEWAY_POLICY_ENV = (
+    "LLMOPS_GATEWAY_API_KEY",
+    "LLMOPS_GATEWAY_API_KEYS_FILE",
+    "LLMOPS_GATEWAY_REQUIRE_AUTH",
+    "LLMOPS_GATEWAY_RATE_LIMIT",
+    "LLMOPS_GATEWAY_MAX_BODY_BYTES",
+    "LLMOPS_GATEWAY_MAX_NEW_TOKENS",
+    "LLMOPS_GATEWAY_MAX_INPUT_TOKENS",
+    "LLMOPS_GATEWAY_GUARDRAILS",
+    "LLMOPS_GATEWAY_MODEL_STORE",
+    "LLMOPS_GATEWAY_ALLOW_REMOTE_CONTAINERS",
+)
 
 
 def free_port() -> int:
@@ -38,7 +51,8 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
+    inherited = {k: v for k, v in os.environ.items() if k not in GATEWAY_POLICY_ENV}
+    return {**inherited, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
 
 
 @contextmanager
@@ -69,12 +83,21 @@ def _process(
 
 
 @contextmanager
-def running_gateway(state_dir: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``python -m serving.gateway`` on a free port; yields (its URL, the process). Leaving the
-    block stops it with SIGTERM, as a service manager would."""
+def running_gateway(
+    state_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m serving.gateway`` on a free port, with the flags ``extra`` and the environment
+    ``env`` on top of this process's (minus the gateway's access settings); yields (its URL, the
+    process). Leaving the block stops it with SIGTERM, as a service manager would.
+
+    Its model store is the test session's state folder, where every test's ``tmp_path`` lies,
+    unless ``extra`` names one (``--model-store``)."""
     port = free_port()
     command = [sys.executable, "-m", "serving.gateway", "--port", str(port), "--state-dir", str(state_dir), *extra]
-    with _process(command, f"http://127.0.0.1:{port}/ping", state_dir.parent / f"{state_dir.name}.log") as process:
+    if "--model-store" not in extra and not (env or {}).get("LLMOPS_GATEWAY_MODEL_STORE"):
+        command += ["--model-store", os.environ.get("LLMOPS_HOME") or str(ROOT / ".llmops")]
+    log = state_dir.parent / f"{state_dir.name}.log"
+    with _process(command, f"http://127.0.0.1:{port}/ping", log, env) as process:
         yield f"http://127.0.0.1:{port}", process
 
 
@@ -109,3 +132,19 @@ def wait_in_service(control: httpx.Client, endpoint: str, timeout: float = 120) 
             return described
         time.sleep(0.2)
     raise TimeoutError(f"endpoint {endpoint} not in service after {timeout}s")
+
+
+def runtime(url: str, read_timeout: float | None = None):
+    """The stock boto3 runtime client pointed at the gateway; no retries, so every error shows."""
+    import boto3
+    from botocore.config import Config
+
+    timeouts = {} if read_timeout is None else {"read_timeout": read_timeout}
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",  # pragma: allowlist secret
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, **timeouts),
+    )

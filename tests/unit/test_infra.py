@@ -62,6 +62,7 @@ def test_both_templates_are_there():
     assert [p.name for p in TEMPLATES] == ["foundation.yaml", "mwaa.yaml"]
 
 
+@pytest.mark.reliability("security")
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
 def test_cfn_lint_finds_nothing(path):
     """Errors, warnings and informational findings, in three Regions; no rule is ignored."""
@@ -82,6 +83,7 @@ def test_cfn_lint_catches_a_misspelt_action(tmp_path):
     assert [m.rule.id for m in matches] == ["W3037"]
 
 
+@pytest.mark.reliability("security")
 def test_policy_check_is_clean():
     findings, counts = iam.check_files(TEMPLATES)
     assert [str(f) for f in findings] == []
@@ -180,6 +182,7 @@ BAD_ROLE_STATEMENTS = {
 }
 
 
+@pytest.mark.reliability("security")
 @pytest.mark.parametrize("statement, expected", BAD_ROLE_STATEMENTS.values(), ids=list(BAD_ROLE_STATEMENTS))
 def test_checker_catches_bad_role_statements(tmp_path, statement, expected):
     messages = _findings(tmp_path, _role_template(statement))
@@ -311,6 +314,7 @@ def test_key_policies_allow_only_the_root_statement(tmp_path, principal, action,
         assert wanted in message
 
 
+@pytest.mark.reliability("security")
 def test_resource_and_trust_policies_may_not_allow_everyone(tmp_path):
     bucket = """
 Resources:
@@ -357,6 +361,7 @@ def test_foundation_parameters_and_outputs(foundation):
         assert foundation["Resources"][name]["Condition"] == "CreateMlflow"
 
 
+@pytest.mark.reliability("security")
 def test_bucket_is_versioned_encrypted_private_and_tls_only(foundation):
     resources = foundation["Resources"]
     bucket = resources["StoreBucket"]["Properties"]
@@ -607,6 +612,7 @@ MWAA_MUST_NOT = [
 ]
 
 
+@pytest.mark.reliability("security")
 @pytest.mark.parametrize("action, resource", MWAA_MUST_NOT, ids=[f"{a} {r or '*'}" for a, r in MWAA_MUST_NOT])
 def test_mwaa_role_grants_nothing_more(foundation, action, resource):
     assert not iam.role_allows(foundation, "MwaaExecutionRole", action, resource)
@@ -659,6 +665,7 @@ SAGEMAKER_MUST_NOT = [
 ]
 
 
+@pytest.mark.reliability("security")
 @pytest.mark.parametrize("action, resource", SAGEMAKER_MUST_NOT, ids=[f"{a} {r}" for a, r in SAGEMAKER_MUST_NOT])
 def test_sagemaker_role_grants_nothing_more(foundation, action, resource):
     assert not iam.role_allows(foundation, "SageMakerExecutionRole", action, resource)
