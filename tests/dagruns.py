@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,16 @@ def fast_config(folder: Path, gate: dict | None = None) -> Path:
     return path
 
 
+# A failed task's retry runs after this instead of the DAG's minute: dag.test() sleeps through the
+# delay, and no test is about its length.
+TEST_RETRY_DELAY = timedelta(seconds=1)
+
+
 @contextmanager
 def parsed_dag(dag_id: str, **env: str) -> Iterator:
-    """A DAG of ``dags/`` parsed with ``env`` set (its settings are read at parse time)."""
+    """A DAG of ``dags/`` parsed with ``env`` set (its settings are read at parse time), its
+    tasks' retry delay ``TEST_RETRY_DELAY``, its asset names freed (``free_asset_names``). Needs
+    the ``airflow_db`` fixture."""
     from airflow.dag_processing.dagbag import DagBag
 
     from llmops.config import PROJECT_ROOT, get_settings
@@ -48,10 +56,28 @@ def parsed_dag(dag_id: str, **env: str) -> Iterator:
         get_settings.cache_clear()
         bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
         assert not bag.import_errors, bag.import_errors
+        dag = bag.dags[dag_id]
+        for task in dag.tasks:
+            task.retry_delay = TEST_RETRY_DELAY
+        free_asset_names(dag)
         try:
-            yield bag.dags[dag_id]
+            yield dag
         finally:
             get_settings.cache_clear()
+
+
+def free_asset_names(dag) -> None:
+    """Free the names of ``dag``'s assets in the session's Airflow database, so that its next run
+    activates them with this store's URIs. Tests with stores of their own share one database, and
+    Airflow keeps a name active under one URI only: a task whose inlet or outlet is inactive fails
+    (which tests ran before in the same process depends on the order and on pytest-xdist)."""
+    from airflow.models.asset import AssetActive
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    names = {a.name for task in dag.tasks for a in (*task.inlets, *task.outlets) if hasattr(a, "uri")}
+    with create_session() as session:
+        session.execute(delete(AssetActive).where(AssetActive.name.in_(names)))
 
 
 def task_states(dag_run) -> dict[str, str]:

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -897,9 +896,7 @@ def sagemaker(tmp_path_factory, airflow_db):
         settings = load_settings()
         raw = write_jsonl(home / "raw.jsonl", good_records(60))
         stages.curate(settings, settings.data.model_copy(update={"raw_uri": str(raw)}))
-        with parsed_dag("llm_finetune", **env) as dag:
-            for task in dag.tasks:  # the retry is part of the case; its minute of waiting is not
-                task.retry_delay = timedelta(seconds=1)
+        with parsed_dag("llm_finetune", **env) as dag:  # its retry is part of the case, with a short delay
             yield {"url": url, "emulator": emulator, "dag": dag, "tracking": env["MLFLOW_TRACKING_URI"]}
 
 

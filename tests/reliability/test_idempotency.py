@@ -438,19 +438,6 @@ DATA_PREP_TASKS = [
 ]
 
 
-def _free_asset_names(dag) -> None:
-    """Earlier tests of the session registered this DAG's asset names with their own stores' URIs.
-    A name is active under one URI only, and Airflow fails a task whose inlet or outlet is inactive:
-    free the names, so that this run's sync activates its own."""
-    from airflow.models.asset import AssetActive
-    from airflow.utils.session import create_session
-    from sqlalchemy import delete
-
-    names = {a.name for task in dag.tasks for a in (*task.inlets, *task.outlets) if hasattr(a, "uri")}
-    with create_session() as session:
-        session.execute(delete(AssetActive).where(AssetActive.name.in_(names)))
-
-
 class TestLlmDataPrep(RerunEachTask):
     CASES = tuple(("run", t) for t in reversed(DATA_PREP_TASKS))
 
@@ -460,7 +447,6 @@ class TestLlmDataPrep(RerunEachTask):
         raw = write_jsonl(home / "raw.jsonl", good_records(40))
         env = {"LLMOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"}
         with parsed_dag("llm_data_prep", **env) as dag:
-            _free_asset_names(dag)
             finished = FinishedRun(dag, env, home)
             finished.start()
             run = dag.test(
