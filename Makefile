@@ -44,13 +44,19 @@ bootstrap: install
 demo: bootstrap
 	$(PY) -m llmops.demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a worker: most of its
+# time is spent waiting on servers and subprocesses, so two workers suit two cores.
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: bootstrap
-	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 # The reliability suite alone (it also runs within `make test`); the table goes to the terminal
 # and to .llmops/reliability/report.json.
 reliability: bootstrap
-	$(PY) -m pytest -m reliability $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m reliability $(PYTEST_ARGS)
 
 # Figures, not pass/fail: results go to benchmarks/results.{json,md}. BENCH=drift runs one.
 bench: bootstrap

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.reliability_report"]
+pytest_plugins = ["tests.reliability_report", "pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
+_loaded = [
+    name
+    for name in ("conftest", "tests.conftest")
+    if name != __name__ and getattr(sys.modules.get(name), "__file__", None) == __file__
+]
+if _loaded:
+    # pytest loads this file as "conftest"; importing it again as "tests.conftest" would make a
+    # second state folder and point the environment at it in the middle of the session.
+    raise ImportError(f"tests/conftest.py is loaded already (as {_loaded[0]}): import helpers from tests.* modules")
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
 (ROOT / ".llmops").mkdir(exist_ok=True)
@@ -26,6 +35,14 @@ os.environ["LLMOPS_ENV"] = "local"
 from llmops.localstack import apply_environment  # noqa: E402
 
 STACK_ENV = apply_environment(TEST_HOME)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        # A pytest-xdist worker: its tmp_path folders go under its own state folder, as in a
+        # single process (the stack loads models only from there), not under the controller's.
+        config.option.basetemp = str(TEST_HOME / "tmp" / "pytest")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -6,7 +6,7 @@ A case that moves records (captured requests, dataset rows, model versions) acco
 through the ``ledger`` fixture: ``ledger.expect(n)`` what had to arrive, ``ledger.deliver(n)`` what
 did; the difference is the case's records lost. A case may also report figures
 (``ledger.figure("p99_ms", 41.2)``) that the table prints next to it. The table goes to the
-terminal and to ``.llmops/reliability/report.json``.
+terminal and to ``.llmops/reliability/report.json`` (or ``$LLMOPS_RELIABILITY_REPORT``).
 
 A case that fails, errors or loses a record fails the run: the ledger is checked after the test
 body, so a case cannot pass with a record missing.
@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 CATEGORIES = ("bad data", "faults", "load", "idempotency", "security")
-REPORT = Path(__file__).resolve().parents[1] / ".llmops" / "reliability" / "report.json"
+REPORT = Path(
+    os.environ.get("LLMOPS_RELIABILITY_REPORT")
+    or Path(__file__).resolve().parents[1] / ".llmops" / "reliability" / "report.json"
+)
 
 
 @dataclass
@@ -60,7 +63,9 @@ class Ledger:
         self.case.figures[name] = round(value, 2) if isinstance(value, float) else value
 
 
-_cases: dict[str, Case] = {}
+_PROPERTY = "llmops_reliability_case"
+_cases: dict[str, Case] = {}  # the cases this process runs, by node id: the ledger writes here
+_reported: dict[str, Case] = {}  # the cases' outcomes as reported: the table reads these
 
 
 def _case_of(item) -> Case | None:
@@ -98,10 +103,22 @@ def ledger(request) -> Ledger:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Put the case's book on its reports, which is all that reaches the process that prints the
+    table when pytest-xdist runs the tests in workers."""
     report = yield
     case = _cases.get(item.nodeid)
-    if case is None:
-        return report
+    if case is not None:
+        book = {k: case.__dict__[k] for k in ("category", "name", "expected", "delivered", "figures")}
+        report.user_properties.append((_PROPERTY, book))
+    return report
+
+
+def pytest_runtest_logreport(report):
+    book = next((value for key, value in report.user_properties if key == _PROPERTY), None)
+    if book is None:
+        return
+    case = _reported.setdefault(report.nodeid, Case(book["category"], book["name"]))
+    case.expected, case.delivered, case.figures = book["expected"], book["delivered"], dict(book["figures"])
     if report.failed:
         case.outcome = "failed"
         crash = getattr(report.longrepr, "reprcrash", None)
@@ -112,11 +129,10 @@ def pytest_runtest_makereport(item, call):
         case.reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     elif report.when == "call" and report.passed:
         case.outcome = "passed"
-    return report
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    ran = [c for c in _cases.values() if c.outcome != "not run"]
+    ran = [c for c in _reported.values() if c.outcome != "not run"]
     if not ran:
         return
     write = terminalreporter.write_line
