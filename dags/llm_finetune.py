@@ -57,6 +57,7 @@ from llmops.orchestration import (
 
 SETTINGS = get_settings()
 DEFAULTS = SETTINGS.finetune.hyperparameters
+CHALLENGER_ASSET = challenger_asset(SETTINGS)
 
 
 def _hp(name: str, fallback):
@@ -531,8 +532,8 @@ def llm_finetune():
 
     @task(
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-        inlets=[challenger_asset(SETTINGS)],
-        outlets=[challenger_asset(SETTINGS)],
+        inlets=[CHALLENGER_ASSET],
+        outlets=[CHALLENGER_ASSET],
     )
     def promote_challenger(request: dict, registered: dict) -> dict:
         from llmops.compat import AirflowSkipException
@@ -543,7 +544,7 @@ def llm_finetune():
         if request["require_approval"] and approval_status(approval)["status"] != "approved":
             # e.g. the approval task was marked skipped or successful by hand: no answer, no promotion.
             raise AirflowSkipException("approval was required and not given")
-        asset, version = challenger_asset(SETTINGS), registered["version"]
+        asset, version = CHALLENGER_ASSET, registered["version"]
         announced = event_recorded(context, asset, model_name=registered["model_name"], version=version)
         promoted = promote_challenger(
             SETTINGS.mlflow.tracking_uri, registered["model_name"], version, approval, move=not announced

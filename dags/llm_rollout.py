@@ -71,7 +71,12 @@ def _context() -> tuple[dict, object, str]:
         _skip("nothing to roll out")
     params = context["params"]
     policy = SETTINGS.serving.policy({POLICY_PARAMS[k]: params[k] for k in POLICY_PARAMS if params.get(k) is not None})
-    return plan, policy, f"{context['dag'].dag_id}/{context['run_id']}"
+    return plan, policy, _run_key(context)
+
+
+def _run_key(context) -> str:
+    """The key a rollout's steps record what they did under: this DAG run."""
+    return f"{context['dag'].dag_id}/{context['run_id']}"
 
 
 def _skip(reason: str):
@@ -152,8 +157,7 @@ def llm_rollout():
         from llmops.deployment import plan_rollout
 
         context = get_current_context()
-        run_key = f"{context['dag'].dag_id}/{context['run_id']}"
-        plan = plan_rollout(SETTINGS, context["params"]["model_version"] or None, run_key, _log)
+        plan = plan_rollout(SETTINGS, context["params"]["model_version"] or None, _run_key(context), _log)
         _log(f"{plan['action']}: {plan['reason']}")
         if plan["action"] == "nothing":
             _skip(plan["reason"])
@@ -270,8 +274,7 @@ def llm_rollout():
                 f"version {plan['candidate']['version']} was promoted, then {', '.join(failed)} failed;"
                 " nothing was rolled back"
             )
-        run_key = f"{context['dag'].dag_id}/{context['run_id']}"
-        roll_back(SETTINGS, plan, run_key, [f"the rollout failed at {', '.join(failed)}"], _log, reject=False)
+        roll_back(SETTINGS, plan, _run_key(context), [f"the rollout failed at {', '.join(failed)}"], _log, reject=False)
         what = "the champion serves all traffic" if plan["champion"] else "nothing serves yet"
         raise AirflowFailException(f"rollout failed at {', '.join(failed)}; {what}")
 

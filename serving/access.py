@@ -217,7 +217,7 @@ class _S3Root:
 
 
 def _local(url: str) -> Path:
-    return Path(url.removeprefix("file://")) if url.startswith("file://") else Path(url)
+    return Path(url.removeprefix("file://"))
 
 
 def _split_s3(url: str) -> tuple[str, str]:
@@ -290,13 +290,14 @@ class ModelStore:
         if not any(root.holds(bucket, key) for root in self.s3):
             raise self._refuse(model, url, "is outside the store")
 
-    def check_model_data(self, model: str, url: str) -> None:
+    def check_model_data(self, model: str, url: str) -> Path | None:
+        """``SourceRefused`` unless ``url`` lies in the store; the resolved path of a local one, None for S3."""
         if url.startswith("s3://"):
             self.check_s3(model, url)
-        elif url.startswith("file://") or "://" not in url:
-            self.local_source(model, url)
-        else:
-            raise self._refuse(model, url, f"has the scheme {url.split('://', 1)[0]}:// (allowed: file://, s3://)")
+            return None
+        if url.startswith("file://") or "://" not in url:
+            return self.local_source(model, url)
+        raise self._refuse(model, url, f"has the scheme {url.split('://', 1)[0]}:// (allowed: file://, s3://)")
 
     def check_container_url(self, model: str, url: str) -> None:
         if self.allow_remote_containers:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_BODY_BYTES = 1_000_000
 MAX_NEW_TOKENS = 2048  # what Parameters accepts at all
+MAX_INPUT_TOKENS = 1 << 24  # the highest prompt-token cap an operator may set
 
 
 class ChatMessage(BaseModel):
@@ -117,7 +118,7 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
     if max_wait_ms is None:
         max_wait_ms = _setting("LLMOPS_BATCH_WAIT_MS", 5.0, float)
     new_tokens_cap = _cap("LLMOPS_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
-    input_tokens_cap = _cap("LLMOPS_MAX_INPUT_TOKENS", 1 << 24)
+    input_tokens_cap = _cap("LLMOPS_MAX_INPUT_TOKENS", MAX_INPUT_TOKENS)
     state: dict = {}
 
     @asynccontextmanager

@@ -204,12 +204,8 @@ class VariantServer:
 
     def _model_dir(self) -> Path:
         source = self.model.PrimaryContainer.ModelDataUrl
-        path = None
         try:  # again: the model may predate the store's current roots, or a link may have changed
-            if source.startswith("file://") or "://" not in source:
-                path = self.store.local_source(self.model.ModelName, source)
-            else:
-                self.store.check_model_data(self.model.ModelName, source)
+            path = self.store.check_model_data(self.model.ModelName, source)
         except SourceRefused as exc:
             raise ControlError(400, str(exc)) from None
         if path is not None:
@@ -225,13 +221,11 @@ class VariantServer:
             partial = target / f".model.tar.gz.{uuid.uuid4().hex}"
             if path is not None:
                 shutil.copyfile(path, partial)
-            elif source.startswith("s3://"):
+            else:  # the store admits no other scheme than s3://
                 import boto3
 
                 bucket, _, key = source.removeprefix("s3://").partition("/")
                 boto3.client("s3").download_file(bucket, key, str(partial))
-            else:
-                raise ControlError(400, f"model {self.model.ModelName}: cannot fetch {source}")
             partial.replace(tarball)
         return target
 
@@ -392,10 +386,10 @@ class Limits:
     def __post_init__(self):
         if not 1 <= self.max_body_bytes <= MAX_PAYLOAD_BYTES:
             raise ValueError(f"max_body_bytes must be between 1 and {MAX_PAYLOAD_BYTES} (SageMaker's cap)")
-        from serving.app import MAX_NEW_TOKENS
+        from serving.app import MAX_INPUT_TOKENS, MAX_NEW_TOKENS
 
         # The model servers refuse to start with a cap they cannot honour: say so here, once.
-        for name, highest in (("max_new_tokens", MAX_NEW_TOKENS), ("max_input_tokens", 1 << 24)):
+        for name, highest in (("max_new_tokens", MAX_NEW_TOKENS), ("max_input_tokens", MAX_INPUT_TOKENS)):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= highest:
                 raise ValueError(f"{name} must be between 1 and {highest}, got {value}")
@@ -610,10 +604,7 @@ class Gateway:
                 self.store.check_container_url(name, container.ContainerUrl)
                 return
             source = container.ModelDataUrl
-            local = source.startswith("file://") or "://" not in source
-            path = self.store.local_source(name, source) if local else None
-            if not local:
-                self.store.check_model_data(name, source)
+            path = self.store.check_model_data(name, source)
         except SourceRefused as exc:
             log.warning("refused CreateModel: %s", exc)
             raise ControlError(400, str(exc)) from None

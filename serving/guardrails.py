@@ -42,9 +42,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-Mode = Literal["off", "flag", "block"]
 MODES: tuple[str, ...] = ("off", "flag", "block")
 TAG = "llmops:guardrails"  # an endpoint config's tag that sets its mode
 

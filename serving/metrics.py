@@ -97,10 +97,6 @@ class RefusalCounters:
             for finding in rules:
                 table[finding.rule] = table.get(finding.rule, 0) + 1
 
-    def count(self, reason: str) -> int:
-        with self._lock:
-            return self._counts.get(reason, 0)
-
     def summary(self) -> dict:
         with self._lock:
             return {**self._counts, "Rules": {side: dict(rules) for side, rules in self._rules.items()}}

@@ -469,11 +469,7 @@ def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None
         raise ModelLoadError(f"model folder {model_dir} does not exist (set SM_MODEL_DIR)")
     root = _unpack(model_dir)
     adapters = _adapter_folders(root)
-    if adapters:
-        base = _base_model(root, adapters, base_model or os.environ.get("LLMOPS_BASE_MODEL"))
-    else:
-        _check_files(root, root)
-        base = str(root)
+    base = _base_model(root, adapters, base_model or os.environ.get("LLMOPS_BASE_MODEL")) if adapters else str(root)
     # The folder is checked before torch is imported: a wrong folder fails in a fraction of a second.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -97,7 +97,8 @@ def skip_as_done(context, result, reason: str):
 
     ti = context["ti"]
     if getattr(ti.task, "multiple_outputs", False) and isinstance(result, dict):
-        for key, value in result.items():  # as a TaskFlow task returning a dict pushes it
+        # as a TaskFlow task returning a dict pushes it (``-> dict`` makes multiple_outputs true)
+        for key, value in result.items():
             ti.xcom_push(key=key, value=value)
     ti.xcom_push(key="return_value", value=result)
     raise AirflowSkipException(reason)

@@ -215,7 +215,8 @@ def _log_training_run(
         run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
     )
     with tempfile.TemporaryDirectory(prefix="llmops-mlflow-") as tmp:
-        model_dir = extract_model(storage.read_bytes(job["model_artifact_uri"], storage_options), Path(tmp) / "model")
+        artifact = job["model_artifact_uri"]
+        model_dir = extract_model(storage.read_bytes(artifact, storage_options), Path(tmp) / "model", name=artifact)
         history = json.loads((model_dir / "metrics.json").read_text())["history"]
         _log_history(mlflow_client, run_id, history)
         final = {k: v for k, v in job["metrics"].items() if isinstance(v, (int, float))}
@@ -288,10 +289,6 @@ def _log_history(mlflow_client, run_id: str, history: list[dict]) -> None:
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
 
 
-def _error_code(exc) -> str:
-    return getattr(exc, "error_code", "")
-
-
 def _ensure_registered_model(mlflow_client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -299,12 +296,12 @@ def _ensure_registered_model(mlflow_client, name: str) -> None:
         mlflow_client.get_registered_model(name)
         return
     except MlflowException as exc:
-        if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # the server is down or refused: not a reason to create anything
     try:
         mlflow_client.create_registered_model(name, description="Fine-tuned model of the llmops use case.")
     except MlflowException as exc:
-        if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent or lost-reply attempt
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent or lost-reply attempt
             raise
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-KEY_VARIABLE = "LLMOPS_GATEWAY_API_KEY"
+from llmops.localstack import GATEWAY_KEY_ENV
 
 
 def gateway_api_key(conn_id: str | None) -> str | None:
@@ -27,7 +27,7 @@ def gateway_api_key(conn_id: str | None) -> str | None:
             key = BaseHook.get_connection(conn_id).password or None
         except AirflowNotFoundException:
             key = None
-    key = key or os.environ.get(KEY_VARIABLE) or None
+    key = key or os.environ.get(GATEWAY_KEY_ENV) or None
     if key:
         try:
             from airflow.sdk.log import mask_secret

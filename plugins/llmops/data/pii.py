@@ -24,16 +24,9 @@ from typing import NamedTuple
 
 from serving.guardrails import PII_PATTERNS, SECRET_TOKEN_LENGTH, luhn_ok
 
-PII_TYPES: tuple[str, ...] = ("EMAIL", "PHONE", "IP_ADDRESS", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "CARD_NUMBER")
-
 # The patterns live with the gateway's guardrails (``serving`` ships to the model container,
 # which has no ``llmops``), so curation and serving find the same PII.
-_EMAIL = PII_PATTERNS["EMAIL"]
-_PHONE = PII_PATTERNS["PHONE"]
-_IP_ADDRESS = PII_PATTERNS["IP_ADDRESS"]
-_AWS_ACCESS_KEY = PII_PATTERNS["AWS_ACCESS_KEY"]
-_AWS_SECRET_KEY = PII_PATTERNS["AWS_SECRET_KEY"]
-_CARD = PII_PATTERNS["CARD_NUMBER"]
+PII_TYPES: tuple[str, ...] = tuple(PII_PATTERNS)
 
 
 class _Detector(NamedTuple):
@@ -45,12 +38,12 @@ class _Detector(NamedTuple):
 
 
 _DETECTORS: tuple[_Detector, ...] = (
-    _Detector("EMAIL", re.compile(_EMAIL)),
-    _Detector("PHONE", re.compile(_PHONE)),
-    _Detector("IP_ADDRESS", re.compile(_IP_ADDRESS)),
-    _Detector("AWS_ACCESS_KEY", re.compile(_AWS_ACCESS_KEY)),
-    _Detector("AWS_SECRET_KEY", re.compile(_AWS_SECRET_KEY), tail=SECRET_TOKEN_LENGTH),
-    _Detector("CARD_NUMBER", re.compile(_CARD), accept=luhn_ok),
+    _Detector("EMAIL", re.compile(PII_PATTERNS["EMAIL"])),
+    _Detector("PHONE", re.compile(PII_PATTERNS["PHONE"])),
+    _Detector("IP_ADDRESS", re.compile(PII_PATTERNS["IP_ADDRESS"])),
+    _Detector("AWS_ACCESS_KEY", re.compile(PII_PATTERNS["AWS_ACCESS_KEY"])),
+    _Detector("AWS_SECRET_KEY", re.compile(PII_PATTERNS["AWS_SECRET_KEY"]), tail=SECRET_TOKEN_LENGTH),
+    _Detector("CARD_NUMBER", re.compile(PII_PATTERNS["CARD_NUMBER"]), accept=luhn_ok),
 )
 
 # One pattern per type, in PII_TYPES order.
