@@ -144,6 +144,10 @@ class TrainingEmulator:
         job.training_end_time = datetime.now(UTC)
         now = datetime.now(UTC)
         job.final_metric_data_list = [{"MetricName": k, "Value": v, "Timestamp": now} for k, v in metrics.items()]
+        self._end(job, request["TrainingJobName"], failure)
+
+    def _end(self, job, name: str, failure: str | None) -> None:
+        """The job's final status."""
         if failure:
             job.failure_reason = failure[-1024:]
             self._transition(job, "Failed", f"Training job failed. {job.failure_reason}")
@@ -362,29 +366,12 @@ class StoppableTrainingEmulator(TrainingEmulator):
         thread.start()
         self.threads.append(thread)
 
-    def _run(self, job, request: dict) -> None:
-        name = request["TrainingJobName"]
-        self._transition(job, "Training", "Training image download completed. Training in progress.")
-        started = time.monotonic()
-        try:
-            metrics, failure = self._train(request)
-        except Exception as exc:
-            metrics, failure = {}, f"InternalServerError: {type(exc).__name__}: {exc}"
-        seconds = int(time.monotonic() - started) + 1
-        job.training_time_in_seconds = job.billable_time_in_seconds = seconds
-        job.training_end_time = datetime.now(UTC)
-        now = datetime.now(UTC)
-        job.final_metric_data_list = [{"MetricName": k, "Value": v, "Timestamp": now} for k, v in metrics.items()]
+    def _end(self, job, name: str, failure: str | None) -> None:
         if name in self.stopped:
             self._transition(job, "Stopped", "Training job stopped by StopTrainingJob")
             job.training_job_status = "Stopped"
-        elif failure:
-            job.failure_reason = failure[-1024:]
-            self._transition(job, "Failed", f"Training job failed. {job.failure_reason}")
-            job.training_job_status = "Failed"
         else:
-            self._transition(job, "Completed", "Training job completed")
-            job.training_job_status = "Completed"
+            super()._end(job, name, failure)
 
 
 @contextmanager

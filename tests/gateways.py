@@ -134,8 +134,9 @@ def wait_in_service(control: httpx.Client, endpoint: str, timeout: float = 120) 
     raise TimeoutError(f"endpoint {endpoint} not in service after {timeout}s")
 
 
-def runtime(url: str, read_timeout: float | None = None):
-    """The stock boto3 runtime client pointed at the gateway; no retries, so every error shows."""
+def runtime(url: str, read_timeout: float | None = None, attempts: int = 1):
+    """The stock boto3 runtime client pointed at the gateway; no retries by default, so every error
+    shows (any AWS credentials: the gateway checks API keys, not signatures)."""
     import boto3
     from botocore.config import Config
 
@@ -146,5 +147,5 @@ def runtime(url: str, read_timeout: float | None = None):
         region_name="us-east-1",
         aws_access_key_id="test",
         aws_secret_access_key="test",  # pragma: allowlist secret
-        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, **timeouts),
+        config=Config(retries={"total_max_attempts": attempts, "mode": "standard"}, **timeouts),
     )

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.dagruns import MODEL_NAME
 from tests.gateways import runtime as gateway_runtime
 from tests.integration.conftest import curated_dataset, tiny_model, tiny_training_job  # noqa: F401  (fixtures)
-from tests.integration.test_training_entrypoint import ROOT, _job_env, _train_cmd
+from tests.integration.test_training_entrypoint import ROOT, _job_env, _run_job, _train_cmd
 
 pytestmark = [pytest.mark.model]
-
-MODEL_NAME = "python-docs-assistant"  # the registered model of every case here
 
 
 # -- training killed at a random step --------------------------------------------------------------
@@ -75,15 +74,7 @@ def _resume_cmd(base: Path) -> list[str]:
 
 
 def _train_to_the_end(job: Path, dataset: dict, base: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        _resume_cmd(base),
-        env=_job_env(job, dataset),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _run_job(job, dataset, _resume_cmd(base))
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

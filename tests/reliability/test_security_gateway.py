@@ -19,14 +19,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from serving.capture import CapturedRecord, read_capture
 from tests.gateways import running_fake, running_gateway, wait_in_service
+from tests.gateways import runtime as runtime_client
 
 pytestmark = [pytest.mark.reliability("security"), pytest.mark.integration]
 
@@ -122,17 +121,6 @@ def sentinel(gw: Gateway, endpoint: str) -> str:
     inference_id = f"sentinel-{uuid.uuid4().hex[:8]}"
     ok(gw.invoke(endpoint, {"inputs": "How do I reverse a list?"}, **{"x-amzn-sagemaker-inference-id": inference_id}))
     return inference_id
-
-
-def runtime_client(url: str, attempts: int = 1):
-    """The stock boto3 runtime client (any AWS credentials: the gateway checks API keys, not
-    signatures; see the autouse fixture)."""
-    return boto3.client(
-        "sagemaker-runtime",
-        endpoint_url=url,
-        region_name="us-east-1",
-        config=Config(retries={"total_max_attempts": attempts, "mode": "standard"}),
-    )
 
 
 # -- fixtures -----------------------------------------------------------------------------------
