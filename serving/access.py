@@ -192,7 +192,7 @@ class RateLimiter:
 # Variables that decide which code, libraries and model files a model server process loads, and
 # the limits it loads them under: the operator's settings, never a model's.
 _LOADER_VARIABLES = re.compile(
-    r"^(?:LD_|DYLD_|PYTHON|SAGEMAKER_BIND_TO_PORT$|SM_MODEL_DIR$|PORT$|LLMOPS_SERVING_HOST$"
+    r"^(?:LD_|DYLD_|PYTHON|SAGEMAKER_BIND_TO_PORT$|SM_MODEL_DIR$|PORT$|LLMOPS_SERVING_HOST$|LLMOPS_SERVING_FD$"
     r"|LLMOPS_BASE_MODEL$|LLMOPS_BASE_MODEL_ROOTS$|LLMOPS_MODELS_DIR$|LLMOPS_HOME$|LLMOPS_MAX_MODEL_"
     r"|LLMOPS_MAX_NEW_TOKENS$|LLMOPS_MAX_INPUT_TOKENS$)"
 )

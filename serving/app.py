@@ -9,6 +9,10 @@
 
     SM_MODEL_DIR=/path/to/model python -m serving.app      # port: SAGEMAKER_BIND_TO_PORT or PORT, default 8080
 
+A parent that has already bound a socket for the server (the endpoint gateway does, so no other
+process can take the port while the model loads) passes it as ``LLMOPS_SERVING_FD``, an inherited
+file descriptor; the port settings are then ignored.
+
 Concurrent requests are batched (``serving.model.Batcher``): ``LLMOPS_MAX_BATCH_SIZE`` (default 8;
 1 serves one request at a time) and ``LLMOPS_BATCH_WAIT_MS`` (default 5), how long the first
 request of a batch waits for company when the model is idle.
@@ -190,6 +194,16 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
 def main() -> None:
     import uvicorn
 
+    inherited = os.environ.get("LLMOPS_SERVING_FD")
+    if inherited:
+        import socket
+
+        try:
+            sock = socket.socket(fileno=int(inherited))  # family and type read from the descriptor
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"LLMOPS_SERVING_FD={inherited!r} is not an open socket: {exc}") from None
+        uvicorn.Server(uvicorn.Config(create_app(), log_level="info")).run(sockets=[sock])
+        return
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("PORT") or 8080)
     uvicorn.run(create_app(), host=os.environ.get("LLMOPS_SERVING_HOST", "0.0.0.0"), port=port, log_level="info")
 

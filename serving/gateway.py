@@ -172,10 +172,13 @@ class Upstream:
             await self.session.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _bound_socket() -> socket.socket:
+    """A loopback socket on a port the kernel picks, bound but not listening: the model server
+    inherits it and listens once its model is loaded. A port merely found free and handed over by
+    number can be taken by any other process (an outgoing connection, too) while the model loads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 class VariantServer:
@@ -237,29 +240,30 @@ class VariantServer:
             except SourceRefused as exc:
                 raise ControlError(400, str(exc)) from None
         if self.process is None and not container.ContainerUrl:
-            port = _free_port()
-            self.url = f"http://127.0.0.1:{port}"
-            env = {
-                **os.environ,
-                **self.model.PrimaryContainer.Environment,
-                **self.limits_env,  # the operator's caps win over a model's own
-                "SM_MODEL_DIR": str(await asyncio.to_thread(self._model_dir)),
-                "PORT": str(port),
-                "LLMOPS_SERVING_HOST": "127.0.0.1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-            }
-            for name in ("SAGEMAKER_BIND_TO_PORT", "LLMOPS_GATEWAY_API_KEY", "LLMOPS_GATEWAY_API_KEYS_FILE"):
-                env.pop(name, None)  # the gateway's own; a model server has no use for its keys
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "ab") as out:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "serving.app"],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=PROJECT_ROOT,
-                    start_new_session=True,
-                )
+            model_dir = await asyncio.to_thread(self._model_dir)
+            with _bound_socket() as sock:  # the server has its own copy once started
+                self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+                env = {
+                    **os.environ,
+                    **self.model.PrimaryContainer.Environment,
+                    **self.limits_env,  # the operator's caps win over a model's own
+                    "SM_MODEL_DIR": str(model_dir),
+                    "LLMOPS_SERVING_FD": str(sock.fileno()),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+                }
+                for name in ("SAGEMAKER_BIND_TO_PORT", "LLMOPS_GATEWAY_API_KEY", "LLMOPS_GATEWAY_API_KEYS_FILE"):
+                    env.pop(name, None)  # the gateway's own; a model server has no use for its keys
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "ab") as out:
+                    self.process = subprocess.Popen(
+                        [sys.executable, "-m", "serving.app"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=PROJECT_ROOT,
+                        start_new_session=True,
+                        pass_fds=(sock.fileno(),),
+                    )
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.pid_file.write_text(str(self.process.pid))
             log.info("variant %s: model server pid %s on %s", self.key, self.process.pid, self.url)

@@ -76,7 +76,6 @@ def test_a_folder_without_a_model_is_refused_with_what_is_missing(tmp_path):
 
 def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model):
     import os
-    import socket
     import subprocess
     import sys
     import time
@@ -84,10 +83,9 @@ def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model)
     import requests
 
     from llmops.config import PROJECT_ROOT
+    from tests.gateways import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "SM_MODEL_DIR": str(model_dir),
@@ -113,6 +111,67 @@ def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_server_process_serves_on_a_socket_it_inherits(model_dir, tiny_model):
+    """As the gateway starts it: the port is bound before the process starts, so nothing else can
+    take it while the model loads, and the server listens on it once loaded."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from llmops.config import PROJECT_ROOT
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "SM_MODEL_DIR": str(model_dir),
+            "LLMOPS_SERVING_FD": str(sock.fileno()),
+            "PORT": "1",  # ignored: the inherited socket wins
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "serving.app"], env=env, cwd=PROJECT_ROOT, pass_fds=(sock.fileno(),)
+        )
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as intruder, pytest.raises(OSError):
+            intruder.bind(("127.0.0.1", port))  # held by the server, loaded or not
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, "the server exited"
+            time.sleep(0.5)
+        response = requests.post(f"{url}/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+        assert response.status_code == 200 and response.json()["completion_tokens"] <= 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_an_inherited_descriptor_that_is_no_socket_is_refused_by_name(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from llmops.config import PROJECT_ROOT
+
+    env = {**os.environ, "SM_MODEL_DIR": str(tmp_path), "LLMOPS_SERVING_FD": "987", "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.app"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "LLMOPS_SERVING_FD='987' is not an open socket" in done.stderr
 
 
 def test_a_batch_answers_as_each_request_would_alone(model_dir):
