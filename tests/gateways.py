@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,8 +31,34 @@ GATEWAY_POLICY_ENV = (
 )
 
 
+_PICK = random.SystemRandom()  # never the seeded global generator: two workers would pick alike
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port nothing is bound to, outside the kernel's ephemeral range.
+
+    A port the kernel hands out (``bind(0)``, and every outgoing connection) and the test releases
+    can be handed out again before the process it starts binds it: with a load test in the next
+    worker, that happened. Ports outside the range are handed out by no one but this function."""
+    low, high = _ephemeral_range()
+    spans = [span for span in ((10_000, low), (high + 1, 65_536)) if span[1] - span[0] >= 1_000]
+    for _ in range(200 if spans else 0):
+        port = _PICK.randrange(*_PICK.choice(spans))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # the range covers nearly all
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -9,7 +9,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import yaml
 
 from llmops.config import INCLUDE_DIR, PROJECT_ROOT
 from llmops.localstack import environment
+from tests.gateways import free_port
 
 PG_HOST = os.environ.get("LLMOPS_E2E_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("LLMOPS_E2E_PG_PORT", "5432"))
@@ -72,12 +72,6 @@ def postgres_url() -> Iterator[str]:
             )
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
         connection.close()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = LOG_TAIL) -> str:
@@ -248,7 +242,7 @@ def _require_async_driver() -> None:
 def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
     _require_async_driver()
     home = tmp_path_factory.mktemp("e2e-home").resolve()
-    port = _free_port()
+    port = free_port()
     (home / "mlflow").mkdir()
     (home / "tmp").mkdir()
     config = yaml.safe_load((INCLUDE_DIR / "config" / "local.yaml").read_text())
@@ -263,11 +257,11 @@ def airflow_stack(postgres_url, tmp_path_factory) -> Iterator[AirflowStack]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_url,
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         "AIRFLOW__API__PORT": str(port),
-        "LLMOPS_GATEWAY_URL": f"http://127.0.0.1:{_free_port()}",
+        "LLMOPS_GATEWAY_URL": f"http://127.0.0.1:{free_port()}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         # The scheduler serves task logs on a fixed port (8793) by default: a stack from
         # ``make up`` or a second test session would collide with it.
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         # Only the runs this test triggers: no cron run on unpausing llm_finetune, and no
         # asset-triggered run (default hyperparameters, the real base model) after llm_data_prep
         # publishes; with max_active_runs=1 either would hold the test's own run back for minutes.
