@@ -78,12 +78,11 @@ def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model)
     import os
     import subprocess
     import sys
-    import time
 
     import requests
 
     from llmops.config import PROJECT_ROOT
-    from tests.gateways import free_port
+    from tests.gateways import free_port, wait_http
 
     port = free_port()
     env = {
@@ -96,15 +95,7 @@ def test_the_server_process_listens_on_the_sagemaker_port(model_dir, tiny_model)
     server = subprocess.Popen([sys.executable, "-m", "serving.app"], env=env, cwd=PROJECT_ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, "the server exited"
-            time.sleep(0.5)
+        wait_http(f"{url}/ping", server, timeout=120)
         response = requests.post(f"{url}/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
         assert response.status_code == 200 and response.json()["completion_tokens"] <= 2
         assert requests.post(f"{url}/invocations", data=b"nope", timeout=10).status_code == 400
@@ -120,11 +111,11 @@ def test_the_server_process_serves_on_a_socket_it_inherits(model_dir, tiny_model
     import socket
     import subprocess
     import sys
-    import time
 
     import requests
 
     from llmops.config import PROJECT_ROOT
+    from tests.gateways import wait_http
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -143,15 +134,7 @@ def test_the_server_process_serves_on_a_socket_it_inherits(model_dir, tiny_model
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as intruder, pytest.raises(OSError):
             intruder.bind(("127.0.0.1", port))  # held by the server, loaded or not
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, "the server exited"
-            time.sleep(0.5)
+        wait_http(f"{url}/ping", server, timeout=120)
         response = requests.post(f"{url}/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
         assert response.status_code == 200 and response.json()["completion_tokens"] <= 2
     finally:
