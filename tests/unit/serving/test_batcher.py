@@ -27,6 +27,15 @@ class SlowModel:
         return [{"generated_text": f"{r.adapter}:{r.ids[0]}", "adapter": r.adapter} for r in requests]
 
 
+def running_alone(model: SlowModel) -> None:
+    """Wait until the first batch is in the model, where it stays until released: requests
+    submitted from now on queue behind it."""
+    deadline = time.monotonic() + 10
+    while not model.batches:
+        assert time.monotonic() < deadline, "the batcher never started the first batch"
+        time.sleep(0.005)
+
+
 def request(n: int, adapter: str = "default", temperature: float = 0.0, max_new_tokens: int = 8) -> Prepared:
     return Prepared((n,), max_new_tokens, temperature, 1.0, (), adapter)
 
@@ -36,7 +45,7 @@ def test_requests_queued_behind_a_busy_model_are_generated_together_up_to_the_ba
     batcher = Batcher(model, max_batch_size=4, max_wait_ms=0)
     try:
         first = batcher.submit(request(0))
-        time.sleep(0.05)  # the first batch is running alone
+        running_alone(model)
         later = [batcher.submit(request(n)) for n in range(1, 7)]
         model.release.set()
         answers = [f.result(timeout=10) for f in [first, *later]]
@@ -53,7 +62,7 @@ def test_only_requests_of_one_adapter_and_sampling_setting_share_a_batch():
     batcher = Batcher(model, max_batch_size=8, max_wait_ms=0)
     try:
         first = batcher.submit(request(0))
-        time.sleep(0.05)
+        running_alone(model)
         mixed = [
             request(1),
             request(2, adapter="other"),
@@ -75,7 +84,7 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_batcher_goes_on():
     batcher = Batcher(model, max_batch_size=8, max_wait_ms=0)
     try:
         first = batcher.submit(request(0))
-        time.sleep(0.05)
+        running_alone(model)
         broken = [batcher.submit(request(n, adapter="broken")) for n in (1, 2)]
         fine = batcher.submit(request(3))
         model.release.set()
@@ -91,7 +100,7 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_batcher_goes_on():
 def test_the_first_request_waits_at_most_max_wait_for_company():
     model = SlowModel()
     model.release.set()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=300)
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=1000)  # ample for a loaded machine
     try:
         started = time.perf_counter()
         one = batcher.submit(request(0))
