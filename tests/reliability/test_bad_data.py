@@ -602,11 +602,11 @@ def test_huge_single_record_refused_quickly_without_parsing_it(settings, tmp_pat
     assert size > 50_000_000
 
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: what refusing costs, however loaded the machine
     try:
         with pytest.raises(DataQualityError) as info:
             curate(settings, raw)
-        elapsed = time.perf_counter() - started
+        elapsed = time.process_time() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -615,7 +615,7 @@ def test_huge_single_record_refused_quickly_without_parsing_it(settings, tmp_pat
         r"bytes per record; no training example is that long",
         str(info.value),
     ), str(info.value)
-    assert elapsed < 5, f"refusing took {elapsed:.1f} s"
+    assert elapsed < 5, f"refusing took {elapsed:.1f} s of CPU"
     assert peak < 1.25 * size, (
         f"peak memory {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file: it was copied or parsed"
     )
