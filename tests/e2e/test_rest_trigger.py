@@ -9,6 +9,7 @@ import ast
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -67,6 +68,17 @@ def _wait_for_run(stack, dag_id: str, run_id: str, timeout: float, may_skip: fro
     expected = {t: ("success", "skipped") if t in may_skip else ("success",) for t in states}
     assert states and all(states[t] in expected[t] for t in states), f"{states}\n{stack.diagnostics(dag_id, run_id)}"
     return run
+
+
+def _wait_captured(capture: Path, endpoint: str, start: datetime, end: datetime, count: int) -> None:
+    """Until the gateway's capture writer (it flushes every 0.2 s) has put ``count`` records of the
+    window on disk."""
+    from serving.capture import read_capture
+
+    deadline = time.monotonic() + 60
+    while (found := len(read_capture(str(capture), endpoint, start=start, end=end).records)) < count:
+        assert time.monotonic() < deadline, f"{found} of {count} records captured under {capture} after 60 s"
+        time.sleep(0.2)
 
 
 def return_value(stack, dag_id: str, run_id: str, task_id: str) -> Any:
@@ -168,8 +180,9 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
             ContentType="application/json",
             Body=json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": 4}}),
         )["Body"].read()
-    time.sleep(1.5)  # the capture writer flushes every 0.2 s
-    window = {"window_start": started.isoformat(), "window_end": datetime.now(UTC).isoformat(), "min_records": 20}
+    ended = datetime.now(UTC)
+    _wait_captured(stack.home / "capture", plan["endpoint"], started, ended, count=30)
+    window = {"window_start": started.isoformat(), "window_end": ended.isoformat(), "min_records": 20}
     monitor_id = _trigger(stack, "llm_drift_monitor", window)
     _wait_for_run(stack, "llm_drift_monitor", monitor_id, timeout=300)
     analysis = return_value(stack, "llm_drift_monitor", monitor_id, "analyze_window")
