@@ -694,10 +694,12 @@ def running(pid: int) -> bool:
 
 
 def test_stopping_the_gateway_while_a_model_server_starts_leaves_no_process_behind(tmp_path):
-    # A folder that is no model: serving.app takes seconds to import torch before it fails, so it is
-    # still starting when the gateway is told to stop.
+    # A folder that is no model but looks like one (a config.json): serving.app takes seconds to
+    # import torch and transformers before it fails, so it is still starting when the gateway is
+    # told to stop.
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
     state = tmp_path / "gateway"
     pid = None
     try:
