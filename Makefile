@@ -42,7 +42,7 @@ bootstrap: install
 	$(PY) -m llmops.models bootstrap
 
 demo: bootstrap
-	$(PY) -m llmops.demo
+	$(PY) -m devtools.demo
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a worker: most of its
 # time is spent waiting on servers and subprocesses, so two workers suit two cores.
@@ -65,12 +65,12 @@ bench: bootstrap
 KIND ?= off-domain
 COUNT ?= 60
 traffic: install
-	$(PY) -m llmops.traffic $(KIND) --count $(COUNT)
+	$(PY) -m devtools.traffic $(KIND) --count $(COUNT)
 
 # Nothing is sent: prints the upload and the CreateTrainingJob request (LLMOPS_ENV=aws settings).
 BACKEND ?= sagemaker
 aws-dry-run: install
-	LLMOPS_ENV=aws $(PY) -m llmops.backends.sagemaker dry-run --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
+	LLMOPS_ENV=aws $(PY) -m devtools.aws dry-run --backend $(BACKEND) --dataset-version $(DATASET_VERSION)
 
 # Amazon MWAA. startup.sh takes its values from the foundation stack's outputs (STACK) and from
 # SET="NAME=VALUE ..." (say, SET="MLFLOW_TRACKING_URI=https://mlflow.example.com" without managed MLflow).
@@ -78,26 +78,27 @@ MWAA_BUNDLE := dist/mwaa
 DRY_RUN ?= 1
 .PHONY: mwaa-package mwaa-deploy
 mwaa-package: install
-	$(PY) -m llmops.mwaa package --out $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(foreach s,$(SET),--set $(s))
+	$(PY) -m devtools.mwaa package --out $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(foreach s,$(SET),--set $(s))
 
 # Without ENVIRONMENT: uploads the bundle and prints the object versions include/infra/mwaa.yaml takes.
 mwaa-deploy: mwaa-package
-	$(PY) -m llmops.mwaa deploy --bundle $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(ENVIRONMENT),--environment $(ENVIRONMENT)) $(if $(filter 1,$(DRY_RUN)),--dry-run)
+	$(PY) -m devtools.mwaa deploy --bundle $(MWAA_BUNDLE) $(if $(STACK),--from-stack $(STACK)) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(ENVIRONMENT),--environment $(ENVIRONMENT)) $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 up: bootstrap
-	$(PY) -m llmops.localstack up
+	$(PY) -m devtools.localstack up
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m llmops.localstack down; fi
+	@if [ -x $(PY) ]; then $(PY) -m devtools.localstack down; fi
 
 # The stack's environment as shell exports, for the airflow and mlflow CLIs: eval "$(make -s env)"
 env: install
-	@$(PY) -m llmops.localstack env
+	@$(PY) -m devtools.localstack env
 	@echo 'export PATH=$(CURDIR)/$(VENV)/bin:$$PATH'
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Re-resolve requirements.in into the pinned requirements.txt (needs the network's package index).
 lock:

@@ -48,7 +48,7 @@ def _measure(code: str, env: dict[str, str], *args: str) -> dict:
 def run() -> list[Figure]:
     import os
 
-    from llmops.localstack import environment
+    from devtools.localstack import environment
 
     with tempfile.TemporaryDirectory(prefix="bench-dags-") as home:
         env = {**os.environ, **environment(Path(home))}

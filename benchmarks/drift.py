@@ -48,9 +48,10 @@ def _capture(folder: Path, prompts: list[str], start: datetime) -> None:
 
 
 def run() -> list[Figure]:
-    from llmops import drift, monitoring
+    from devtools.traffic import bundled_records
     from llmops.config import load_settings
-    from llmops.traffic import bundled_records
+    from llmops.drift import monitor as monitoring
+    from llmops.drift import statistics as drift
     from serving.capture import read_capture
 
     settings = load_settings("local")

@@ -49,9 +49,9 @@ def _drive(url: str, prompts: list[str]) -> dict:
 
 
 def run() -> list[Figure]:
+    from devtools.traffic import bundled_records
     from llmops.config import load_settings
     from llmops.models import resolve_model
-    from llmops.traffic import bundled_records
     from tests.gateways import running_model_server
 
     settings = load_settings("local")

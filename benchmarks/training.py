@@ -185,10 +185,10 @@ def _flops_per_token(base: str, context: int) -> float:
 
 
 def run() -> list[Figure]:
+    from devtools.traffic import bundled_records
     from llmops.config import load_settings
     from llmops.models import resolve_model
     from llmops.prompts import load_template
-    from llmops.traffic import bundled_records
 
     settings = load_settings("local")
     base = str(resolve_model(settings.models.base, settings.models.cache_dir))

@@ -84,7 +84,7 @@ def llm_drift_monitor():
     @task
     @fail_without_retry
     def resolve_window() -> dict:
-        from llmops.monitoring import resolve_window
+        from llmops.drift.monitor import resolve_window
 
         context = get_current_context()
         params = context["params"]
@@ -104,7 +104,7 @@ def llm_drift_monitor():
     @task
     def load_baseline() -> dict:
         from llmops.compat import AirflowFailException, AirflowSkipException
-        from llmops.monitoring import MonitoringError, champion_baseline
+        from llmops.drift.monitor import MonitoringError, champion_baseline
 
         try:
             champion = champion_baseline(SETTINGS, storage_options_for(SETTINGS.store_uri, SETTINGS))
@@ -118,7 +118,7 @@ def llm_drift_monitor():
     def analyze_window(window: dict, champion: dict) -> dict:
         import logging
 
-        from llmops.monitoring import analyze_window
+        from llmops.drift.monitor import analyze_window
 
         log = logging.getLogger("airflow.task")
         analysis = analyze_window(
@@ -129,7 +129,7 @@ def llm_drift_monitor():
 
     @task
     def record_report(window: dict, champion: dict, analysis: dict) -> dict:
-        from llmops.monitoring import record_report
+        from llmops.drift.monitor import record_report
 
         context = get_current_context()
         return record_report(
@@ -146,7 +146,7 @@ def llm_drift_monitor():
     def decide_retraining(window: dict, champion: dict, analysis: dict, recorded: dict) -> bool:
         import logging
 
-        from llmops.monitoring import decide
+        from llmops.drift.monitor import decide
 
         decision = decide(SETTINGS, window, champion, analysis, recorded, _policy())
         logging.getLogger("airflow.task").info(

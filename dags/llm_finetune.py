@@ -219,7 +219,7 @@ def llm_finetune():
     def stage_sagemaker_job(request: dict, dataset: dict) -> dict:
         import logging
 
-        from llmops.backends.sagemaker import stage_job
+        from llmops.backends.training.sagemaker import stage_job
         from llmops.data.stages import git_sha
         from llmops.finetune import FinetuneRequest, job_name
 
@@ -241,7 +241,7 @@ def llm_finetune():
 
         from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-        from llmops.backends import ec2
+        from llmops.backends.training import ec2
         from llmops.data.stages import git_sha
         from llmops.finetune import FinetuneRequest, job_name
 
@@ -265,7 +265,7 @@ def llm_finetune():
         """Wait for the instance's SSM agent, then hand the command to run_training_command."""
         from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-        from llmops.backends import ec2
+        from llmops.backends.training import ec2
 
         ssm = SsmHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region).conn
         timeout = SETTINGS.ec2.ssm_online_timeout_minutes * 60
@@ -284,7 +284,7 @@ def llm_finetune():
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
         from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-        from llmops.backends import ec2
+        from llmops.backends.training import ec2
         from llmops.compat import AirflowFailException, AirflowSkipException
 
         if request["backend"] != "ec2-trainium":
@@ -316,7 +316,7 @@ def llm_finetune():
             return ti.xcom_pull(task_ids="collect_ec2_job")
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        from llmops.backends.sagemaker import collect
+        from llmops.backends.training.sagemaker import collect
 
         name = ti.xcom_pull(task_ids="stage_sagemaker_job")["TrainingJobName"]
         hook = SageMakerHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
@@ -324,7 +324,7 @@ def llm_finetune():
 
     @task
     def profile_baseline(dataset: dict) -> dict:
-        from llmops.monitoring import ensure_baseline
+        from llmops.drift.monitor import ensure_baseline
 
         return ensure_baseline(SETTINGS, dataset, storage_options_for(SETTINGS.store_uri, SETTINGS))
 
@@ -418,7 +418,7 @@ def llm_finetune():
             import logging
 
             from llmops import storage
-            from llmops.backends.sagemaker_evaluation import stage_evaluation
+            from llmops.backends.evaluation.sagemaker import stage_evaluation
 
             context = get_current_context()
             inputs = _evaluation_inputs(request, dataset, registered)
@@ -441,7 +441,7 @@ def llm_finetune():
             """The Processing job's outputs, in the local backend's shape."""
             from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-            from llmops.backends.sagemaker_evaluation import collect_evaluation
+            from llmops.backends.evaluation.sagemaker import collect_evaluation
 
             hook = SageMakerHook(aws_conn_id=SETTINGS.aws.conn_id, region_name=SETTINGS.aws.region)
             described = hook.describe_processing_job(staged["request"]["ProcessingJobName"])
@@ -452,7 +452,8 @@ def llm_finetune():
     def judge_responses(evaluation: dict) -> dict:
         import logging
 
-        from llmops.evaluation import judge_evaluation, make_judge
+        from llmops.evaluation import judge_evaluation
+        from llmops.judges import make_judge
         from llmops.prompts import load_registered
 
         rubric = load_registered(SETTINGS.mlflow.tracking_uri, "judge_rubric")

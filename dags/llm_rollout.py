@@ -20,11 +20,11 @@ plan_rollout → deploy_shadow → compare_shadow → shift_traffic_<step>… �
   rolls back at once: traffic returns to the champion and the candidate is tagged rejected with
   the reasons. A task that fails outright also restores the champion before the run fails.
 
-Every decision comes from `llmops.rollout` (pure functions of the measurements, with reasons);
+Every decision comes from `llmops.rollout.policy` (pure functions of the measurements, with reasons);
 `record_rollout` logs the measurements to an MLflow run linked from the candidate's version.
 
 **Where it serves** is `serving.backend`: the local gateway, or a SageMaker real-time endpoint
-(`llmops.backends.sagemaker_endpoint`: production and shadow variants, data capture to S3,
+(`llmops.backends.endpoints.sagemaker`: production and shadow variants, data capture to S3,
 `UpdateEndpointWeightsAndCapacities` for the steps, blue/green updates with rollback alarms, and
 a state check after every update). The graph and the decisions are the same on both.
 """
@@ -39,7 +39,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from llmops.compat import TriggerRule
 from llmops.config import get_settings
 from llmops.orchestration import challenger_asset, fail_without_retry
-from llmops.rollout import step_label
+from llmops.rollout.policy import step_label
 
 SETTINGS = get_settings()
 POLICY = SETTINGS.serving.policy()
@@ -154,7 +154,7 @@ def llm_rollout():
     @task
     @fail_without_retry
     def plan_rollout() -> dict:
-        from llmops.deployment import plan_rollout
+        from llmops.rollout.plan import plan_rollout
 
         context = get_current_context()
         plan = plan_rollout(SETTINGS, context["params"]["model_version"] or None, _run_key(context), _log)
@@ -166,7 +166,7 @@ def llm_rollout():
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
     def deploy_champion() -> dict:
-        from llmops.deployment import deploy_first
+        from llmops.rollout.steps import deploy_first
 
         plan, _, run_key = _context()
         if plan["action"] != "first_deploy":
@@ -176,7 +176,7 @@ def llm_rollout():
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
     def deploy_shadow() -> dict:
-        from llmops.deployment import deploy_shadow
+        from llmops.rollout.steps import deploy_shadow
 
         plan, _, run_key = _context()
         if plan["action"] != "rollout":
@@ -186,7 +186,7 @@ def llm_rollout():
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
     def compare_shadow() -> dict:
-        from llmops.deployment import evaluate_shadow
+        from llmops.rollout.steps import evaluate_shadow
 
         plan, policy, run_key = _context()
         result = evaluate_shadow(SETTINGS, plan, policy, run_key, _log)
@@ -197,7 +197,7 @@ def llm_rollout():
         @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=DEPLOY_TIMEOUT)
         @fail_without_retry
         def shift() -> dict:
-            from llmops.deployment import traffic_step
+            from llmops.rollout.steps import traffic_step
 
             plan, policy, run_key = _context()
             ti = get_current_context()["ti"]
@@ -216,7 +216,7 @@ def llm_rollout():
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
     def promote() -> dict:
-        from llmops.deployment import promote
+        from llmops.rollout.steps import promote
 
         plan, _, run_key = _context()
         if plan["action"] == "rollout" and not _all_passed(get_current_context()["ti"]):
@@ -225,7 +225,7 @@ def llm_rollout():
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
     def roll_back() -> dict:
-        from llmops.deployment import roll_back
+        from llmops.rollout.steps import roll_back
 
         plan, _, run_key = _context()
         stopped = _failed_decision(get_current_context()["ti"])
@@ -235,7 +235,7 @@ def llm_rollout():
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def record_rollout() -> dict:
-        from llmops.deployment import record_rollout
+        from llmops.rollout.ledger import record_rollout
 
         plan, policy, _ = _context()
         context = get_current_context()
@@ -258,7 +258,7 @@ def llm_rollout():
     def restore_on_failure() -> None:
         """A task failed outright: put all traffic back on the champion, mark the candidate, fail."""
         from llmops.compat import AirflowFailException
-        from llmops.deployment import roll_back
+        from llmops.rollout.steps import roll_back
 
         context = get_current_context()
         ti = context["ti"]
@@ -267,7 +267,7 @@ def llm_rollout():
         plan = ti.xcom_pull(task_ids="plan_rollout")
         if plan is None:
             raise AirflowFailException(f"the rollout could not be planned ({', '.join(failed)} failed); nothing moved")
-        from llmops.deployment import current_champion
+        from llmops.rollout.plan import current_champion
 
         if states.get("promote") == "success" or current_champion(SETTINGS) == plan["candidate"]["version"]:
             raise AirflowFailException(

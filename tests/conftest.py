@@ -32,7 +32,7 @@ os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["LLMOPS_ENV"] = "local"
 
-from llmops.localstack import apply_environment  # noqa: E402
+from devtools.localstack import apply_environment  # noqa: E402
 
 STACK_ENV = apply_environment(TEST_HOME)
 
@@ -74,7 +74,7 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def airflow_db(stack_env) -> dict[str, str]:
-    from llmops.localstack import migrate_db
+    from devtools.localstack import migrate_db
 
     migrate_db(stack_env)
     return stack_env

@@ -225,7 +225,7 @@ class ServingConfig(_Strict):
         return self
 
     def policy(self, overrides: dict[str, Any] | None = None):
-        from llmops.rollout import RolloutPolicy
+        from llmops.rollout.policy import RolloutPolicy
 
         data = dict(self.rollout)
         for key, value in (overrides or {}).items():
@@ -260,7 +260,7 @@ class MonitoringConfig(_Strict):
         return self
 
     def drift_policy(self, overrides: dict[str, Any] | None = None):
-        from llmops.drift import DriftPolicy
+        from llmops.drift.statistics import DriftPolicy
 
         try:
             return DriftPolicy.model_validate({**self.policy, **(overrides or {})})

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmops.config import ConfigError, Settings
+
 if TYPE_CHECKING:
     import numpy
 
@@ -281,3 +283,43 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def torch_embeddings_available() -> bool:
+    """Whether sentence-transformers and torch are installed here (Airflow workers on MWAA have
+    neither). They are looked up, not imported: choosing costs nothing when nothing gets embedded."""
+    from importlib.util import find_spec
+
+    try:
+        return all(find_spec(name) is not None for name in ("torch", "sentence_transformers"))
+    except ValueError:  # a module set to None in sys.modules, as tests do to hide it
+        return False
+
+
+def make_sentence_encoder(settings: Settings):
+    """The sentence encoder of ``models.embedding`` in the runtime ``models.embedding_runtime`` picks:
+    ``training.metrics.Embedder`` (torch) or ``llmops.encoder.SentenceEncoder`` (numpy). Both have
+    ``encode`` and ``similarity`` and give the same vectors within float32 rounding
+    (``tests/unit/test_encoder.py``), so baselines stay keyed by the encoder's name alone
+    (``baseline_uri``): one built by either runtime serves windows embedded by the other."""
+    from llmops.models import resolve_model
+
+    runtime = settings.models.embedding_runtime
+    if runtime == "auto":
+        runtime = "torch" if torch_embeddings_available() else "numpy"
+    elif runtime == "torch" and not torch_embeddings_available():
+        raise ConfigError(
+            "models.embedding_runtime is 'torch' but sentence-transformers or torch does not import here;"
+            " set it to 'numpy' or 'auto'"
+        )
+    folder = resolve_model(settings.models.embedding, settings.models.cache_dir)
+    if runtime == "numpy":
+        from llmops.encoder import SentenceEncoder
+
+        return SentenceEncoder(folder)
+    from transformers.utils import logging as transformers_logging
+
+    from training.metrics import Embedder
+
+    transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar is noise in task logs
+    return Embedder(folder)

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmops import storage
+from llmops.backends.evaluation.job import evaluation_settings
 from llmops.config import ConfigError, Settings
 from llmops.prompts import EvalCatalog, PromptTemplate
-from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY, cost_figures
+from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY, cost_figures, report_url
 
 
 def _stable_order(record_id: str) -> str:
@@ -102,11 +103,6 @@ def models_to_evaluate(base_model_name: str, candidate: dict, champion: dict | N
     return models
 
 
-def evaluation_settings(settings: Settings) -> dict:
-    ev = settings.evaluation
-    return {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "max_input_tokens": ev.max_input_tokens}
-
-
 def evaluated_versions(candidate: dict, champion: dict | None, models: dict) -> dict:
     versions = {"candidate": candidate["version"]}
     if "champion" in models:
@@ -125,8 +121,9 @@ def run_evaluation(
     storage_options: dict | None = None,
 ) -> dict:
     """Run the evaluation job for base, candidate and (when there is one) champion, here."""
-    from llmops.backends.local import EvaluationJobSpec, LocalEvaluationBackend
-    from llmops.backends.sagemaker import estimate_cost
+    from llmops.backends.evaluation.job import EvaluationJobSpec
+    from llmops.backends.evaluation.local import LocalEvaluationBackend
+    from llmops.costs import estimate_cost
     from llmops.models import resolve_model
 
     cache = settings.models.cache_dir
@@ -156,14 +153,6 @@ def run_evaluation(
         storage.write_json(cost_uri, cost, storage_options)
     versions = evaluated_versions(candidate, champion, models)
     return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions, "cost": cost}
-
-
-def make_judge(settings: Settings):
-    from llmops.judges import BedrockJudge, LocalJudge
-
-    if settings.evaluation.judge == "bedrock":
-        return BedrockJudge(settings.evaluation.judge_model_id, settings.aws.conn_id, settings.aws.region)
-    return LocalJudge()
 
 
 def judge_evaluation(
@@ -225,12 +214,6 @@ def decide(settings: Settings, evaluation: dict, judged: dict, storage_options: 
     }
 
 
-def report_url(settings: Settings, experiment_id: str, run_id: str, artifact_path: str) -> str | None:
-    if not settings.mlflow.ui_url:
-        return None
-    return f"{settings.mlflow.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{artifact_path}"
-
-
 def record_evaluation(
     settings: Settings,
     registered: dict,
@@ -251,7 +234,7 @@ def record_evaluation(
     from llmops.comparison import Comparison, write_report
     from llmops.gate import Decision
     from llmops.prompts import link_to_run
-    from llmops.tracking import _find_run, _metric, client, ensure_experiment
+    from llmops.tracking import client, ensure_experiment, find_run, metric_entity
 
     tracking_uri, model_name = settings.mlflow.tracking_uri, registered["model_name"]
     mlflow_client = client(tracking_uri)
@@ -265,7 +248,7 @@ def record_evaluation(
             f" {evaluation['catalog_sha256'][:12]}); clear evaluate_models to evaluate on the current catalog"
         )
     decided_sha256 = hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
-    run = _find_run(mlflow_client, experiment_id, run_key)
+    run = find_run(mlflow_client, experiment_id, run_key)
     if run is not None and run.data.tags.get("llmops.decided_sha256") != decided_sha256:
         # Re-recorded after a new decision (say, a changed gate): the old run's report would contradict it.
         mlflow_client.delete_run(run.info.run_id)
@@ -294,18 +277,18 @@ def record_evaluation(
         run_id = run.info.run_id
         metrics = []
         for label, summary in comparison.models.items():
-            metrics += [_metric(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+            metrics += [metric_entity(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
         metrics += [
-            _metric(f"cost.{k}", float(v), 0)
+            metric_entity(f"cost.{k}", float(v), 0)
             for k, v in cost_figures(evaluation).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         for reference, deltas in comparison.deltas.items():
             for metric, iv in deltas.items():
                 metrics += [
-                    _metric(f"delta_vs_{reference}.{metric}", iv.mean, 0),
-                    _metric(f"delta_vs_{reference}.{metric}.low", iv.low, 0),
-                    _metric(f"delta_vs_{reference}.{metric}.high", iv.high, 0),
+                    metric_entity(f"delta_vs_{reference}.{metric}", iv.mean, 0),
+                    metric_entity(f"delta_vs_{reference}.{metric}.low", iv.low, 0),
+                    metric_entity(f"delta_vs_{reference}.{metric}.high", iv.high, 0),
                 ]
         for start in range(0, len(metrics), 900):
             mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
@@ -385,10 +368,10 @@ def _prompt_tags(refs: list[str]) -> dict[str, str]:
 def _catalog_source(path: str):
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-    from llmops.tracking import _uri_source
+    from llmops.tracking import uri_source
 
     try:
-        return _uri_source(Path(path).resolve().as_uri())
+        return uri_source(Path(path).resolve().as_uri())
     except Exception:
         return HTTPDatasetSource(Path(path).resolve().as_uri())
 

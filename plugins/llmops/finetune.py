@@ -166,8 +166,9 @@ def run_training(
     on_line: Callable[[str], None] = print,
     storage_options: dict | None = None,
 ) -> dict:
-    from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
-    from llmops.backends.sagemaker import estimate_cost
+    from llmops.backends.training.job import TrainingJobSpec
+    from llmops.backends.training.local import LocalTrainingBackend
+    from llmops.costs import estimate_cost
     from llmops.models import resolve_model
 
     base_dir = resolve_model(request.base_model_name, settings.models.cache_dir)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmops.config import Settings
 from llmops.prompts import PromptTemplate
 
 CRITERIA = ("helpfulness", "relevance", "accuracy", "detail")
@@ -214,3 +215,11 @@ def judge_rows(
             f"{MAX_UNSCORED_FRACTION:.0%}); see the errors above"
         )
     return judged
+
+
+def make_judge(settings: Settings):
+    from llmops.judges import BedrockJudge, LocalJudge
+
+    if settings.evaluation.judge == "bedrock":
+        return BedrockJudge(settings.evaluation.judge_model_id, settings.aws.conn_id, settings.aws.region)
+    return LocalJudge()

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from llmops import storage
+from llmops.backends.endpoints.base import DeploymentRejected
 from llmops.config import ConfigError, DataConfig, Settings, format_validation_error
 from llmops.data.records import DataQualityError
-from llmops.deployment import DeploymentRejected
 from llmops.prompts import PromptCatalogError
 
 F = TypeVar("F", bound=Callable[..., Any])

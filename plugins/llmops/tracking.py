@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops import storage
+from llmops.config import Settings
 
 RUN_KEY = "llmops.run_key"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -55,7 +56,7 @@ def ensure_experiment(mlflow_client, name: str, artifact_root: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=storage.join(artifact_root, name))
 
 
-def _find_run(mlflow_client, experiment_id: str, run_key: str):
+def find_run(mlflow_client, experiment_id: str, run_key: str):
     runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=5)
     return runs[0] if runs else None
 
@@ -209,7 +210,7 @@ def _log_training_run(
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    from llmops.backends.local import extract_model
+    from llmops.artifacts import extract_model
 
     mlflow_client.log_batch(
         run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
@@ -227,7 +228,9 @@ def _log_training_run(
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
-        mlflow_client.log_batch(run_id, metrics=[_metric(k, v, final.get("global_step", 0)) for k, v in final.items()])
+        mlflow_client.log_batch(
+            run_id, metrics=[metric_entity(k, v, final.get("global_step", 0)) for k, v in final.items()]
+        )
         mlflow_client.log_artifact(run_id, str(loss_curve_png(history, Path(tmp) / "loss_curve.png")), "plots")
         mlflow_client.log_artifacts(run_id, str(model_dir), "model")
         if lineage.get("baseline_uri"):
@@ -238,7 +241,7 @@ def _log_training_run(
                 (baseline_dir / name).write_bytes(payload)
             mlflow_client.log_artifacts(run_id, str(baseline_dir), "baseline")
     dataset_entity = MetaDataset(
-        source=_uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
+        source=uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
     )
     mlflow_client.log_inputs(
         run_id,
@@ -261,7 +264,7 @@ def _mark_failed(mlflow_client, run_id: str) -> None:
         logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED: %s", run_id, exc)
 
 
-def _uri_source(uri: str):
+def uri_source(uri: str):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     try:
@@ -272,7 +275,7 @@ def _uri_source(uri: str):
         return HTTPDatasetSource(uri)
 
 
-def _metric(key: str, value: float, step: int):
+def metric_entity(key: str, value: float, step: int):
     import time
 
     from mlflow.entities import Metric
@@ -284,7 +287,7 @@ def _log_history(mlflow_client, run_id: str, history: list[dict]) -> None:
     metrics = []
     for entry in history:
         step = int(entry.get("step", 0))
-        metrics += [_metric(k, v, step) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))]
+        metrics += [metric_entity(k, v, step) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))]
     for start in range(0, len(metrics), 900):
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
 
@@ -337,3 +340,9 @@ def champion_dataset_version(tracking_uri: str, model_name: str) -> str | None:
     except MlflowException:
         return None
     return version.tags.get("dataset.version")
+
+
+def report_url(settings: Settings, experiment_id: str, run_id: str, artifact_path: str) -> str | None:
+    if not settings.mlflow.ui_url:
+        return None
+    return f"{settings.mlflow.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{artifact_path}"

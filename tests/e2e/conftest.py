@@ -21,8 +21,8 @@ import pytest
 import requests
 import yaml
 
+from devtools.localstack import environment
 from llmops.config import INCLUDE_DIR, PROJECT_ROOT
-from llmops.localstack import environment
 from tests.gateways import free_port
 
 PG_HOST = os.environ.get("LLMOPS_E2E_PG_HOST", "127.0.0.1")

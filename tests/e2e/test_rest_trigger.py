@@ -170,7 +170,7 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
 
     # Off-domain traffic through the endpoint, then the drift monitor over that window from the
     # form: a drift verdict asks llm_finetune to retrain (paused here, so the run waits queued).
-    from llmops import traffic
+    from devtools import traffic
 
     stack.request("PATCH", "/api/v2/dags/llm_finetune", json={"is_paused": True})
     started = datetime.now(UTC)

@@ -40,7 +40,8 @@ def curated_dataset(tmp_path_factory) -> dict:
 def tiny_training_job(tmp_path_factory, tiny_model, curated_dataset) -> dict:
     """A finished LoRA job on the tiny model (the local backend's result dict), in its own store."""
     from llmops import storage
-    from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
+    from llmops.backends.training.job import TrainingJobSpec
+    from llmops.backends.training.local import LocalTrainingBackend
 
     tmp = tmp_path_factory.mktemp("tiny-training-job")
     backend = LocalTrainingBackend(storage.to_uri(str(tmp / "store")), tmp / "jobs")

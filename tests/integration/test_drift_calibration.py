@@ -9,7 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from llmops import drift, traffic
+from devtools import traffic
+from llmops.drift import statistics as drift
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from llmops import monitoring, storage
+from llmops import storage
+from llmops.drift import monitor as monitoring
 from llmops.tracking import client
 
 pytestmark = [pytest.mark.integration]

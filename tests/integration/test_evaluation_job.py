@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from llmops import storage
-from llmops.backends.local import TrainingJobError
+from llmops.backends.training.job import TrainingJobError
 from llmops.config import PROJECT_ROOT
 from llmops.evaluation import build_items, run_evaluation
 from llmops.prompts import load_eval_catalog, load_template

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from devtools.demo import return_value
 from llmops import storage
 from llmops.config import get_settings
-from llmops.demo import return_value
 from tests.dagruns import parsed_dag, task_states
 from tests.datagen import good_records, write_jsonl
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops import traffic
+from devtools import traffic
 from llmops.tracking import CHAMPION, client
 from tests.dagruns import parsed_dag, task_states
 

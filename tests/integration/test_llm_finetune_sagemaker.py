@@ -16,9 +16,9 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
-from llmops.backends.ec2 import command_outcome
-from llmops.backends.local import TrainingJobError
-from llmops.demo import return_value
+from devtools.demo import return_value
+from llmops.backends.training.ec2 import command_outcome
+from llmops.backends.training.job import TrainingJobError
 from llmops.tracking import client as mlflow_client
 from tests.aws import (
     aws_env,

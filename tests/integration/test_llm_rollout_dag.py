@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmops.demo import return_value
+from devtools.demo import return_value
 from llmops.tracking import CHALLENGER, CHAMPION, client
 from tests.dagruns import FAST_ROLLOUT, parsed_dag, rollout_stack, task_states
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops import mwaa
+from devtools import mwaa
 from llmops.config import PROJECT_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]

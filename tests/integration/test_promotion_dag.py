@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.demo import return_value
+from devtools.demo import return_value
 from llmops.tracking import CHALLENGER, client
 from tests.dagruns import fast_config, parsed_dag, task_states
 

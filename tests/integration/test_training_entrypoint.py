@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from llmops import storage
-from llmops.backends.local import LocalTrainingBackend, TrainingJobError, TrainingJobSpec
+from llmops.backends.training.job import TrainingJobError, TrainingJobSpec
+from llmops.backends.training.local import LocalTrainingBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.model

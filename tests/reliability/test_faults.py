@@ -569,7 +569,8 @@ def test_a_training_job_whose_model_upload_fails_leaves_no_artifact_and_a_rerun_
     import tarfile
 
     from llmops import storage
-    from llmops.backends.local import LocalTrainingBackend, TrainingJobSpec
+    from llmops.backends.training.job import TrainingJobSpec
+    from llmops.backends.training.local import LocalTrainingBackend
 
     store = tmp_path / "store"
     backend = LocalTrainingBackend(storage.to_uri(str(store)), tmp_path / "jobs")
@@ -635,7 +636,7 @@ def test_registration_whose_artifact_copy_fails_registers_no_version_and_a_rerun
     ledger,
 ):
     from llmops import storage
-    from llmops.backends.local import extract_model
+    from llmops.artifacts import extract_model
     from llmops.tracking import RUN_KEY, client, record_training
 
     kind, nth = REGISTRATION_WRITE_FAULTS[fault]
@@ -689,8 +690,9 @@ def endpoint(tmp_path_factory, stack_env, tiny_training_job, curated_dataset):  
     ``llm_rollout`` does), with version 2 (the same adapter) registered as the challenger."""
     import yaml
 
+    from llmops.backends.endpoints.base import serve_alone
+    from llmops.backends.endpoints.gateway import LocalGatewayBackend
     from llmops.config import INCLUDE_DIR, load_settings
-    from llmops.deployment import LocalGatewayBackend, serve_alone
     from llmops.tracking import CHALLENGER, CHAMPION, client, record_training
     from tests.gateways import running_gateway
 
@@ -788,7 +790,9 @@ def test_a_failed_endpoint_update_is_detected_and_the_old_config_keeps_serving(
     ``deploy_shadow`` raises, saying why, and callers see the old config answer throughout."""
     import tarfile
 
-    from llmops.deployment import DeploymentError, deploy_shadow, plan_rollout
+    from llmops.backends.endpoints.base import DeploymentError
+    from llmops.rollout.plan import plan_rollout
+    from llmops.rollout.steps import deploy_shadow
     from llmops.tracking import client
 
     settings = endpoint["settings"]
@@ -824,7 +828,8 @@ def _describe(url: str, path: str) -> dict:
 
 @pytest.mark.reliability("faults")
 def test_a_shadow_model_server_sigkilled_mid_rollout_costs_callers_nothing(endpoint, ledger):
-    from llmops.deployment import deploy_shadow, plan_rollout
+    from llmops.rollout.plan import plan_rollout
+    from llmops.rollout.steps import deploy_shadow
 
     settings = endpoint["settings"]
     plan = plan_rollout(settings, None)
@@ -942,7 +947,7 @@ def test_a_sagemaker_job_that_fails_or_is_stopped_fails_the_run_with_its_reason_
     capfd,
     ledger,
 ):
-    from llmops.demo import return_value
+    from devtools.demo import return_value
     from llmops.tracking import RUN_KEY, client
     from tests.aws import client as aws_client
     from tests.dagruns import task_states

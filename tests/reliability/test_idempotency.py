@@ -607,7 +607,7 @@ class TestLlmDriftMonitor(RerunEachTask):
 
     @pytest.fixture(scope="class")
     def finished(self, airflow_db, tmp_path_factory, tiny_training_job, curated_dataset):  # noqa: F811
-        from llmops import traffic
+        from devtools import traffic
         from llmops.config import INCLUDE_DIR
         from llmops.tracking import CHAMPION, client, record_training
 

@@ -399,14 +399,14 @@ def _evaluation(sandbox: Path) -> None:
 
 
 def _local_backend(sandbox: Path) -> None:
-    from llmops.backends.local import extract_model
+    from llmops.artifacts import extract_model
 
     extract_model(TRAVERSAL, sandbox / "deploy" / "model")
 
 
 def _sagemaker_metrics(sandbox: Path) -> None:
     from llmops import storage
-    from llmops.backends.sagemaker import archive_metrics
+    from llmops.backends.training.sagemaker import archive_metrics
 
     (sandbox / "model.tar.gz").write_bytes(TRAVERSAL)
     archive_metrics(storage.to_uri(str(sandbox / "model.tar.gz")))
@@ -467,7 +467,7 @@ def trained(tmp_path_factory, tiny_base) -> Path:
 
 
 def local_backend_tarball(folder: Path) -> bytes:
-    from llmops.backends.local import _tarball
+    from llmops.backends.training.local import _tarball
 
     return _tarball(folder)
 
@@ -487,7 +487,7 @@ PACKERS = {"local-backend-packer": local_backend_tarball, "sagemaker-style-tar-C
 @pytest.mark.parametrize("packer", list(PACKERS), ids=list(PACKERS))
 def test_our_own_model_archive_unpacks_and_serves(packer, trained, tmp_path, allowed):
     from llmops import storage
-    from llmops.backends.sagemaker import archive_metrics
+    from llmops.backends.training.sagemaker import archive_metrics
     from serving.model import load
 
     data = PACKERS[packer](trained)

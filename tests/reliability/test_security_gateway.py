@@ -256,8 +256,9 @@ def test_the_control_api_needs_a_key_and_ping_does_not(gw):
 
 
 def test_the_right_key_works_through_boto3_the_airflow_client_and_a_bearer_token(gw, monkeypatch, ledger):
-    from llmops.backends.gateway_credentials import gateway_api_key
-    from llmops.deployment import DeploymentRejected, LocalGatewayBackend
+    from llmops.backends.endpoints.base import DeploymentRejected
+    from llmops.backends.endpoints.credentials import gateway_api_key
+    from llmops.backends.endpoints.gateway import LocalGatewayBackend
 
     # The Airflow side reads the key from the connection llmops_gateway (its password).
     monkeypatch.delenv("LLMOPS_GATEWAY_API_KEY", raising=False)
@@ -292,7 +293,7 @@ def test_the_right_key_works_through_boto3_the_airflow_client_and_a_bearer_token
 
 
 def test_the_traffic_client_sends_the_key_and_stops_at_the_first_refusal(gw, monkeypatch, ledger):
-    from llmops import traffic
+    from devtools import traffic
     from llmops.config import load_settings
 
     monkeypatch.delenv("AIRFLOW_CONN_LLMOPS_GATEWAY", raising=False)
@@ -787,9 +788,9 @@ def test_make_up_starts_the_gateway_with_a_key_of_its_own_that_local_clients_pic
         described = httpx.get(f"{url}/control/metrics", headers={"x-api-key": key}).json()
         assert described["Authentication"] == {"Clients": ["default"]}
         assert described["ModelStore"] == [str(tmp_path / "home" / "store")]
-        # What the demo and `python -m llmops.traffic` run first: the key is theirs without a word.
+        # What the demo and `python -m devtools.traffic` run first: the key is theirs without a word.
         picked = python(
-            "from llmops.localstack import apply_environment; apply_environment();"
+            "from devtools.localstack import apply_environment; apply_environment();"
             "from llmops.config import load_settings; from llmops.deployment import backend_for;"
             "print(backend_for(load_settings()).describe_endpoint('none'))"
         )

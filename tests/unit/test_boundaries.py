@@ -8,24 +8,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+LIBRARY = ROOT / "plugins" / "llmops"
 AIRFLOW_FREE = [
     *sorted((ROOT / "training").rglob("*.py")),
     *sorted((ROOT / "serving").rglob("*.py")),
-    *sorted((ROOT / "plugins" / "llmops" / "data").rglob("*.py")),
-    ROOT / "plugins" / "llmops" / "config.py",
-    ROOT / "plugins" / "llmops" / "storage.py",
-    ROOT / "plugins" / "llmops" / "models.py",
-    ROOT / "plugins" / "llmops" / "prompts.py",
-    ROOT / "plugins" / "llmops" / "comparison.py",
-    ROOT / "plugins" / "llmops" / "gate.py",
-    ROOT / "plugins" / "llmops" / "evaluation.py",
-    ROOT / "plugins" / "llmops" / "rollout.py",
-    ROOT / "plugins" / "llmops" / "deployment.py",
-    ROOT / "plugins" / "llmops" / "drift.py",
-    ROOT / "plugins" / "llmops" / "monitoring.py",
-    ROOT / "plugins" / "llmops" / "traffic.py",
-    ROOT / "plugins" / "llmops" / "backends" / "local.py",
-    ROOT / "plugins" / "llmops" / "backends" / "sagemaker.py",
+    *sorted((LIBRARY / "data").rglob("*.py")),
+    *sorted((LIBRARY / "rollout").rglob("*.py")),
+    *sorted((LIBRARY / "drift").rglob("*.py")),
+    *sorted((LIBRARY / "backends" / "training").rglob("*.py")),
+    *sorted((LIBRARY / "backends" / "evaluation").rglob("*.py")),
+    *(LIBRARY / name for name in ("config.py", "storage.py", "models.py", "prompts.py", "comparison.py", "gate.py")),
+    *(LIBRARY / name for name in ("evaluation.py", "contracts.py", "costs.py", "staging.py", "runs.py", "capture.py")),
+    LIBRARY / "backends" / "endpoints" / "base.py",
+    LIBRARY / "backends" / "endpoints" / "gateway.py",
+    ROOT / "devtools" / "traffic.py",
 ]
 
 

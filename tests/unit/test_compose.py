@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from devtools import localstack
 from llmops import config as llmops_config
-from llmops import localstack
 from llmops.storage import local_path
 
 ROOT = Path(__file__).resolve().parents[2]

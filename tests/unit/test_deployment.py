@@ -11,16 +11,10 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from llmops.deployment import (
-    DeploymentError,
-    captured_rows,
-    config_name,
-    endpoint_config_request,
-    model_request,
-    plan_rollout,
-    request_prompt,
-    shadow_pairs,
-)
+from llmops.backends.endpoints.base import DeploymentError, config_name, endpoint_config_request, model_request
+from llmops.capture import request_prompt
+from llmops.rollout.plan import plan_rollout
+from llmops.rollout.replay import captured_rows, shadow_pairs
 from serving.capture import capture_record, parse_record
 from serving.endpoints import EndpointConfigSpec, ModelSpec
 

@@ -1,4 +1,4 @@
-"""Drift statistics and verdicts (``llmops.drift``) without a sentence encoder: a hashing
+"""Drift statistics and verdicts (``llmops.drift.statistics``) without a sentence encoder: a hashing
 bag-of-words embedding puts different vocabularies in different regions of a 64-d sphere, and a
 small synthetic "training set" of Python questions is the baseline every window is compared with."""
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from llmops import drift, traffic
-from llmops.drift import (
+from devtools import traffic
+from llmops.drift.statistics import (
     BaselineProfile,
     CheckResult,
     DriftPolicy,
@@ -37,6 +37,7 @@ from llmops.drift import (
     total_variation,
     words,
 )
+from llmops.drift import statistics as drift
 
 DIM = 64
 

@@ -11,14 +11,14 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from llmops.backends.ec2 import (
+from llmops.backends.training.ec2 import (
     command_outcome,
     run_instances_config,
     send_command_kwargs,
     training_commands,
     wait_until_online,
 )
-from llmops.backends.local import TrainingJobError
+from llmops.backends.training.job import TrainingJobError
 from llmops.config import Ec2Config
 
 EC2 = Ec2Config(instance_profile="llmops-trn", subnet_id="subnet-1", security_group_ids=["sg-1"], tags={"team": "ml"})
@@ -118,7 +118,7 @@ def test_a_command_that_did_not_succeed_raises_with_its_exit_code_and_tail():
 
 
 def test_waiting_for_the_command_returns_its_final_invocation_or_times_out():
-    from llmops.backends.ec2 import wait_for_command
+    from llmops.backends.training.ec2 import wait_for_command
 
     client = aws("ssm")
     with Stubber(client) as stub:

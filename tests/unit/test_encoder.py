@@ -149,8 +149,8 @@ def with_runtime(settings, runtime: str):
 
 
 def test_the_runtime_setting_picks_the_encoder(settings, monkeypatch):
-    from llmops import monitoring
     from llmops.config import ConfigError
+    from llmops.drift import monitor as monitoring
     from training.metrics import Embedder
 
     assert settings.models.embedding_runtime == "auto"
@@ -180,7 +180,7 @@ def test_make_embedder_works_without_torch(model_dir):
     script = HIDE_TORCH + (
         "import json\n"
         "from llmops.config import load_settings\n"
-        "from llmops.monitoring import make_embedder\n"
+        "from llmops.drift.monitor import make_embedder\n"
         f"vectors = make_embedder(load_settings('local'))({SAMPLE[2:6]!r})\n"
         "print(json.dumps(vectors.tolist()))\n"
     )

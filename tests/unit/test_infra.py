@@ -1,5 +1,5 @@
 """The infrastructure templates (``include/infra``): cfn-lint passes them, the least-privilege
-check (``llmops.iam``) finds nothing in them and catches every kind of bad policy, and the roles
+check (``devtools.iam``) finds nothing in them and catches every kind of bad policy, and the roles
 grant every AWS call the project makes, on the resources the project's own code names, and little
 else."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops import iam
-from llmops.backends import ec2 as ec2_backend
-from llmops.backends.sagemaker import base_model_uri
-from llmops.deployment import config_name, model_resource_name
+from devtools import iam
+from llmops.backends.training import ec2 as ec2_backend
+from llmops.backends.endpoints.base import config_name, model_resource_name
 from llmops.finetune import job_name
+from llmops.staging import base_model_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "include" / "infra"

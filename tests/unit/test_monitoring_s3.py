@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from moto import mock_aws
 
-from llmops import monitoring, storage
+from llmops import storage
+from llmops.drift import monitor as monitoring
 
 BUCKET = "llmops-drift"
 

@@ -1,4 +1,4 @@
-"""The pure helpers of ``llmops.monitoring``: which window a run analyses, the retraining run's id,
+"""The pure helpers of ``llmops.drift.monitor``: which window a run analyses, the retraining run's id,
 and the Markdown / HTML renderings of a report (no MLflow, no store)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from llmops.config import ConfigError
-from llmops.monitoring import finetune_run_id, html_report, markdown_report, resolve_window
+from llmops.drift.monitor import finetune_run_id, html_report, markdown_report, resolve_window
 
 EP = "python-docs-assistant"
 RUN_AFTER = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
@@ -288,7 +288,7 @@ def _captured(request: dict, response, status: int = 200):
 
 
 def test_a_captured_chat_becomes_its_last_user_turn_and_the_answer():
-    from llmops.monitoring import traffic_record
+    from llmops.drift.monitor import traffic_record
 
     chat = {"inputs": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a set?"}]}
     record = traffic_record(_captured(chat, {"generated_text": "An unordered collection."}))
@@ -302,7 +302,7 @@ def test_a_captured_chat_becomes_its_last_user_turn_and_the_answer():
 
 
 def test_a_hugging_face_container_answer_and_a_failed_call_are_read():
-    from llmops.monitoring import traffic_record
+    from llmops.drift.monitor import traffic_record
 
     tgi = traffic_record(_captured({"inputs": "What is a set?"}, [{"generated_text": "A collection."}]))
     assert (tgi.prompt, tgi.response) == ("What is a set?", "A collection.")
@@ -320,13 +320,13 @@ def test_both_reports_show_the_prompts_least_like_the_training_data_escaped_in_h
 
 
 def test_a_captured_prompt_cannot_escape_its_markdown_code_span():
-    from llmops.monitoring import _code_span
+    from llmops.drift.monitor import _code_span
 
     assert _code_span("use `x` here\n![i](http://e/x.png)") == "`` use `x` here ![i](http://e/x.png) ``"
 
 
 def test_chat_content_in_parts_and_lone_surrogates_become_clean_text():
-    from llmops.monitoring import traffic_record
+    from llmops.drift.monitor import traffic_record
 
     parts = {
         "inputs": [

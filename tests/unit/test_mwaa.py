@@ -18,7 +18,7 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-from llmops import mwaa
+from devtools import mwaa
 from llmops.config import PROJECT_ROOT
 from tests.aws import REGION, client, moto_server
 
@@ -98,7 +98,7 @@ def test_bundle_holds_the_dags_the_library_and_its_assets(bundle):
     names = zip_names(bundle)
     for expected in (
         "llmops/config.py",
-        "llmops/backends/sagemaker.py",
+        "llmops/backends/training/sagemaker.py",
         "training/train.py",
         "serving/capture.py",
         "include/config/aws.yaml",
@@ -109,7 +109,7 @@ def test_bundle_holds_the_dags_the_library_and_its_assets(bundle):
     ):
         assert expected in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    assert not [n for n in names if n.startswith(("tests/", "dags/", "include/infra/", "include/compose/"))]
+    assert not [n for n in names if n.startswith(("tests/", "dags/", "devtools/", "include/infra/", "include/compose/"))]
 
 
 def test_package_is_reproducible(bundle, tmp_path):
@@ -149,7 +149,7 @@ def test_plugins_zip_is_importable_as_a_zip(bundle, tmp_path):
     archive = bundle.root / mwaa.PLUGINS_ZIP
     code = (
         f"import sys, json; sys.path.insert(0, {str(archive)!r});"
-        "import llmops.config, llmops.mwaa, training.config, serving.capture;"
+        "import llmops.config, llmops.rollout.steps, training.config, serving.capture;"
         "print(json.dumps([m.__file__ for m in (llmops.config, training.config, serving.capture)]))"
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -170,7 +170,7 @@ import llmops
 for module in pkgutil.walk_packages(llmops.__path__, "llmops."):
     importlib.import_module(module.name)
 from llmops.config import PROJECT_ROOT, load_settings
-from llmops.backends.sagemaker import source_files
+from llmops.backends.training.sagemaker import source_files
 from llmops.models import resolve_model
 settings = load_settings()
 print(json.dumps({{
@@ -336,8 +336,8 @@ def test_make_targets_run_the_commands():
         ).stdout
 
     deploy = dry("mwaa-deploy", "STACK=llmops-foundation", "ENVIRONMENT=llmops")
-    assert "-m llmops.mwaa package --out dist/mwaa --from-stack llmops-foundation" in deploy
-    assert "-m llmops.mwaa deploy --bundle dist/mwaa --from-stack llmops-foundation" in deploy
+    assert "-m devtools.mwaa package --out dist/mwaa --from-stack llmops-foundation" in deploy
+    assert "-m devtools.mwaa deploy --bundle dist/mwaa --from-stack llmops-foundation" in deploy
     assert "--environment llmops --dry-run" in deploy
     assert "--dry-run" not in dry("mwaa-deploy", "STACK=s", "ENVIRONMENT=e", "DRY_RUN=0")
     assert "--set MLFLOW_TRACKING_URI=https://m" in dry("mwaa-package", "SET=MLFLOW_TRACKING_URI=https://m")

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from llmops.gate import Decision
-from llmops.rollout import (
+from llmops.rollout.policy import (
     Guardrails,
     RolloutPolicy,
     ShadowComparison,

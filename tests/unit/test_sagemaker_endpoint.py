@@ -11,19 +11,11 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-from llmops.backends.sagemaker_endpoint import (
-    BASE_MODEL_DIR,
-    SageMakerEndpointBackend,
-    alarm_requests,
-    deployment_config,
-    metric_queries,
-)
-from llmops.config import load_settings
-from llmops.deployment import (
+from llmops.backends.endpoints import backend_for
+from llmops.backends.endpoints.base import (
     DeploymentError,
     DeploymentRejected,
     apply_config,
-    backend_for,
     capture_config,
     config_name,
     endpoint_config_request,
@@ -31,7 +23,15 @@ from llmops.deployment import (
     model_request,
     serve_alone,
 )
-from llmops.rollout import step_weights
+from llmops.backends.endpoints.sagemaker import (
+    BASE_MODEL_DIR,
+    SageMakerEndpointBackend,
+    alarm_requests,
+    deployment_config,
+    metric_queries,
+)
+from llmops.config import load_settings
+from llmops.rollout.policy import step_weights
 from tests.aws import REGION, aws_env, moto_server
 
 ROLE = "arn:aws:iam::123456789012:role/llmops-sagemaker"

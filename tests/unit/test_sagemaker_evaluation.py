@@ -11,9 +11,9 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from llmops import storage
-from llmops.backends.local import TrainingJobError
-from llmops.backends.sagemaker import SageMakerRequestError
-from llmops.backends.sagemaker_evaluation import collect_evaluation, processing_job_request, stage_evaluation
+from llmops.backends.evaluation.sagemaker import collect_evaluation, processing_job_request, stage_evaluation
+from llmops.backends.training.job import TrainingJobError
+from llmops.backends.training.sagemaker import SageMakerRequestError
 from llmops.config import SageMakerConfig
 
 ROLE = "arn:aws:iam::123456789012:role/llmops-sagemaker"

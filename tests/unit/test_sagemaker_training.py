@@ -13,19 +13,19 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from llmops.backends.local import TrainingJobError
-from llmops.backends.sagemaker import (
+from llmops.backends.training.job import TrainingJobError
+from llmops.backends.training.sagemaker import (
     ENTRY_POINT,
     SageMakerRequestError,
     check_request,
     encode_hyperparameters,
-    estimate_cost,
     job_outcome,
     metric_definitions,
     source_bundle,
     training_job_request,
 )
 from llmops.config import PROJECT_ROOT, SageMakerConfig
+from llmops.costs import estimate_cost
 from tests.aws import toolkit_argv
 from training.config import JobPaths, TrainConfig, load_config
 from training.train import metric_line
@@ -243,7 +243,7 @@ def aws_env(monkeypatch):
 
 
 def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env, capsys):
-    from llmops.backends.sagemaker import main
+    from devtools.aws import main
 
     assert (
         main(["dry-run", "--backend", "sagemaker-trainium", "--dataset-version", "3f2a9c", "--set", "max_steps=100"])
@@ -271,7 +271,7 @@ def test_the_dry_run_prints_the_upload_and_the_request_a_run_would_send(aws_env,
 
 
 def test_the_dry_run_says_what_is_missing(aws_env, monkeypatch, capsys):
-    from llmops.backends.sagemaker import main
+    from devtools.aws import main
 
     assert main(["dry-run", "--dataset-version", "latest"]) == 2
     assert "name the dataset version" in capsys.readouterr().err
@@ -286,7 +286,7 @@ def test_the_dry_run_says_what_is_missing(aws_env, monkeypatch, capsys):
 
 
 def test_the_dry_run_of_ec2_trainium_prints_the_launch_and_the_command(aws_env, capsys):
-    from llmops.backends.sagemaker import main
+    from devtools.aws import main
 
     assert main(["dry-run", "--backend", "ec2-trainium", "--dataset-version", "3f2a9c"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""Synthetic traffic (``llmops.traffic``): deterministic per seed, exactly ``count`` prompts."""
+"""Synthetic traffic (``devtools.traffic``): deterministic per seed, exactly ``count`` prompts."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from llmops import traffic
-from llmops.drift import script_counts, words
+from devtools import traffic
+from llmops.drift.statistics import script_counts, words
 
 IN_DOMAIN = [
     "How do I reverse a list in Python?",

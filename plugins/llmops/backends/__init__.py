@@ -1,1 +1,2 @@
-"""Training backends: where the one training entrypoint runs. Only the launcher differs."""
+"""Backends, one interface per concern, each with a local twin and an AWS side: ``training``,
+``evaluation`` and ``endpoints`` (serving). Only these modules know where a job or an endpoint runs."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import uuid
@@ -30,16 +29,10 @@ from llmops import storage
 from llmops.config import PROJECT_ROOT, DataConfig, Settings
 from llmops.data import token_profile, transforms, versioning
 from llmops.data.records import DataQualityError, normalized_key
+from llmops.runs import run_folder
 
 DAG_ID = "llm_data_prep"
 BUNDLED_SOURCE = f"python-docs:{platform.python_version()}"
-
-
-def run_folder(settings: Settings, run_id: str, dag_id: str = DAG_ID) -> str:
-    """The run's own partition in the store; run ids hold ':' and '+', which S3 keys and shells
-    dislike, so they are made path-safe."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
-    return storage.join(settings.runs_uri(), dag_id, safe)
 
 
 def _apply(

@@ -279,7 +279,7 @@ def tokenizer_folder(
 ) -> Path:
     """A local folder holding model ``name``'s tokenizer: the model's own folder when this machine
     has it; else, with ``store_uri``, the tokenizer files of the copy staged in the store for
-    SageMaker (``base-models/<key>/``, see ``llmops.backends.sagemaker.ensure_model_staged``),
+    SageMaker (``base-models/<key>/``, see ``llmops.backends.training.sagemaker.ensure_model_staged``),
     fetched into ``<cache_dir>/tokenizers/<key>/`` (again only when the staged files change), or
     that local copy when the store has none; else the converted built-in (converting needs torch
     and transformers)."""
@@ -298,7 +298,7 @@ def tokenizer_folder(
     except (ModelNotFoundError, ImportError) as exc:
         raise ModelNotFoundError(
             f"no tokenizer for model {name!r}: not on this machine ({exc}) and not staged at {staged_uri};"
-            f" stage it once from a machine that has it: python -m llmops.backends.sagemaker stage-model {name}"
+            f" stage it once from a machine that has it: python -m devtools.aws stage-model {name}"
         ) from None
 
 
@@ -306,8 +306,8 @@ def _fetch_staged_tokenizer(
     name: str, cache_dir: str | os.PathLike[str], store_uri: str, storage_options: dict | None
 ) -> tuple[Path | None, str]:
     from llmops import storage
-    from llmops.backends.sagemaker import STAGED_MARKER, base_model_uri
     from llmops.models import ModelNotFoundError
+    from llmops.staging import STAGED_MARKER, base_model_uri
 
     uri = base_model_uri(store_uri, name)
     marker_uri = storage.join(uri, STAGED_MARKER)

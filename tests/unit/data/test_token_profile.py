@@ -323,7 +323,7 @@ def test_a_folder_without_tokenizer_json_falls_back_to_transformers(base_model_d
 
 
 def stage_tokenizer(base_model_dir, store_uri: str, key: str = "smollm2-135m-instruct") -> str:
-    from llmops.backends.sagemaker import base_model_uri, stage_files
+    from llmops.staging import base_model_uri, stage_files
 
     files = {
         name: (base_model_dir / name).read_bytes()

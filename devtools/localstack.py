@@ -6,12 +6,12 @@ One place defines the environment every local entry point shares (the demo, the 
 The endpoint gateway ``make up`` starts requires an API key: one is made once per state folder
 (``$LLMOPS_HOME/secrets/gateway_api_key``, mode 0600) and handed to the gateway and to the Airflow
 processes as ``LLMOPS_GATEWAY_API_KEY``; ``apply_environment`` puts it into the processes that
-talk to the gateway from here (the demo, ``python -m llmops.traffic``). An Airflow connection
+talk to the gateway from here (the demo, ``python -m devtools.traffic``). An Airflow connection
 ``llmops_gateway`` (the key as its password) takes precedence where it is defined.
 
-    python -m llmops.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow, gateway
-    python -m llmops.localstack down
-    python -m llmops.localstack env      # print the environment as shell exports
+    python -m devtools.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow, gateway
+    python -m devtools.localstack down
+    python -m devtools.localstack env      # print the environment as shell exports
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
 from llmops.config import PROJECT_ROOT, default_home
 
 AIRFLOW_PORT = int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080"))
@@ -34,7 +35,6 @@ MLFLOW_PORT = int(os.environ.get("LLMOPS_MLFLOW_PORT", "5000"))
 GATEWAY_PORT = int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090"))
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 COMPONENTS = (*AIRFLOW_COMPONENTS, "mlflow", "gateway")
-GATEWAY_KEY_ENV = "LLMOPS_GATEWAY_API_KEY"
 GATEWAY_KEY_FILE = "gateway_api_key"
 
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from llmops.config import Settings
-from llmops.rollout import VariantWindow
+from llmops.contracts import VariantWindow
 
 BASE_MODEL_CHANNEL = "base_model"
 BASE_MODEL_DIR = f"/opt/ml/additional-model-data-sources/{BASE_MODEL_CHANNEL}"
@@ -201,7 +201,7 @@ class SageMakerEndpointBackend:
     def _call(self, operation: str, **request):
         from botocore.exceptions import ClientError
 
-        from llmops.deployment import DeploymentError, DeploymentRejected
+        from llmops.backends.endpoints.base import DeploymentError, DeploymentRejected
 
         try:
             return getattr(self.sagemaker, operation)(**request)
@@ -220,8 +220,9 @@ class SageMakerEndpointBackend:
         """The full ``CreateModel`` request for ``llmops.deployment``'s model request: the serving
         image, the execution role, and the version's base model, staged in the store, mounted next
         to the adapter."""
-        from llmops.backends.sagemaker import base_model_uri, image_uri
-        from llmops.deployment import DeploymentRejected
+        from llmops.backends.endpoints.base import DeploymentRejected
+        from llmops.backends.training.sagemaker import image_uri
+        from llmops.staging import base_model_uri
 
         container = dict(request["PrimaryContainer"])
         environment = dict(container.get("Environment", {}))
@@ -273,7 +274,7 @@ class SageMakerEndpointBackend:
     def create_model(self, request: dict) -> dict:
         """``CreateModel``, once the base model is staged in the store (staged from this machine if
         it is not yet: a worker without it gets an error saying how to stage it)."""
-        from llmops.backends.sagemaker import ensure_model_staged
+        from llmops.staging import ensure_model_staged
 
         ensure_model_staged(self.settings, self.base_model(request), log=lambda _: None)
         return self._call("create_model", **self.model_definition(request))
@@ -321,7 +322,7 @@ class SageMakerEndpointBackend:
         when it holds the same variants, and refused otherwise."""
         from botocore.exceptions import ClientError
 
-        from llmops.deployment import DeploymentRejected
+        from llmops.backends.endpoints.base import DeploymentRejected
 
         definition = self.endpoint_config_definition(request)
         name = definition["EndpointConfigName"]
@@ -408,7 +409,7 @@ class SageMakerEndpointBackend:
         endpoint still Deleting refuses a CreateEndpoint under its name."""
         from botocore.exceptions import ClientError
 
-        from llmops.deployment import DeploymentError
+        from llmops.backends.endpoints.base import DeploymentError
 
         try:
             self.sagemaker.delete_endpoint(EndpointName=name)
@@ -419,7 +420,7 @@ class SageMakerEndpointBackend:
             raise DeploymentError(f"endpoint {name} is still there after DeleteEndpoint")
 
     def _settled(self, name: str) -> dict | None:
-        from llmops.deployment import wait_settled
+        from llmops.backends.endpoints.base import wait_settled
 
         timeout = self.settings.serving.deploy_timeout_minutes * 60
         return wait_settled(self, name, timeout, self.metrics_poll_seconds, self._sleep)
@@ -428,7 +429,7 @@ class SageMakerEndpointBackend:
         """Shift traffic between production variants, then wait until the endpoint is back in
         service: SageMaker reports the new weights only once the update is done, and an update
         that failed says so in ``FailureReason``."""
-        from llmops.deployment import DeploymentError
+        from llmops.backends.endpoints.base import DeploymentError
 
         self._call(
             "update_endpoint_weights_and_capacities",

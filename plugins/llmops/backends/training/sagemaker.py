@@ -4,7 +4,7 @@ one training entrypoint, the source bundle it runs, and what a finished job's de
 Nothing here calls AWS; ``llm_finetune`` sends the request with the Amazon provider's
 ``SageMakerTrainingOperator`` and reads the job back through its hook. Everything the request
 needs is in the typed config (``sagemaker:``): no field is filled in later, so a dry run
-(``python -m llmops.backends.sagemaker``) prints exactly what a run would send.
+(``python -m devtools.aws dry-run``) prints exactly what a run would send.
 
 * **GPU** (``sagemaker``): the Hugging Face PyTorch training image.
 * **Trainium** (``sagemaker-trainium``, ``ml.trn1.*``): the Hugging Face Neuron training image; the
@@ -30,10 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from llmops import storage
-from llmops.backends.local import TrainingJobError
+from llmops.backends.training.job import TrainingJobError
+from llmops.costs import estimate_cost
+from llmops.staging import base_model_uri, ensure_model_staged
 
 BACKENDS = {"sagemaker": "gpu", "sagemaker-trainium": "trainium"}
+
+
 ENTRY_POINT = "llmops_train.py"
+
+
 LAUNCHER = '''"""SageMaker's entry point: the project's one training entrypoint, unchanged."""
 import sys
 
@@ -41,6 +47,8 @@ from training.train import main
 
 sys.exit(main(sys.argv[1:]))
 '''
+
+
 # Metric lines the entrypoint prints ("name=value;"), as SageMaker MetricDefinitions.
 METRICS = (
     "loss",
@@ -53,8 +61,14 @@ METRICS = (
     "train_loss",
     "train_samples_per_second",
 )
+
+
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+
 TAG_TEXT = re.compile(r"^[\w .:/=+\-@]*$")
 
 
@@ -78,9 +92,6 @@ def encode_hyperparameters(values: dict[str, Any]) -> dict[str, str]:
         else:
             encoded[key] = json.dumps(value)
     return encoded
-
-
-# -- the source bundle ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -118,9 +129,6 @@ def source_bundle(root: Path, requirements: tuple[str, ...] = ()) -> SourceBundl
             tar.addfile(info, io.BytesIO(data))
     data = buffer.getvalue()
     return SourceBundle(data, hashlib.sha256(data).hexdigest())
-
-
-# -- the request ----------------------------------------------------------------------------------
 
 
 def image_uri(template: str, region: str) -> str:
@@ -250,21 +258,6 @@ def check_request(request: dict) -> None:
         raise SageMakerRequestError("invalid CreateTrainingJob request:\n  " + "\n  ".join(problems))
 
 
-# -- a finished job -------------------------------------------------------------------------------
-
-
-def estimate_cost(instance_type: str, instance_count: int, billable_seconds: float, prices: dict[str, float]) -> dict:
-    """What a run cost, from the price table in config (USD per instance-hour)."""
-    price = prices.get(instance_type)
-    return {
-        "instance_type": instance_type,
-        "instance_count": instance_count,
-        "billable_seconds": round(billable_seconds, 1),
-        "usd_per_hour": price,
-        "estimated_cost_usd": None if price is None else round(price * billable_seconds / 3600, 4),
-    }
-
-
 def job_outcome(described: dict, prices: dict[str, float]) -> dict:
     """A finished job's ``DescribeTrainingJob`` as the backend's result: the artifact, the ARN, the
     final metrics and the cost. A job that ended Failed or Stopped raises ``TrainingJobError`` with
@@ -294,60 +287,6 @@ def job_outcome(described: dict, prices: dict[str, float]) -> dict:
         "cost": cost,
         "training_seconds": training,
     }
-
-
-# -- dry run --------------------------------------------------------------------------------------
-
-
-def base_model_uri(store_uri: str, name: str) -> str:
-    """Where the base model's folder sits for the ``base_model`` channel (uploaded once). A model
-    given as a folder is keyed by the folder's name."""
-    key = re.sub(r"[^A-Za-z0-9._-]", "-", Path(name).name) or "model"
-    return storage.join(store_uri, "base-models", key) + "/"
-
-
-STAGED_MARKER = "_STAGED.json"
-
-
-def stage_files(files: dict[str, bytes], uri: str, storage_options: dict | None = None, source: str = "") -> dict:
-    """Upload files under the prefix ``uri`` once. The marker (the file list with hashes) is
-    written last, so a half-finished upload is never taken for a complete one."""
-    marker_uri = storage.join(uri, STAGED_MARKER)
-    if storage.exists(marker_uri, storage_options):
-        return storage.read_json(marker_uri, storage_options)
-    for relative, data in sorted(files.items()):
-        storage.write_bytes(storage.join(uri, relative), data, storage_options)
-    staged = {"source": source, "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}}
-    storage.write_json(marker_uri, staged, storage_options)
-    return staged
-
-
-def stage_base_model(folder: Path, uri: str, storage_options: dict | None = None) -> dict:
-    """Upload a model folder to ``uri`` once (see ``stage_files``)."""
-    if storage.exists(storage.join(uri, STAGED_MARKER), storage_options):
-        return storage.read_json(storage.join(uri, STAGED_MARKER), storage_options)
-    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    return stage_files(files, uri, storage_options, source=str(folder))
-
-
-def ensure_model_staged(settings, name: str, storage_options: dict | None = None, log=print) -> str:
-    """The S3 prefix of model ``name`` (a base model or the encoder), staged from this machine when
-    it is not there yet; a ``ConfigError`` saying how to stage it when it is on neither."""
-    from llmops.config import ConfigError
-    from llmops.models import ModelNotFoundError, resolve_model
-
-    uri = base_model_uri(settings.store_uri, name)
-    if not storage.exists(storage.join(uri, STAGED_MARKER), storage_options):
-        try:
-            folder = resolve_model(name, settings.models.cache_dir)
-        except ModelNotFoundError as exc:
-            raise ConfigError(
-                f"model {name!r} is not staged at {uri} and not on this machine ({exc}); stage it once with:"
-                f" python -m llmops.backends.sagemaker stage-model {name}"
-            ) from None
-        stage_base_model(folder, uri, storage_options)
-        log(f"staged model {name} at {uri}")
-    return uri
 
 
 def upload_bundle(settings, bundle: SourceBundle, storage_options: dict | None = None, log=print) -> str:
@@ -440,107 +379,3 @@ def collect(settings, described: dict, storage_options: dict | None = None) -> d
         "job_arn": outcome["job_arn"],
         "cost": outcome["cost"],
     }
-
-
-DRY_RUN_BACKENDS = (*BACKENDS, "ec2-trainium")
-
-
-def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: dict[str, Any]) -> dict:
-    """What ``llm_finetune`` would send for one run, without calling AWS: the uploads, then the
-    training requests of ``backend`` and, when evaluation runs on SageMaker, the Processing job."""
-    from llmops.config import PROJECT_ROOT, ConfigError
-    from llmops.finetune import LATEST, job_name, request_from_params
-
-    if not settings.store_uri.startswith("s3://"):
-        raise ConfigError(
-            f"store_uri is {settings.store_uri}: the AWS backends read their data from S3 (use LLMOPS_ENV=aws)"
-        )
-    if dataset_version == LATEST:
-        raise ConfigError("name the dataset version (--dataset-version): a dry run does not read the store")
-    request = request_from_params(settings, {**params, "backend": backend, "dataset_version": dataset_version})
-    data_uri = storage.join(settings.datasets_uri(), settings.data.dataset_name, dataset_version)
-    dataset = {
-        "version": dataset_version,
-        "files": {s: {"uri": storage.join(data_uri, f"{s}.jsonl")} for s in ("train", "validation")},
-    }
-    name = job_name("llm_finetune", run_id)
-    lineage = {"dag_id": "llm_finetune", "run_id": run_id}
-    if backend == "ec2-trainium":
-        from llmops.backends import ec2
-
-        bundle = source_bundle(PROJECT_ROOT)
-        image = settings.ec2.ami_id or f"(the value of SSM parameter {settings.ec2.ami_parameter})"
-        plan = ec2.plan_job(settings, request, dataset, name, lineage, image, bundle.uri(settings.store_uri))
-        sent = {
-            "RunInstances": {"ImageId": plan["image_id"], "MinCount": 1, "MaxCount": 1, **plan["config"]},
-            "SendCommand": {
-                "DocumentName": "AWS-RunShellScript",
-                **ec2.send_command_kwargs(
-                    settings.ec2, "(the launched instance)", name, plan["commands"], plan["output_uri"]
-                ),
-            },
-        }
-        artifact = plan["artifact_uri"]
-    else:
-        target = getattr(settings.sagemaker, BACKENDS[backend])
-        bundle = source_bundle(PROJECT_ROOT, tuple(target.requirements))
-        create = plan_job(settings, request, dataset, name, lineage, bundle.uri(settings.store_uri))
-        sent = {"CreateTrainingJob": create}
-        artifact = storage.join(create["OutputDataConfig"]["S3OutputPath"], name, "output", "model.tar.gz")
-    printed = {
-        "upload": {"uri": bundle.uri(settings.store_uri), "sha256": bundle.sha256, "bytes": len(bundle.data)},
-        **sent,
-    }
-    if settings.evaluation.backend == "sagemaker":
-        from llmops.backends.sagemaker_evaluation import evaluation_plan
-        from llmops.evaluation import models_to_evaluate
-
-        models = models_to_evaluate(request.base_model_name, {"version": "new", "artifact_uri": artifact}, None)
-        plan = evaluation_plan(settings, job_name("llm_finetune", run_id, prefix="llmops-eval"), models)
-        printed["CreateProcessingJob"] = plan["request"]
-    return printed
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from llmops.config import ConfigError, load_settings
-
-    parser = argparse.ArgumentParser(prog="python -m llmops.backends.sagemaker", description="SageMaker training jobs.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    dry = commands.add_parser("dry-run", help="print the requests one llm_finetune run would send (nothing is sent)")
-    dry.add_argument("--backend", choices=sorted(DRY_RUN_BACKENDS), default="sagemaker")
-    dry.add_argument("--dataset-version", required=True, help="a curated dataset version (its hash)")
-    dry.add_argument("--run-id", default="manual__dry-run", help="the Airflow run id the job name derives from")
-    dry.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter")
-    stage = commands.add_parser("stage-model", help="upload a base model to the store for the base_model channel")
-    stage.add_argument("model", help="a built-in model name or a model folder")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-        if args.command == "stage-model":
-            from llmops.models import resolve_model
-            from llmops.orchestration import storage_options_for
-
-            uri = base_model_uri(settings.store_uri, args.model)
-            folder = resolve_model(args.model, settings.models.cache_dir)
-            staged = stage_base_model(folder, uri, storage_options_for(settings.store_uri, settings))
-            print(f"{args.model}: {len(staged['files'])} files at {uri}")
-            return 0
-        params = {}
-        for item in args.set:
-            name, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"--set {item!r}: expected NAME=VALUE")
-            params[name] = value
-        printed = dry_run(settings, args.backend, args.dataset_version, args.run_id, params)
-    except (ConfigError, SageMakerRequestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(printed, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ Each is deterministic for a seed, so a test or a demo run sends the same request
 would (with the gateway's API key, see ``llmops.deployment.LocalGatewayBackend``), so the gateway
 captures them; from a shell:
 
-    python -m llmops.traffic off-domain --count 60      # or: in-domain, longer, de, es, ru
+    python -m devtools.traffic off-domain --count 60      # or: in-domain, longer, de, es, ru
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callab
     time; returns when it started and ended and how many calls succeeded or failed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from llmops.deployment import backend_for
+    from llmops.backends.endpoints import backend_for
     from llmops.prompts import load_template
 
     system, _ = load_template(settings.data.template).render_instruction("-")  # the assistant's system prompt
@@ -219,7 +219,7 @@ def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callab
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llmops.traffic", description="Send synthetic traffic through the serving endpoint."
+        prog="python -m devtools.traffic", description="Send synthetic traffic through the serving endpoint."
     )
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--count", type=int, default=60)
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    from llmops.localstack import apply_environment
+    from devtools.localstack import apply_environment
 
     apply_environment()
     from llmops.config import get_settings

@@ -1,7 +1,7 @@
 """Amazon MWAA: build the bundle an environment runs, and deploy it to the environment's bucket.
 
-    python -m llmops.mwaa package --from-stack llmops-foundation [--set NAME=VALUE]... [--out dist/mwaa]
-    python -m llmops.mwaa deploy --from-stack llmops-foundation --environment llmops [--dry-run]
+    python -m devtools.mwaa package --from-stack llmops-foundation [--set NAME=VALUE]... [--out dist/mwaa]
+    python -m devtools.mwaa deploy --from-stack llmops-foundation --environment llmops [--dry-run]
     make mwaa-package STACK=llmops-foundation
     make mwaa-deploy STACK=llmops-foundation ENVIRONMENT=llmops DRY_RUN=0
 
@@ -241,7 +241,7 @@ def render_startup(values: dict[str, str], git_sha: str) -> str:
     }
     lines = [
         "#!/bin/bash",
-        "# Amazon MWAA startup script, written by `python -m llmops.mwaa package` (make mwaa-package):",
+        "# Amazon MWAA startup script, written by `python -m devtools.mwaa package` (make mwaa-package):",
         "# change include/config/aws.yaml or the package command's values, not this file.",
         "# MWAA runs it before each scheduler, worker and web server starts and hands what it exports",
         "# to Airflow. No secrets: AWS credentials come from the execution role, others from Airflow",
@@ -727,7 +727,7 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None, clients: Callable[[str, str | None], Any] = _client) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmops.mwaa", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.mwaa", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pack = commands.add_parser("package", help="build the bundle")
     pack.add_argument("--out", type=Path, default=BUNDLE_DIR)

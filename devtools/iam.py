@@ -1,6 +1,6 @@
 """Least-privilege checks for the IAM policies in CloudFormation templates.
 
-    python -m llmops.iam check include/infra/*.yaml
+    python -m devtools.iam check include/infra/*.yaml
 
 prints one line per finding and exits 1, or a summary and exits 0. It reads every policy document
 a template holds: a role's inline ``Policies`` and its trust policy, ``AWS::IAM::ManagedPolicy``,
@@ -508,7 +508,7 @@ def role_allows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmops.iam", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.iam", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check the IAM policies in CloudFormation templates")
     check.add_argument("templates", nargs="+", help="template files (YAML or JSON)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from llmops.localstack import GATEWAY_KEY_ENV
+GATEWAY_KEY_ENV = "LLMOPS_GATEWAY_API_KEY"
 
 
 def gateway_api_key(conn_id: str | None) -> str | None:

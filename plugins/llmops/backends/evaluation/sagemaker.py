@@ -21,17 +21,10 @@ from datetime import datetime
 from typing import Any
 
 from llmops import storage
-from llmops.backends.local import TrainingJobError
-from llmops.backends.sagemaker import (
-    JOB_NAME,
-    SageMakerRequestError,
-    base_model_uri,
-    ensure_model_staged,
-    estimate_cost,
-    image_uri,
-    source_files,
-    stage_files,
-)
+from llmops.backends.training.job import TrainingJobError
+from llmops.backends.training.sagemaker import JOB_NAME, SageMakerRequestError, image_uri, source_files
+from llmops.costs import estimate_cost
+from llmops.staging import base_model_uri, ensure_model_staged, stage_files
 
 ROOT = "/opt/ml/processing"
 EVALUATE = "llmops_evaluate.py"
@@ -126,8 +119,8 @@ def evaluation_plan(settings, name: str, models: dict[str, dict], tags: dict | N
     """What the job needs where (no upload): the code files and their prefix, the staged models,
     ``evaluation.json``, and the ``CreateProcessingJob`` request (``models``: label ->
     {"base_model_name", "artifact_uri"}, as ``llmops.evaluation.models_to_evaluate`` gives)."""
+    from llmops.backends.evaluation.job import evaluation_settings
     from llmops.config import PROJECT_ROOT, ConfigError
-    from llmops.evaluation import evaluation_settings
 
     if not settings.store_uri.startswith("s3://"):
         raise ConfigError(f"evaluation on SageMaker needs an S3 store (LLMOPS_ENV=aws); it is {settings.store_uri}")

@@ -1,6 +1,6 @@
 """The one-command demo: run the pipeline's DAGs on the embedded stack and say where things are.
 
-    make demo          # or: python -m llmops.demo
+    make demo          # or: python -m devtools.demo
 
 It converts the base models on first use, prepares Airflow's SQLite database under
 ``.llmops/airflow``, runs ``llm_data_prep`` on the bundled corpus with ``dag.test()`` and prints
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 
-from llmops.localstack import apply_environment, migrate_db
+from devtools.localstack import apply_environment, migrate_db
 
 
 def return_value(dag_run, task_id: str, key: str = "return_value"):
@@ -135,7 +135,7 @@ def main() -> int:
 
 
 def rollout(settings) -> int:
-    from llmops.localstack import up
+    from devtools.localstack import up
 
     print("\nStarting the local endpoint gateway (it keeps running; `make down` stops it)...", flush=True)
     if up(components=("gateway",)) != 0:
@@ -154,7 +154,7 @@ def rollout(settings) -> int:
         print(f"  shadow:        {shadow['decision']['verdict'].upper()} on {c['pairs']} paired answers")
         for reason in shadow["decision"]["reasons"]:
             print(f"                 - {reason}")
-    from llmops.rollout import step_label
+    from llmops.rollout.policy import step_label
 
     for share in settings.serving.policy().traffic_steps:
         step = return_value(dag_run, f"shift_traffic_{step_label(share)}")
@@ -197,7 +197,8 @@ def key_reference(shell: bool = False, python: bool = False) -> str:
     import os
     from pathlib import Path
 
-    from llmops.localstack import GATEWAY_KEY_ENV, GATEWAY_KEY_FILE, gateway_api_key
+    from devtools.localstack import GATEWAY_KEY_FILE, gateway_api_key
+    from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
 
     home = Path(os.environ["LLMOPS_HOME"])
     made = gateway_api_key(home)
@@ -213,7 +214,7 @@ def key_reference(shell: bool = False, python: bool = False) -> str:
 
 def monitor(settings, count: int = 60) -> int:
     """Two windows of traffic through the endpoint, each analysed by llm_drift_monitor."""
-    from llmops import traffic
+    from devtools import traffic
 
     for kind in ("in-domain", "off-domain"):
         print(f"\nSending {count} {kind} prompts through the endpoint...", flush=True)

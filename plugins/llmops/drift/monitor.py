@@ -1,4 +1,4 @@
-"""Drift monitoring of captured traffic: the adapters around ``llmops.drift``.
+"""Drift monitoring of captured traffic: the adapters around ``llmops.drift.statistics``.
 
 - **Baselines.** ``ensure_baseline`` profiles a curated dataset version once (the profile and its
   prompt embeddings live in the store under ``baselines/<dataset>/<version>/<encoder>-<n>/``;
@@ -31,8 +31,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
-from llmops import drift, storage
+from llmops import storage
 from llmops.config import ConfigError, Settings
+from llmops.drift import statistics as drift
+from llmops.encoder import make_sentence_encoder
 
 PROFILE, EMBEDDINGS = "profile.json", "embeddings.npy"
 BASELINE_TAG = "drift.baseline_uri"
@@ -50,46 +52,6 @@ class MonitoringError(RuntimeError):
 def baseline_uri(settings: Settings, dataset_name: str, dataset_version: str) -> str:
     key = f"{settings.models.embedding}-{settings.monitoring.baseline_sample}-v{drift.PROFILE_FORMAT}"
     return storage.join(settings.store_uri, "baselines", dataset_name, dataset_version, key)
-
-
-def torch_embeddings_available() -> bool:
-    """Whether sentence-transformers and torch are installed here (Airflow workers on MWAA have
-    neither). They are looked up, not imported: choosing costs nothing when nothing gets embedded."""
-    from importlib.util import find_spec
-
-    try:
-        return all(find_spec(name) is not None for name in ("torch", "sentence_transformers"))
-    except ValueError:  # a module set to None in sys.modules, as tests do to hide it
-        return False
-
-
-def make_sentence_encoder(settings: Settings):
-    """The sentence encoder of ``models.embedding`` in the runtime ``models.embedding_runtime`` picks:
-    ``training.metrics.Embedder`` (torch) or ``llmops.encoder.SentenceEncoder`` (numpy). Both have
-    ``encode`` and ``similarity`` and give the same vectors within float32 rounding
-    (``tests/unit/test_encoder.py``), so baselines stay keyed by the encoder's name alone
-    (``baseline_uri``): one built by either runtime serves windows embedded by the other."""
-    from llmops.models import resolve_model
-
-    runtime = settings.models.embedding_runtime
-    if runtime == "auto":
-        runtime = "torch" if torch_embeddings_available() else "numpy"
-    elif runtime == "torch" and not torch_embeddings_available():
-        raise ConfigError(
-            "models.embedding_runtime is 'torch' but sentence-transformers or torch does not import here;"
-            " set it to 'numpy' or 'auto'"
-        )
-    folder = resolve_model(settings.models.embedding, settings.models.cache_dir)
-    if runtime == "numpy":
-        from llmops.encoder import SentenceEncoder
-
-        return SentenceEncoder(folder)
-    from transformers.utils import logging as transformers_logging
-
-    from training.metrics import Embedder
-
-    transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar is noise in task logs
-    return Embedder(folder)
 
 
 def make_embedder(settings: Settings) -> drift.Embed:
@@ -220,7 +182,7 @@ def resolve_window(
 
 
 def traffic_record(record) -> drift.TrafficRecord:
-    from llmops.deployment import request_prompt
+    from llmops.capture import request_prompt
 
     status = record.status_code if record.status_code is not None else 200
     answer = record.response_json() if 200 <= status < 300 else None
@@ -502,12 +464,11 @@ def record_report(
     import tempfile
     from pathlib import Path
 
-    from llmops.evaluation import report_url
-    from llmops.tracking import RUN_KEY, _find_run, _metric, client
+    from llmops.tracking import RUN_KEY, client, find_run, metric_entity, report_url
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     experiment_id = _experiment(settings, mlflow_client)
-    run = _find_run(mlflow_client, experiment_id, f"drift/{window['key']}")
+    run = find_run(mlflow_client, experiment_id, f"drift/{window['key']}")
     if (
         run is not None
         and run.info.status == "FINISHED"
@@ -542,7 +503,7 @@ def record_report(
         step = int(datetime.fromisoformat(window["start"]).timestamp())
         mlflow_client.log_batch(
             run_id,
-            metrics=[_metric(k, v, step) for k, v in sorted(analysis["metrics"].items())],
+            metrics=[metric_entity(k, v, step) for k, v in sorted(analysis["metrics"].items())],
             params=[]
             if run.data.params
             else [mlflow.entities.Param(k, json.dumps(v)[:6000]) for k, v in policy.model_dump().items()],

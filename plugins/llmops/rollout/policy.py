@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmops.contracts import VariantWindow
 from llmops.gate import Check, Decision
 
 
@@ -95,20 +96,6 @@ def step_request_budget(share: float, policy: RolloutPolicy, sampling_percentage
     wanted = max(rails.min_invocations, math.ceil(rails.min_judged * 100 / max(sampling_percentage, 1)))
     needed = math.ceil(wanted / share)
     return max(policy.step_requests, needed), max(policy.step_requests, 6 * needed)
-
-
-@dataclass(frozen=True)
-class VariantWindow:
-    """What one variant did in a time window (from the gateway's or CloudWatch's metrics)."""
-
-    invocations: int
-    errors: int
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.invocations if self.invocations else 0.0
 
 
 def win_rate(pairs: list[tuple[float | None, float | None]]) -> tuple[float | None, int]:
