@@ -17,13 +17,20 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmops.gate import GatePolicy
+from llmops.rollout.policy import RolloutPolicy
+from training.config import TrainConfig, config_from_mapping
+
 PROJECT_ROOT = Path(os.environ.get("LLMOPS_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
 INCLUDE_DIR = PROJECT_ROOT / "include"
+
+TrainingBackend = Literal["local", "sagemaker", "sagemaker-trainium", "ec2-trainium"]
+TRAINING_BACKENDS: tuple[str, ...] = get_args(TrainingBackend)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -91,17 +98,20 @@ class FinetuneConfig(_Strict):
     model_name: str = Field("python-docs-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
-    backend: Literal["local", "sagemaker", "sagemaker-trainium", "ec2-trainium"] = "local"
+    backend: TrainingBackend = "local"
     processes: int = Field(1, ge=1, le=64)
     timeout_minutes: int = Field(120, ge=1)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _hyperparameters_are_valid(self) -> FinetuneConfig:
-        from training.config import config_from_mapping
-
-        config_from_mapping(self.hyperparameters)
+        self.train_config()
         return self
+
+    def train_config(self) -> TrainConfig:
+        """The run's default hyperparameters, typed: ``TrainConfig``'s defaults with this file's
+        ``hyperparameters`` over them. The one source of the trigger form's defaults."""
+        return config_from_mapping(self.hyperparameters)
 
     @model_validator(mode="after")
     def _schedule_is_cron(self) -> FinetuneConfig:
@@ -136,20 +146,10 @@ class EvaluationConfig(_Strict):
     timeout_minutes: int = Field(60, ge=1)
     require_approval: bool = False
     approval_timeout_hours: float = Field(24, gt=0)
-    gate: dict[str, Any] = Field(default_factory=dict)
+    gate: GatePolicy = GatePolicy()
 
-    @model_validator(mode="after")
-    def _gate_is_a_policy(self) -> EvaluationConfig:
-        self.policy()
-        return self
-
-    def policy(self):
-        from llmops.gate import GatePolicy
-
-        try:
-            return GatePolicy.model_validate(self.gate)
-        except ValidationError as exc:
-            raise ValueError("gate: " + format_validation_error(exc).strip()) from None
+    def policy(self) -> GatePolicy:
+        return self.gate
 
 
 class SageMakerEndpointConfig(_Strict):
@@ -204,11 +204,10 @@ class ServingConfig(_Strict):
     replay_concurrency: int = Field(1, ge=1, le=64)
     max_batch_size: int = Field(8, ge=1, le=256, description="concurrent requests a model server generates together")
     batch_wait_ms: float = Field(5, ge=0, le=1000, description="how long a batch's first request waits for more")
-    rollout: dict[str, Any] = Field(default_factory=dict)
+    rollout: RolloutPolicy = RolloutPolicy()
 
     @model_validator(mode="after")
-    def _rollout_is_a_policy(self) -> ServingConfig:
-        self.policy()
+    def _rollout_fits_the_backend(self) -> ServingConfig:
         if self.backend == "sagemaker" and not self.capture_uri.startswith("s3://"):
             raise ValueError(f"backend sagemaker captures to S3: capture_uri {self.capture_uri!r} is not s3://")
         blue_green = 2 * self.sagemaker.blue_green_wait_seconds + 900  # both waits and a new fleet's start
@@ -224,10 +223,11 @@ class ServingConfig(_Strict):
             )
         return self
 
-    def policy(self, overrides: dict[str, Any] | None = None):
-        from llmops.rollout.policy import RolloutPolicy
-
-        data = dict(self.rollout)
+    def policy(self, overrides: dict[str, Any] | None = None) -> RolloutPolicy:
+        """The rollout policy, with a run's ``overrides`` (``"section.field": value``) over it."""
+        if not overrides:
+            return self.rollout
+        data = self.rollout.model_dump()
         for key, value in (overrides or {}).items():
             section, _, name = key.rpartition(".")
             target = data.setdefault(section, {}) if section else data

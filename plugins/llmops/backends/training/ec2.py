@@ -21,7 +21,7 @@ import shlex
 from typing import Any
 
 from llmops import storage
-from llmops.backends.training.job import TrainingJobError
+from llmops.backends.training.job import TrainingJobError, TrainingJobResult
 from llmops.backends.training.sagemaker import encode_hyperparameters
 
 NEURON_CORES = {"trn1.2xlarge": 2, "trn1.32xlarge": 32, "trn1n.32xlarge": 32, "trn2.48xlarge": 64}
@@ -253,15 +253,14 @@ def collect(settings, staged: dict, instance_id: str, invocation: dict, seconds:
     artifact = staged["artifact_uri"]
     if not storage.exists(artifact, storage_options):
         raise TrainingJobError(f"the training command succeeded but left no model archive at {artifact}")
-    return {
-        "job_name": staged["job_name"],
-        "backend": "ec2-trainium",
-        "model_artifact_uri": artifact,
-        "metrics": archive_metrics(artifact, storage_options),
-        "log_uri": staged["output_uri"],
-        "reused": False,
-        "job_arn": "",
-        "instance_id": instance_id,
-        "output_tail": outcome["output_tail"],
-        "cost": estimate_cost(settings.ec2.instance_type, 1, seconds, settings.sagemaker.prices_per_hour),
-    }
+    return TrainingJobResult(
+        job_name=staged["job_name"],
+        backend="ec2-trainium",
+        model_artifact_uri=artifact,
+        metrics=archive_metrics(artifact, storage_options),
+        log_uri=staged["output_uri"],
+        job_arn="",
+        instance_id=instance_id,
+        output_tail=outcome["output_tail"],
+        cost=estimate_cost(settings.ec2.instance_type, 1, seconds, settings.sagemaker.prices_per_hour),
+    ).to_dict()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops import storage
-from llmops.backends.training.job import TrainingJobError
+from llmops.backends.training.job import TrainingJobError, TrainingJobResult
 from llmops.costs import estimate_cost
 from llmops.staging import base_model_uri, ensure_model_staged
 
@@ -366,16 +366,15 @@ def collect(settings, described: dict, storage_options: dict | None = None) -> d
     artifact = outcome["model_artifact_uri"]
     metrics = archive_metrics(artifact, storage_options)
     region = settings.aws.region or "us-east-1"
-    return {
-        "job_name": outcome["job_name"],
-        "backend": "sagemaker",
-        "model_artifact_uri": artifact,
-        "metrics": metrics or outcome["metrics"],
-        "log_uri": (
+    return TrainingJobResult(
+        job_name=outcome["job_name"],
+        backend="sagemaker",
+        model_artifact_uri=artifact,
+        metrics=metrics or outcome["metrics"],
+        log_uri=(
             f"https://{region}.console.aws.amazon.com/cloudwatch/home?region={region}#logsV2:log-groups/"
             f"log-group/$252Faws$252Fsagemaker$252FTrainingJobs$3FlogStreamNameFilter$3D{outcome['job_name']}"
         ),
-        "reused": False,
-        "job_arn": outcome["job_arn"],
-        "cost": outcome["cost"],
-    }
+        job_arn=outcome["job_arn"],
+        cost=outcome["cost"],
+    ).to_dict()
