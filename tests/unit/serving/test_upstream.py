@@ -8,13 +8,11 @@ import gzip
 
 import pytest
 
-from serving.gateway import Upstream, UpstreamUnreachable
+from serving.gateway.upstream import Upstream, UpstreamUnreachable
 
 
 def test_upstream_answer_is_not_left_compressed():
     from aiohttp import web
-
-    from serving.gateway import Upstream
 
     payload = b'{"generated_text": "' + b"x" * 2000 + b'"}'
 
