@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmops.drift.statistics import DriftPolicy
 from llmops.gate import GatePolicy
 from llmops.rollout.policy import RolloutPolicy
 from training.config import TrainConfig, config_from_mapping
@@ -248,7 +249,7 @@ class MonitoringConfig(_Strict):
     capture_delay_minutes: float = Field(
         0, ge=0, le=1440, description="scheduled windows end this much earlier: capture files arrive late on S3"
     )
-    policy: dict[str, Any] = Field(default_factory=dict)
+    policy: DriftPolicy = DriftPolicy()
 
     @model_validator(mode="after")
     def _valid(self) -> MonitoringConfig:
@@ -256,14 +257,14 @@ class MonitoringConfig(_Strict):
 
         if not croniter.is_valid(self.schedule):
             raise ValueError(f"schedule: {self.schedule!r} is not a cron expression")
-        self.drift_policy()
         return self
 
-    def drift_policy(self, overrides: dict[str, Any] | None = None):
-        from llmops.drift.statistics import DriftPolicy
-
+    def drift_policy(self, overrides: dict[str, Any] | None = None) -> DriftPolicy:
+        """The drift policy, with a run's ``overrides`` (field: value) over it."""
+        if not overrides:
+            return self.policy
         try:
-            return DriftPolicy.model_validate({**self.policy, **(overrides or {})})
+            return DriftPolicy.model_validate({**self.policy.model_dump(), **overrides})
         except ValidationError as exc:
             raise ValueError("policy: " + format_validation_error(exc).strip()) from None
 

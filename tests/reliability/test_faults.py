@@ -686,7 +686,7 @@ def test_registration_whose_artifact_copy_fails_registers_no_version_and_a_rerun
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory, stack_env, tiny_training_job, curated_dataset):  # noqa: F811
-    """A gateway serving version 1 of the tiny adapter alone (deployed by ``llmops.deployment``, as
+    """A gateway serving version 1 of the tiny adapter alone (deployed by ``llmops.backends.endpoints.base``, as
     ``llm_rollout`` does), with version 2 (the same adapter) registered as the challenger."""
     import yaml
 

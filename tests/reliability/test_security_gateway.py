@@ -778,7 +778,7 @@ def test_make_up_starts_the_gateway_with_a_key_of_its_own_that_local_clients_pic
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    python("import sys; from llmops import localstack; sys.exit(localstack.up(60, ('gateway',)))")
+    python("import sys; from devtools import localstack; sys.exit(localstack.up(60, ('gateway',)))")
     try:
         key_file = tmp_path / "home" / "secrets" / "gateway_api_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -791,9 +791,9 @@ def test_make_up_starts_the_gateway_with_a_key_of_its_own_that_local_clients_pic
         # What the demo and `python -m devtools.traffic` run first: the key is theirs without a word.
         picked = python(
             "from devtools.localstack import apply_environment; apply_environment();"
-            "from llmops.config import load_settings; from llmops.deployment import backend_for;"
+            "from llmops.config import load_settings; from llmops.backends.endpoints import backend_for;"
             "print(backend_for(load_settings()).describe_endpoint('none'))"
         )
         assert picked.strip() == "None"  # answered (404: no such endpoint), not refused
     finally:
-        python("from llmops import localstack; localstack.down()")
+        python("from devtools import localstack; localstack.down()")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from devtools import iam
-from llmops.backends.training import ec2 as ec2_backend
 from llmops.backends.endpoints.base import config_name, model_resource_name
+from llmops.backends.training import ec2 as ec2_backend
 from llmops.finetune import job_name
 from llmops.staging import base_model_uri
 
@@ -504,7 +504,7 @@ MWAA_CALLS = [
     ("iam:PassRole", SAGEMAKER_ROLE_ARN),
     ("logs:DescribeLogStreams", f"{LOGS}:/aws/sagemaker/TrainingJobs"),
     ("logs:GetLogEvents", f"{LOGS}:/aws/sagemaker/TrainingJobs:log-stream:{TRAINING_JOB}/algo-1-1700000000"),
-    # the rollout's endpoint (llmops.deployment and its SageMaker backend)
+    # the rollout's endpoint (llmops.rollout.steps and its SageMaker backend)
     ("sagemaker:CreateModel", f"{SM}:model/{MODEL}"),
     ("sagemaker:DescribeModel", f"{SM}:model/{MODEL}"),
     ("sagemaker:DeleteModel", f"{SM}:model/{MODEL}"),

@@ -3,7 +3,7 @@
 ``LLMOPS_GATEWAY_API_KEY`` (``make up`` sets it for the processes it starts). The key is never in
 code or YAML, and it is registered with Airflow's secret masker so task logs cannot show it.
 
-Airflow-facing, so that ``llmops.deployment`` stays free of Airflow imports.
+The one serving-backend module that imports Airflow (lazily: it runs only inside a task).
 """
 
 from __future__ import annotations

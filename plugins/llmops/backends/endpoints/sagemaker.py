@@ -1,7 +1,7 @@
-"""The rollout's endpoint on SageMaker: the backend ``llmops.deployment`` drives when
+"""The rollout's endpoint on SageMaker: the serving backend ``llmops.rollout.steps`` drives when
 ``serving.backend`` is ``sagemaker``, with the same operations as the local gateway's.
 
-``llm_rollout`` does not change: its tasks call ``llmops.deployment``, which asks this backend to
+``llm_rollout`` does not change: its tasks call ``llmops.rollout.steps``, which asks this backend to
 ``CreateModel`` (the serving image, the version's ``model.tar.gz`` and its base model staged under
 ``<store>/base-models/`` as an additional model data source), ``CreateEndpointConfig`` (production
 variants, at most one shadow variant, data capture to ``serving.capture_uri``),
@@ -16,7 +16,7 @@ What the stock operators do not, and this backend does:
   the same name is an error, not a silent reuse.
 * **State checks after every update.** A failed ``UpdateEndpoint`` (or a blue/green update that
   rolled itself back) leaves the endpoint ``InService`` on its *old* config with a
-  ``FailureReason``: ``deployment.wait_in_service`` compares the config it serves with the one
+  ``FailureReason``: ``llmops.backends.endpoints.base.wait_in_service`` compares the config it serves with the one
   asked for, so that is a failure, not a success. Weight updates wait until the endpoint is back
   in service and are then read back.
 * **Deployment guardrails where they fit.** SageMaker's blue/green update needs the same variant
@@ -151,7 +151,7 @@ def metric_queries(endpoint: str, variants: list[str], period: int) -> tuple[lis
 
 
 class SageMakerEndpointBackend:
-    """``llmops.deployment``'s endpoint operations on a SageMaker real-time endpoint."""
+    """The endpoint operations of ``llmops.backends.endpoints.base`` on a SageMaker real-time endpoint."""
 
     def __init__(
         self,
@@ -217,7 +217,7 @@ class SageMakerEndpointBackend:
     # -- models ------------------------------------------------------------------------------------
 
     def model_definition(self, request: dict) -> dict:
-        """The full ``CreateModel`` request for ``llmops.deployment``'s model request: the serving
+        """The full ``CreateModel`` request for ``llmops.backends.endpoints.base``'s model request: the serving
         image, the execution role, and the version's base model, staged in the store, mounted next
         to the adapter."""
         from llmops.backends.endpoints.base import DeploymentRejected
@@ -292,7 +292,7 @@ class SageMakerEndpointBackend:
     # -- endpoint configs --------------------------------------------------------------------------
 
     def endpoint_config_definition(self, request: dict) -> dict:
-        """``llmops.deployment``'s config request with what SageMaker needs besides: instance type
+        """``llmops.backends.endpoints.base``'s config request with what SageMaker needs besides: instance type
         and count per variant, the KMS key, tags."""
         definition = dict(request)
         for key in ("ProductionVariants", "ShadowProductionVariants"):
@@ -359,7 +359,7 @@ class SageMakerEndpointBackend:
             raise
         status = described["EndpointStatus"]
         if status in ("SystemUpdating", "RollingBack"):
-            described = {**described, "EndpointStatus": "Updating"}  # deployment.wait_settled waits those out
+            described = {**described, "EndpointStatus": "Updating"}  # base.wait_settled waits those out
         elif status == "UpdateRollbackFailed":
             described = {**described, "EndpointStatus": "Failed"}
         return described
