@@ -39,65 +39,14 @@ from airflow.sdk import Param, dag, get_current_context, task
 from llmops.compat import TriggerRule
 from llmops.config import get_settings
 from llmops.orchestration import challenger_asset, fail_without_retry
-from llmops.rollout.policy import step_label
+from llmops.orchestration.rollout import log, restore_champion, rollout_context, run_key, skip
+from llmops.rollout import ledger, steps
+from llmops.rollout.plan import plan_rollout as plan_run
+from llmops.rollout.policy import all_phases_passed, first_stop, rollout_outcome, step_label
 
 SETTINGS = get_settings()
 POLICY = SETTINGS.serving.policy()
-STEPS = [f"shift_traffic_{step_label(share)}" for share in POLICY.traffic_steps]
-# Form fields that override the policy for one run: Param name -> policy field.
-POLICY_PARAMS = {
-    "replay_requests": "replay_requests",
-    "step_requests": "step_requests",
-    "min_shadow_win_rate": "shadow.min_win_rate",
-    "max_error_rate": "guardrails.max_error_rate",
-    "max_p99_latency_ms": "guardrails.max_p99_latency_ms",
-    "bake_seconds": "bake_seconds",
-}
 DEPLOY_TIMEOUT = timedelta(minutes=SETTINGS.serving.deploy_timeout_minutes * 2 + 10)
-
-
-def _log(message: str) -> None:
-    import logging
-
-    logging.getLogger("airflow.task").info(message)
-
-
-def _context() -> tuple[dict, object, str]:
-    """(plan, policy, run key) of this run, from ``plan_rollout``'s result and the form; skips the
-    task when there is nothing to roll out."""
-    context = get_current_context()
-    plan = context["ti"].xcom_pull(task_ids="plan_rollout")
-    if plan is None:
-        _skip("nothing to roll out")
-    params = context["params"]
-    policy = SETTINGS.serving.policy({POLICY_PARAMS[k]: params[k] for k in POLICY_PARAMS if params.get(k) is not None})
-    return plan, policy, _run_key(context)
-
-
-def _run_key(context) -> str:
-    """The key a rollout's steps record what they did under: this DAG run."""
-    return f"{context['dag'].dag_id}/{context['run_id']}"
-
-
-def _skip(reason: str):
-    from llmops.compat import AirflowSkipException
-
-    raise AirflowSkipException(reason)
-
-
-def _all_passed(ti) -> bool:
-    """Every phase of a shadow rollout ran and said go on: promotion needs evidence, not silence."""
-    results = [ti.xcom_pull(task_ids=task_id) for task_id in ["compare_shadow", *STEPS]]
-    return all(result and result["decision"]["promote"] for result in results)
-
-
-def _failed_decision(ti) -> dict | None:
-    """The first phase of this run whose decision says stop, or None."""
-    for task_id in ["compare_shadow", *STEPS]:
-        result = ti.xcom_pull(task_ids=task_id)
-        if result and not result["decision"]["promote"]:
-            return {"phase": task_id, **result["decision"]}
-    return None
 
 
 @dag(
@@ -154,149 +103,119 @@ def llm_rollout():
     @task
     @fail_without_retry
     def plan_rollout() -> dict:
-        from llmops.rollout.plan import plan_rollout
-
         context = get_current_context()
-        plan = plan_rollout(SETTINGS, context["params"]["model_version"] or None, _run_key(context), _log)
-        _log(f"{plan['action']}: {plan['reason']}")
+        plan = plan_run(SETTINGS, context["params"]["model_version"] or None, run_key(context), log)
+        log(f"{plan['action']}: {plan['reason']}")
         if plan["action"] == "nothing":
-            _skip(plan["reason"])
+            skip(plan["reason"])
         return plan
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
-    def deploy_champion() -> dict:
-        from llmops.rollout.steps import deploy_first
-
-        plan, _, run_key = _context()
-        if plan["action"] != "first_deploy":
-            _skip(f"there is a champion (version {plan['champion']['version']}): the candidate goes through shadow")
-        return deploy_first(SETTINGS, plan, run_key, _log)
+    def deploy_champion(plan: dict | None) -> dict:
+        plan, _, key = rollout_context(SETTINGS, plan, get_current_context())
+        if plan.action != "first_deploy":
+            skip(f"there is a champion (version {plan.champion.version}): the candidate goes through shadow")
+        return steps.deploy_first(SETTINGS, plan, key, log)
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
-    def deploy_shadow() -> dict:
-        from llmops.rollout.steps import deploy_shadow
-
-        plan, _, run_key = _context()
-        if plan["action"] != "rollout":
-            _skip("no champion yet: nothing to shadow")
-        return deploy_shadow(SETTINGS, plan, run_key, _log)
+    def deploy_shadow(plan: dict | None) -> dict:
+        plan, _, key = rollout_context(SETTINGS, plan, get_current_context())
+        if plan.action != "rollout":
+            skip("no champion yet: nothing to shadow")
+        return steps.deploy_shadow(SETTINGS, plan, key, log)
 
     @task(execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
-    def compare_shadow() -> dict:
-        from llmops.rollout.steps import evaluate_shadow
-
-        plan, policy, run_key = _context()
-        result = evaluate_shadow(SETTINGS, plan, policy, run_key, _log)
-        _log(f"shadow {result['decision']['verdict']}:\n  " + "\n  ".join(result["decision"]["reasons"]))
+    def compare_shadow(plan: dict | None) -> dict:
+        plan, policy, key = rollout_context(SETTINGS, plan, get_current_context())
+        result = steps.evaluate_shadow(SETTINGS, plan, policy, key, log)
+        log(f"shadow {result['decision']['verdict']}:\n  " + "\n  ".join(result["decision"]["reasons"]))
         return result
 
     def traffic_step(share: float):
         @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=DEPLOY_TIMEOUT)
         @fail_without_retry
-        def shift() -> dict:
-            from llmops.rollout.steps import traffic_step
-
-            plan, policy, run_key = _context()
-            ti = get_current_context()["ti"]
-            stopped = _failed_decision(ti)
+        def shift(plan: dict | None, shadow: dict, earlier: dict[str, dict | None]) -> dict:
+            """``earlier``: every phase before this step, in order, by task id."""
+            plan, policy, key = rollout_context(SETTINGS, plan, get_current_context())
+            stopped = first_stop(earlier)
             if stopped is not None:
-                _skip(f"{stopped['phase']} said roll back")
-            result = traffic_step(SETTINGS, plan, policy, run_key, share, ti.xcom_pull(task_ids="compare_shadow"), _log)
-            _log(
+                skip(f"{stopped['phase']} said roll back")
+            result = steps.traffic_step(SETTINGS, plan, policy, key, share, shadow, log)
+            log(
                 f"step {result['label']} {result['decision']['verdict']}:\n  "
                 + "\n  ".join(result["decision"]["reasons"])
             )
             return result
 
-        return shift()
+        return shift
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
     @fail_without_retry
-    def promote() -> dict:
-        from llmops.rollout.steps import promote
-
-        plan, _, run_key = _context()
-        if plan["action"] == "rollout" and not _all_passed(get_current_context()["ti"]):
-            _skip("not every phase of the rollout passed")
-        return promote(SETTINGS, plan, run_key, _log)
+    def promote(plan: dict | None, phases: list[dict | None]) -> dict:
+        plan, _, key = rollout_context(SETTINGS, plan, get_current_context())
+        if plan.action == "rollout" and not all_phases_passed(phases):
+            skip("not every phase of the rollout passed")
+        return steps.promote(SETTINGS, plan, key, log)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=DEPLOY_TIMEOUT)
-    def roll_back() -> dict:
-        from llmops.rollout.steps import roll_back
-
-        plan, _, run_key = _context()
-        stopped = _failed_decision(get_current_context()["ti"])
+    def roll_back(plan: dict | None, phases: dict[str, dict | None]) -> dict:
+        plan, _, key = rollout_context(SETTINGS, plan, get_current_context())
+        stopped = first_stop(phases)
         if stopped is None:
-            _skip("every check passed")
-        return roll_back(SETTINGS, plan, run_key, [f"{stopped['phase']}: {r}" for r in stopped["reasons"]], _log)
+            skip("every check passed")
+        return steps.roll_back(SETTINGS, plan, key, [f"{stopped['phase']}: {r}" for r in stopped["reasons"]], log)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
-    def record_rollout() -> dict:
-        from llmops.rollout.ledger import record_rollout
-
-        plan, policy, _ = _context()
+    def record_rollout(
+        plan: dict | None,
+        deployed_first: dict | None,
+        deployed_shadow: dict | None,
+        shadow: dict | None,
+        shifted: list[dict | None],
+        promoted: dict | None,
+        rolled_back: dict | None,
+    ) -> dict:
         context = get_current_context()
-        ti = context["ti"]
-        promoted, rolled_back = ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="roll_back")
+        plan, policy, _ = rollout_context(SETTINGS, plan, context)
         phases = {
-            "deploy": ti.xcom_pull(task_ids="deploy_champion") or ti.xcom_pull(task_ids="deploy_shadow"),
-            "shadow": ti.xcom_pull(task_ids="compare_shadow"),
-            "steps": [s for s in (ti.xcom_pull(task_ids=t) for t in STEPS) if s],
+            "deploy": deployed_first or deployed_shadow,
+            "shadow": shadow,
+            "steps": [s for s in shifted if s],
             "promoted": promoted,
             "rolled_back": rolled_back,
-            "outcome": "promoted" if promoted else "rolled back" if rolled_back else "unfinished",
+            "outcome": rollout_outcome(promoted, rolled_back),
         }
         lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]}
-        recorded = record_rollout(SETTINGS, plan, policy, lineage, phases)
-        _log(f"version {plan['candidate']['version']}: {recorded['outcome']} (MLflow run {recorded['run_id']})")
+        recorded = ledger.record_rollout(SETTINGS, plan, policy, lineage, phases)
+        log(f"version {plan.candidate.version}: {recorded['outcome']} (MLflow run {recorded['run_id']})")
         return recorded
 
     @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
-    def restore_on_failure() -> None:
+    def restore_on_failure(plan: dict | None) -> None:
         """A task failed outright: put all traffic back on the champion, mark the candidate, fail."""
-        from llmops.compat import AirflowFailException
-        from llmops.rollout.steps import roll_back
+        restore_champion(SETTINGS, plan, get_current_context())
 
-        context = get_current_context()
-        ti = context["ti"]
-        states = ti.get_task_states(context["dag"].dag_id, run_ids=[context["run_id"]]).get(context["run_id"], {})
-        failed = sorted(t for t, state in states.items() if state == "failed") or ["an unknown task"]
-        plan = ti.xcom_pull(task_ids="plan_rollout")
-        if plan is None:
-            raise AirflowFailException(f"the rollout could not be planned ({', '.join(failed)} failed); nothing moved")
-        from llmops.rollout.plan import current_champion
-
-        if states.get("promote") == "success" or current_champion(SETTINGS) == plan["candidate"]["version"]:
-            raise AirflowFailException(
-                f"version {plan['candidate']['version']} was promoted, then {', '.join(failed)} failed;"
-                " nothing was rolled back"
-            )
-        roll_back(SETTINGS, plan, _run_key(context), [f"the rollout failed at {', '.join(failed)}"], _log, reject=False)
-        what = "the champion serves all traffic" if plan["champion"] else "nothing serves yet"
-        raise AirflowFailException(f"rollout failed at {', '.join(failed)}; {what}")
-
+    # Each task gets the results it reads as arguments, which also makes them its upstream; the
+    # edges below carry no data. A skipped task's result arrives as None.
     plan = plan_rollout()
-    first = deploy_champion()
-    shadow = deploy_shadow()
-    compared = compare_shadow()
-    promoted, rolled_back, recorded = promote(), roll_back(), record_rollout()
-    plan >> [first, shadow]
+    first = deploy_champion(plan)
+    shadow = deploy_shadow(plan)
+    compared = compare_shadow(plan)
     shadow >> compared
-    previous = compared
-    steps = []
+    shifted = []
     for share in POLICY.traffic_steps:
-        step = traffic_step(share)
-        previous >> step
-        steps.append(step)
-        previous = step
+        earlier = {"compare_shadow": compared, **{s.operator.task_id: s for s in shifted}}
+        shifted.append(traffic_step(share)(plan, compared, earlier))
+    phases = {"compare_shadow": compared, **{s.operator.task_id: s for s in shifted}}
+    promoted = promote(plan, list(phases.values()))
+    rolled_back = roll_back(plan, phases)
     first >> promoted
-    previous >> [promoted, rolled_back]
-    [promoted, rolled_back] >> recorded
+    record_rollout(plan, first, shadow, compared, shifted, promoted, rolled_back)
     # Not record_rollout: bookkeeping that fails after a promotion must not undo it.
-    [plan, first, shadow, compared, *steps, promoted, rolled_back] >> restore_on_failure()
+    [first, shadow, compared, *shifted, promoted, rolled_back] >> restore_on_failure(plan)
 
 
 llm_rollout()

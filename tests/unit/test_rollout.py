@@ -10,15 +10,19 @@ import pytest
 from pydantic import ValidationError
 
 from llmops.gate import Decision
+from llmops.rollout.contracts import RolloutPlan, VersionRef
 from llmops.rollout.policy import (
     Guardrails,
     RolloutPolicy,
     ShadowComparison,
     ShadowCriteria,
     VariantWindow,
+    all_phases_passed,
     check_guardrails,
     compare_shadow,
     decide_shadow,
+    first_stop,
+    rollout_outcome,
     step_label,
     step_request_budget,
     step_weights,
@@ -442,3 +446,84 @@ def test_a_shadow_comparison_survives_to_dict_and_from_dict_through_json():
 def test_an_empty_shadow_comparison_round_trips():
     comparison = compare_shadow([], VariantWindow(0, 0), VariantWindow(0, 0))
     assert ShadowComparison.from_dict(json.loads(json.dumps(comparison.to_dict()))) == comparison
+
+
+# -- phases of a run: promote, roll back ----------------------------------------------------------
+
+
+def phase(go: bool, *reasons: str) -> dict:
+    return {"decision": {"promote": go, "verdict": "continue" if go else "roll back", "reasons": list(reasons)}}
+
+
+def test_every_phase_passing_promotes():
+    assert all_phases_passed([phase(True), phase(True), phase(True)])
+
+
+@pytest.mark.parametrize(
+    "results",
+    [
+        [phase(True), phase(False, "p99 latency"), None],
+        [phase(True), None],  # a step that never ran is no evidence
+        [None],
+        [phase(False)],
+    ],
+)
+def test_a_failed_or_missing_phase_does_not_promote(results):
+    assert not all_phases_passed(results)
+
+
+def test_the_first_phase_that_said_stop_names_itself_and_its_reasons():
+    phases = {
+        "compare_shadow": phase(True, "win rate 0.50"),
+        "shift_traffic_10pct": phase(False, "p99 latency 900 ms"),
+        "shift_traffic_50pct": phase(False, "error rate 9%"),
+    }
+    stopped = first_stop(phases)
+    assert stopped["phase"] == "shift_traffic_10pct"
+    assert stopped["reasons"] == ["p99 latency 900 ms"] and stopped["promote"] is False
+
+
+def test_no_stop_when_every_phase_that_ran_said_go_on():
+    assert first_stop({"compare_shadow": phase(True), "shift_traffic_10pct": None}) is None
+    assert first_stop({}) is None
+
+
+def test_the_outcome_names_how_the_run_ended():
+    assert rollout_outcome({"champion": "2"}, None) == "promoted"
+    assert rollout_outcome(None, {"rolled_back": "2"}) == "rolled back"
+    assert rollout_outcome(None, None) == "unfinished"
+
+
+# -- the plan as XCom carries it ------------------------------------------------------------------
+
+PLAN = {
+    "model_name": "python-docs-assistant",
+    "endpoint": "python-docs-assistant",
+    "champion": {"version": "1", "artifact_uri": "file:///m1.tar.gz", "run_id": "r1", "base_model": "tiny"},
+    "candidate": {"version": "2", "artifact_uri": "file:///m2.tar.gz", "run_id": None, "base_model": ""},
+    "action": "rollout",
+    "reason": "version 2 challenges champion version 1",
+}
+
+
+def test_a_plan_survives_xcom_unchanged():
+    plan = RolloutPlan.model_validate(json.loads(json.dumps(PLAN)))
+    assert plan.candidate == VersionRef(version="2", artifact_uri="file:///m2.tar.gz")
+    dumped = plan.model_dump(mode="json")
+    assert dumped == PLAN and list(dumped) == list(PLAN)  # same keys, same order: same ledger digest
+    assert RolloutPlan.model_validate(plan) is plan
+
+
+def test_a_first_deploy_plan_has_no_champion():
+    plan = RolloutPlan.model_validate({**PLAN, "champion": None, "action": "first_deploy"})
+    assert plan.champion is None and plan.model_dump(mode="json")["champion"] is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"action": "deploy"}, {"extra": 1}, {"candidate": {"version": "2"}}],
+    ids=["unknown action", "unknown field", "version without artifact"],
+)
+def test_a_malformed_plan_is_rejected(change):
+    with pytest.raises(ValidationError):
+        RolloutPlan.model_validate({**PLAN, **change})

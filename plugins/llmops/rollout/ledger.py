@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from llmops import storage
 from llmops.config import Settings
+from llmops.rollout.contracts import RolloutPlan
 from llmops.tracking import CHALLENGER
 
 # The phases that end a rollout with a verdict. A rollout that failed outright (restored by
@@ -72,7 +73,7 @@ def drop_challenger_alias(settings: Settings, version: str) -> None:
         mlflow_client.delete_registered_model_alias(settings.finetune.model_name, CHALLENGER)
 
 
-def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases: dict) -> dict:
+def record_rollout(settings: Settings, plan: RolloutPlan | dict, policy, lineage: dict, phases: dict) -> dict:
     """One MLflow run per rollout (in the model's experiment, keyed by the Airflow run): the
     policy, the shadow comparison and every step's figures, linked from the candidate's version.
     The same record again logs nothing (a metric logged twice would show twice in its history)."""
@@ -80,30 +81,33 @@ def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases
 
     from llmops.tracking import RUN_KEY, client, ensure_experiment, find_run
 
+    plan = RolloutPlan.model_validate(plan)
     mlflow_client = client(settings.mlflow.tracking_uri)
-    experiment_id = ensure_experiment(mlflow_client, plan["model_name"], settings.mlflow.artifact_uri)
+    experiment_id = ensure_experiment(mlflow_client, plan.model_name, settings.mlflow.artifact_uri)
     run_key = f"{lineage['dag_id']}/{lineage['run_id']}"
     outcome = phases.get("outcome", "unknown")
-    record = json.dumps({"plan": plan, "policy": policy.model_dump(), **phases}, indent=1, default=str)
+    record = json.dumps(
+        {"plan": plan.model_dump(mode="json"), "policy": policy.model_dump(), **phases}, indent=1, default=str
+    )
     digest = hashlib.sha256(record.encode()).hexdigest()
     run = find_run(mlflow_client, experiment_id, run_key)
     if run is None:
         run = mlflow_client.create_run(
             experiment_id,
-            run_name=f"rollout-v{plan['candidate']['version']}",
+            run_name=f"rollout-v{plan.candidate.version}",
             tags={
                 RUN_KEY: run_key,
                 "llmops.kind": "rollout",
                 "airflow.dag_id": lineage["dag_id"],
                 "airflow.run_id": lineage["run_id"],
-                "model_version": plan["candidate"]["version"],
+                "model_version": plan.candidate.version,
             },
         )
     run_id = run.info.run_id
     params = {
-        "action": plan["action"],
-        "endpoint": plan["endpoint"],
-        "champion_version": (plan["champion"] or {}).get("version", "none"),
+        "action": plan.action,
+        "endpoint": plan.endpoint,
+        "champion_version": plan.champion.version if plan.champion else "none",
         "traffic_steps": ",".join(f"{s:g}" for s in policy.traffic_steps),
     }
     existing = mlflow_client.get_run(run_id).data.params
@@ -143,5 +147,5 @@ def record_rollout(settings: Settings, plan: dict, policy, lineage: dict, phases
         # The digest goes last: a run that has it holds the whole record.
         mlflow_client.set_tag(run_id, "llmops.record_sha256", digest)
         mlflow_client.set_terminated(run_id, "FINISHED")
-    tag_version(settings, plan["candidate"]["version"], {"rollout.mlflow_run_id": run_id, "rollout.outcome": outcome})
+    tag_version(settings, plan.candidate.version, {"rollout.mlflow_run_id": run_id, "rollout.outcome": outcome})
     return {"run_id": run_id, "outcome": outcome, "metrics": metrics}

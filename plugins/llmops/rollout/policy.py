@@ -10,7 +10,8 @@ A challenger goes through three phases, each ending in a ``Decision`` (``llmops.
 2. **A/B steps.** Traffic moves to it in ``policy.traffic_steps`` (for example 10% → 50% → 100%);
    after each step ``check_guardrails`` looks at the step's window (its error rate, p99 latency
    and online judge score against the champion's) and says continue or roll back.
-3. **Promote or roll back**, done by the DAG.
+3. **Promote or roll back**, done by the DAG: ``all_phases_passed`` promotes, ``first_stop`` names
+   the phase that rolls back.
 
 Nothing here knows Airflow, MLflow, the gateway or SageMaker: the same functions decide on the
 local gateway and on a SageMaker endpoint.
@@ -255,3 +256,23 @@ def check_guardrails(
             )
         )
     return Decision(all(c.passed for c in checks), tuple(checks))
+
+
+def all_phases_passed(results: list[dict | None]) -> bool:
+    """Every phase of a shadow rollout (the shadow comparison, then each step) ran and said go on:
+    promotion needs evidence, not silence."""
+    return all(result and result["decision"]["promote"] for result in results)
+
+
+def first_stop(phases: dict[str, dict | None]) -> dict | None:
+    """The first phase (in order, by name) whose decision says stop, with its decision; None when
+    none did. A phase that has not run (None) says nothing."""
+    for phase, result in phases.items():
+        if result and not result["decision"]["promote"]:
+            return {"phase": phase, **result["decision"]}
+    return None
+
+
+def rollout_outcome(promoted: dict | None, rolled_back: dict | None) -> str:
+    """How a rollout run ended, as its record and the candidate's tags name it."""
+    return "promoted" if promoted else "rolled back" if rolled_back else "unfinished"

@@ -4,7 +4,8 @@ in steps, promote or roll back.
 Each step drives the endpoint through a serving backend (``llmops.backends.endpoints``) and
 decides with the pure functions of ``llmops.rollout.policy``; each keeps what it did in the
 run's ledger (``llmops.rollout.ledger``), so a cleared task of a finished rollout changes nothing.
-No Airflow here: the DAG calls these functions.
+No Airflow here: the DAG calls these functions. Each takes the run's ``RolloutPlan`` or the dict
+XCom carries of it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llmops.backends.endpoints.base import (
 )
 from llmops.config import Settings
 from llmops.contracts import VariantWindow
+from llmops.rollout.contracts import RolloutPlan
 from llmops.rollout.ledger import drop_challenger_alias, finished_phase, record_phase, tag_version
 from llmops.rollout.plan import current_champion
 from llmops.rollout.replay import (
@@ -54,62 +56,71 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def deploy_first(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
+def deploy_first(
+    settings: Settings, plan: RolloutPlan | dict, run_key: str, log: Callable[[str], None] = print
+) -> dict:
     """No champion yet: serve the candidate alone, and check it answers (a few catalog prompts)."""
+    plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "deploy_champion", log)) is not None:
         return done
     backend = backend_for(settings)
-    candidate = plan["candidate"]
-    name = serve_alone(settings, backend, candidate, "initial", run_key)
-    log(f"endpoint {plan['endpoint']} serves version {candidate['version']} ({name})")
+    candidate = plan.candidate
+    name = serve_alone(settings, backend, candidate.model_dump(), "initial", run_key)
+    log(f"endpoint {plan.endpoint} serves version {candidate.version} ({name})")
     smoke = replay(settings, backend, catalog_items(settings)[:3], 3, tag=f"smoke-{run_key[-20:]}")
     failed = [r for r in smoke if r["status"] != 200]
     if failed:
         raise DeploymentError(
             f"the smoke test failed on {len(failed)} of {len(smoke)} requests: {failed[0].get('error')}"
         )
-    result = {"config": name, "variant": variant_name(candidate["version"]), "smoke_requests": len(smoke)}
+    result = {"config": name, "variant": variant_name(candidate.version), "smoke_requests": len(smoke)}
     return record_phase(settings, run_key, "deploy_champion", result)
 
 
-def deploy_shadow(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
+def deploy_shadow(
+    settings: Settings, plan: RolloutPlan | dict, run_key: str, log: Callable[[str], None] = print
+) -> dict:
     """The champion serves all traffic; the candidate receives a mirrored copy as the shadow."""
+    plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "deploy_shadow", log)) is not None:
         return done
     backend = backend_for(settings)
-    champion, candidate = plan["champion"], plan["candidate"]
-    ensure_models(settings, backend, [champion, candidate])
-    name = config_name(plan["endpoint"], "shadow", run_key)
+    champion, candidate = plan.champion, plan.candidate
+    ensure_models(settings, backend, [champion.model_dump(), candidate.model_dump()])
+    name = config_name(plan.endpoint, "shadow", run_key)
     described = apply_config(
         settings,
         backend,
         endpoint_config_request(
-            name, plan["endpoint"], {champion["version"]: 1.0}, candidate["version"], capture_config(settings)
+            name, plan.endpoint, {champion.version: 1.0}, candidate.version, capture_config(settings)
         ),
     )
     tag_version(
         settings,
-        candidate["version"],
-        {"rollout.status": "shadow", "rollout.endpoint": plan["endpoint"], "rollout.started": _now()},
+        candidate.version,
+        {"rollout.status": "shadow", "rollout.endpoint": plan.endpoint, "rollout.started": _now()},
     )
     log(
-        f"endpoint {plan['endpoint']}: champion {variant_name(champion['version'])} serves, "
-        f"{variant_name(candidate['version'])} shadows it ({name})"
+        f"endpoint {plan.endpoint}: champion {variant_name(champion.version)} serves, "
+        f"{variant_name(candidate.version)} shadows it ({name})"
     )
     return record_phase(settings, run_key, "deploy_shadow", {"config": name, "status": described["EndpointStatus"]})
 
 
-def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: Callable[[str], None] = print) -> dict:
+def evaluate_shadow(
+    settings: Settings, plan: RolloutPlan | dict, policy, run_key: str, log: Callable[[str], None] = print
+) -> dict:
     """Replay a traffic sample through the endpoint, then compare the shadow's answers with the
     champion's on the same requests, and decide (``llmops.rollout.decide_shadow``)."""
     from llmops.rollout.policy import compare_shadow, decide_shadow
     from serving.capture import read_capture
 
+    plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "compare_shadow", log)) is not None:
         return done
     backend = backend_for(settings)
-    endpoint = plan["endpoint"]
-    mine, theirs = variant_name(plan["candidate"]["version"]), variant_name(plan["champion"]["version"])
+    endpoint = plan.endpoint
+    mine, theirs = variant_name(plan.candidate.version), variant_name(plan.champion.version)
     items = replay_items(settings, max(policy.replay_requests, 1), policy.lookback_hours)
     sampled = settings.serving.sampling_percentage / 100
     if sampled <= 0:
@@ -149,7 +160,7 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
     decision = decide_shadow(comparison, policy)
     tag_version(
         settings,
-        plan["candidate"]["version"],
+        plan.candidate.version,
         {
             "rollout.shadow.decision": decision.verdict,
             "rollout.shadow.pairs": comparison.pairs,
@@ -167,20 +178,27 @@ def evaluate_shadow(settings: Settings, plan: dict, policy, run_key: str, log: C
 
 
 def traffic_step(
-    settings: Settings, plan: dict, policy, run_key: str, share: float, shadow: dict, log: Callable[[str], None] = print
+    settings: Settings,
+    plan: RolloutPlan | dict,
+    policy,
+    run_key: str,
+    share: float,
+    shadow: dict,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Move ``share`` of traffic to the candidate, let the step run (replayed and live traffic),
     then check the guardrails on what the candidate did in the step."""
     from llmops.rollout.policy import check_guardrails, step_label, step_request_budget, step_weights
     from serving.capture import read_capture
 
+    plan = RolloutPlan.model_validate(plan)
     label = step_label(share)
     phase = f"shift_traffic_{label}"
     if (done := finished_phase(settings, run_key, phase, log)) is not None:
         return done
     backend = backend_for(settings)
-    endpoint = plan["endpoint"]
-    champion, candidate = plan["champion"]["version"], plan["candidate"]["version"]
+    endpoint = plan.endpoint
+    champion, candidate = plan.champion.version, plan.candidate.version
     mine, theirs = variant_name(candidate), variant_name(champion)
     described = backend.describe_endpoint(endpoint)
     production = {v["VariantName"] for v in (described or {}).get("ProductionVariants", [])}
@@ -244,26 +262,27 @@ def traffic_step(
     return record_phase(settings, run_key, phase, result)
 
 
-def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], None] = print) -> dict:
+def promote(settings: Settings, plan: RolloutPlan | dict, run_key: str, log: Callable[[str], None] = print) -> dict:
     """The candidate takes all traffic on its own config (the old variant retires), the
     ``champion`` alias moves to it, and both versions record where they serve."""
     from llmops.tracking import client
 
+    plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "promote", log)) is not None:
         return done
     backend = backend_for(settings)
-    endpoint, candidate, previous = plan["endpoint"], plan["candidate"], plan["champion"]
-    name = serve_alone(settings, backend, candidate, "final", run_key)
-    client(settings.mlflow.tracking_uri).set_registered_model_alias(plan["model_name"], CHAMPION, candidate["version"])
-    drop_challenger_alias(settings, candidate["version"])
+    endpoint, candidate, previous = plan.endpoint, plan.candidate, plan.champion
+    name = serve_alone(settings, backend, candidate.model_dump(), "final", run_key)
+    client(settings.mlflow.tracking_uri).set_registered_model_alias(plan.model_name, CHAMPION, candidate.version)
+    drop_challenger_alias(settings, candidate.version)
     now = _now()
     tag_version(
         settings,
-        candidate["version"],
+        candidate.version,
         {
             "serving.status": CHAMPION,
             "serving.endpoint": endpoint,
-            "serving.variant": variant_name(candidate["version"]),
+            "serving.variant": variant_name(candidate.version),
             "serving.weight": 1.0,
             "serving.endpoint_config": name,
             "serving.since": now,
@@ -273,22 +292,22 @@ def promote(settings: Settings, plan: dict, run_key: str, log: Callable[[str], N
     if previous is not None:
         tag_version(
             settings,
-            previous["version"],
+            previous.version,
             {
                 "serving.status": "retired",
                 "serving.weight": 0.0,
                 "serving.retired_at": now,
-                "serving.retired_by": candidate["version"],
+                "serving.retired_by": candidate.version,
             },
         )
-    log(f"version {candidate['version']} is the {CHAMPION}, serving all traffic on {endpoint}")
-    result = {"champion": candidate["version"], "previous": previous["version"] if previous else None, "config": name}
+    log(f"version {candidate.version} is the {CHAMPION}, serving all traffic on {endpoint}")
+    result = {"champion": candidate.version, "previous": previous.version if previous else None, "config": name}
     return record_phase(settings, run_key, "promote", result)
 
 
 def roll_back(
     settings: Settings,
-    plan: dict,
+    plan: RolloutPlan | dict,
     run_key: str,
     reasons: list[str],
     log: Callable[[str], None] = print,
@@ -298,23 +317,24 @@ def roll_back(
     (re-created if it is gone). With ``reject`` (a failed check) the candidate is tagged rejected
     with the reasons and loses the ``challenger`` alias; without (the rollout itself failed) it is
     tagged failed and keeps the alias, so it can be rolled out again."""
+    plan = RolloutPlan.model_validate(plan)
     if reject and (done := finished_phase(settings, run_key, "roll_back", log)) is not None:
         return done
     backend = backend_for(settings)
-    endpoint, candidate, champion = plan["endpoint"], plan["candidate"], plan["champion"]
+    endpoint, candidate, champion = plan.endpoint, plan.candidate, plan.champion
     described = backend.describe_endpoint(endpoint)
     restored = None
     if champion is None:
         # Nothing served before this run; unless the candidate became the champion after all.
-        if described is not None and current_champion(settings) != candidate["version"]:
+        if described is not None and current_champion(settings) != candidate.version:
             backend.delete_endpoint(endpoint)
     else:
-        mine, theirs = variant_name(candidate["version"]), variant_name(champion["version"])
+        mine, theirs = variant_name(candidate.version), variant_name(champion.version)
         production = {v["VariantName"] for v in (described or {}).get("ProductionVariants", [])}
         if described and described["EndpointStatus"] == IN_SERVICE and {mine, theirs} <= production:
             backend.update_endpoint_weights(endpoint, {theirs: 1.0, mine: 0.0})
             log(f"traffic back on {theirs}")
-        restored = serve_alone(settings, backend, champion, "restored", run_key)
+        restored = serve_alone(settings, backend, champion.model_dump(), "restored", run_key)
     tags = {
         "rollout.status": "rolled_back" if reject else "failed",
         "rollout.reasons": "; ".join(reasons) or "unspecified",
@@ -323,10 +343,10 @@ def roll_back(
     }
     if reject:
         tags["serving.status"] = "rejected"
-    tag_version(settings, candidate["version"], tags)
+    tag_version(settings, candidate.version, tags)
     if reject:
-        drop_challenger_alias(settings, candidate["version"])
-    log(f"version {candidate['version']} rolled back: " + "; ".join(reasons))
-    result = {"rolled_back": candidate["version"], "reasons": reasons, "config": restored, "rejected": reject}
+        drop_challenger_alias(settings, candidate.version)
+    log(f"version {candidate.version} rolled back: " + "; ".join(reasons))
+    result = {"rolled_back": candidate.version, "reasons": reasons, "config": restored, "rejected": reject}
     # A verdict ends the rollout; a failure does not (clearing the failed tasks tries again).
     return record_phase(settings, run_key, "roll_back", result) if reject else result
