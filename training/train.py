@@ -225,8 +225,6 @@ def write_model_card(path: Path, config: TrainConfig, metrics: dict, lineage: di
 def train(config: TrainConfig, paths: JobPaths) -> dict:
     from transformers import AutoTokenizer, set_seed
 
-    from training.data import Collator, encode_all, read_split
-
     base_dir = paths.base_model_dir or config.base_model
     if not base_dir or not (Path(base_dir) / "config.json").is_file():
         raise ValueError(f"base_model: {base_dir!r} is not a model folder with a config.json")
@@ -234,6 +232,38 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    train_set, eval_set = _load_data(config, paths, tokenizer)
+    model = build_model(config, base_dir)
+    trainer = _build_trainer(config, paths, model, tokenizer, train_set, eval_set)
+
+    resume_from = last_complete_checkpoint(paths.checkpoint_dir)
+    baseline = _baseline(trainer, paths.checkpoint_dir / BASELINE, bool(eval_set))
+    if resume_from:
+        _say(f"resuming from checkpoint {resume_from}")
+    started = time.monotonic()
+    trained = _fit(trainer, config, resume_from)
+    final = trainer.evaluate() if eval_set else {}
+    metrics = {
+        **baseline,
+        **{k: float(v) for k, v in trained.items() if isinstance(v, (int, float))},
+        **{k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
+        "global_step": trainer.state.global_step,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set),
+        "train_wall_seconds": round(time.monotonic() - started, 2),
+    }
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    _say(metric_line({k: metrics[k] for k in ("eval_loss", "eval_perplexity", "train_loss") if k in metrics}))
+    if trainer.is_world_process_zero():
+        _save(trainer, tokenizer, config, paths.model_dir, metrics)
+    return metrics
+
+
+def _load_data(config: TrainConfig, paths: JobPaths, tokenizer) -> tuple[list, list]:
+    """The encoded train and validation examples, each cut to its configured maximum."""
+    from training.data import encode_all, read_split
+
     train_records = read_split(paths.train_dir, "train")
     eval_records = read_split(paths.validation_dir, "validation")
     if config.max_train_samples:
@@ -245,8 +275,12 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
     if not train_set:
         raise ValueError(f"no usable training example in {paths.train_dir} (max_seq_length={config.max_seq_length})")
     _say(f"examples: train={len(train_set)} validation={len(eval_set)}")
+    return train_set, eval_set
 
-    model = build_model(config, base_dir)
+
+def _build_trainer(config: TrainConfig, paths: JobPaths, model, tokenizer, train_set: list, eval_set: list):
+    from training.data import Collator
+
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     arguments_class, trainer_class, device = trainer_classes(config)
     _say(f"trainer: {trainer_class.__name__} ({', '.join(f'{k}={v}' for k, v in device.items())})")
@@ -275,7 +309,7 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         remove_unused_columns=False,
         disable_tqdm=not _is_main_process(),
     )
-    trainer = trainer_class(
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -284,19 +318,24 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         callbacks=[_trainer_callback()],
     )
 
-    resume_from = last_complete_checkpoint(paths.checkpoint_dir)
-    baseline_file = paths.checkpoint_dir / BASELINE
+
+def _baseline(trainer, baseline_file: Path, has_eval_set: bool) -> dict:
+    """The held-out loss before training: measured once, then read back by a restarted job."""
     if baseline_file.is_file():
         baseline = json.loads(baseline_file.read_text())
     else:
-        baseline = {"eval_loss_before": trainer.evaluate()["eval_loss"]} if eval_set else {}
+        baseline = {"eval_loss_before": trainer.evaluate()["eval_loss"]} if has_eval_set else {}
         if _is_main_process():
             baseline_file.write_text(json.dumps(baseline))
     if baseline:
         _say(metric_line(baseline))
-    if resume_from:
-        _say(f"resuming from checkpoint {resume_from}")
-    started = time.monotonic()
+    return baseline
+
+
+def _fit(trainer, config: TrainConfig, resume_from: Path | None) -> dict:
+    """Train to the end (from ``resume_from`` when there is one); the training metrics."""
+    from transformers import set_seed
+
     finished = _finished_state(resume_from)
     if finished is not None:
         # Killed after its last step was saved: Trainer.train would take one more step before it
@@ -304,41 +343,28 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
         _say(f"checkpoint {resume_from} is the last step ({finished.global_step}); nothing left to train")
         trainer._load_from_checkpoint(str(resume_from))
         trainer.state = finished
-        trained = _logged_train_loss(finished.log_history)
-    else:
-        if resume_from is None:
-            # A restart that found no whole checkpoint skipped the baseline evaluation above, which
-            # draws random numbers: reseed, so it trains as the first attempt did.
-            set_seed(config.seed)
-        trained = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-    final = trainer.evaluate() if eval_set else {}
-    metrics = {
-        **baseline,
-        **{k: float(v) for k, v in trained.items() if isinstance(v, (int, float))},
-        **{k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
-        "global_step": trainer.state.global_step,
-        "train_examples": len(train_set),
-        "eval_examples": len(eval_set),
-        "train_wall_seconds": round(time.monotonic() - started, 2),
-    }
-    if "eval_loss" in metrics:
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-    _say(metric_line({k: metrics[k] for k in ("eval_loss", "eval_perplexity", "train_loss") if k in metrics}))
+        return _logged_train_loss(finished.log_history)
+    if resume_from is None:
+        # A restart that found no whole checkpoint skipped the baseline evaluation above, which
+        # draws random numbers: reseed, so it trains as the first attempt did.
+        set_seed(config.seed)
+    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
 
-    if trainer.is_world_process_zero():
-        paths.model_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(paths.model_dir, safe_serialization=True)
-        tokenizer.save_pretrained(paths.model_dir)
-        lineage = json.loads(os.environ.get("LLMOPS_LINEAGE", "{}"))
-        (paths.model_dir / "training_config.json").write_text(
-            json.dumps({**config.to_dict(), "lineage": lineage}, indent=2, sort_keys=True)
-        )
-        history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
-        (paths.model_dir / "metrics.json").write_text(
-            json.dumps({"final": metrics, "history": history}, indent=2, sort_keys=True)
-        )
-        write_model_card(paths.model_dir / "README.md", config, metrics, lineage)
-    return metrics
+
+def _save(trainer, tokenizer, config: TrainConfig, model_dir: Path, metrics: dict) -> None:
+    """The model (or adapter), the tokenizer, the configuration with its lineage, the metrics and a model card."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    lineage = json.loads(os.environ.get("LLMOPS_LINEAGE", "{}"))
+    (model_dir / "training_config.json").write_text(
+        json.dumps({**config.to_dict(), "lineage": lineage}, indent=2, sort_keys=True)
+    )
+    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
+    (model_dir / "metrics.json").write_text(
+        json.dumps({"final": metrics, "history": history}, indent=2, sort_keys=True)
+    )
+    write_model_card(model_dir / "README.md", config, metrics, lineage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,7 +197,8 @@ def merged_rows(predictions_uri: str, judgments_uri: str | None, storage_options
 
 def decide(settings: Settings, evaluation: dict, judged: dict, storage_options: dict | None = None) -> dict:
     """Compare the candidate with base and champion and apply the gate (both pure)."""
-    from llmops.comparison import compare, comparison_table, markdown_summary
+    from llmops.comparison import compare
+    from llmops.evaluation_report import comparison_table, markdown_summary
     from llmops.gate import decide_promotion
 
     rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
@@ -228,13 +229,10 @@ def record_evaluation(
     """Log the evaluation as an MLflow run nested under the candidate's training run (metrics,
     the HTML report, predictions and judgments, the prompt versions and the evaluation catalog),
     and tag the model version with the results, the gate's decision and a link to the report."""
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
-    from llmops.comparison import Comparison, write_report
+    from llmops.comparison import Comparison
     from llmops.gate import Decision
     from llmops.prompts import link_to_run
-    from llmops.tracking import client, ensure_experiment, find_run, metric_entity
+    from llmops.tracking import client, ensure_experiment
 
     tracking_uri, model_name = settings.mlflow.tracking_uri, registered["model_name"]
     mlflow_client = client(tracking_uri)
@@ -248,96 +246,175 @@ def record_evaluation(
             f" {evaluation['catalog_sha256'][:12]}); clear evaluate_models to evaluate on the current catalog"
         )
     decided_sha256 = hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
-    run = find_run(mlflow_client, experiment_id, run_key)
-    if run is not None and run.data.tags.get("llmops.decided_sha256") != decided_sha256:
-        # Re-recorded after a new decision (say, a changed gate): the old run's report would contradict it.
-        mlflow_client.delete_run(run.info.run_id)
-        run = None
-    if run is None or run.info.status != "FINISHED":
-        if run is not None:
-            mlflow_client.delete_run(run.info.run_id)
-        run = mlflow_client.create_run(
-            experiment_id,
-            run_name=evaluation["job_name"],
-            tags={
-                RUN_KEY: run_key,
-                "llmops.decided_sha256": decided_sha256,
-                "mlflow.parentRunId": registered["run_id"],
-                "llmops.kind": "evaluation",
-                "evaluation.judge": judged.get("judge", ""),
-                "evaluation.backend": evaluation["backend"],
-                "evaluation.job_name": evaluation["job_name"],
-                "evaluation.job_arn": evaluation.get("job_arn", ""),
-                **{f"cost.{k}": str(v) for k, v in cost_figures(evaluation).items()},
-                "model.version": str(registered["version"]),
-                **_prompt_tags(prompt_refs),
-                "eval_catalog.sha256": catalog.content_sha256,
-            },
-        )
-        run_id = run.info.run_id
-        metrics = []
-        for label, summary in comparison.models.items():
-            metrics += [metric_entity(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
-        metrics += [
-            metric_entity(f"cost.{k}", float(v), 0)
-            for k, v in cost_figures(evaluation).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        for reference, deltas in comparison.deltas.items():
-            for metric, iv in deltas.items():
-                metrics += [
-                    metric_entity(f"delta_vs_{reference}.{metric}", iv.mean, 0),
-                    metric_entity(f"delta_vs_{reference}.{metric}.low", iv.low, 0),
-                    metric_entity(f"delta_vs_{reference}.{metric}.high", iv.high, 0),
-                ]
-        for start in range(0, len(metrics), 900):
-            mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
+    run = _reusable_run(mlflow_client, experiment_id, run_key, decided_sha256)
+    if run is None:
+        tags = _run_tags(run_key, decided_sha256, registered, evaluation, judged, prompt_refs, catalog)
+        run_id = mlflow_client.create_run(experiment_id, run_name=evaluation["job_name"], tags=tags).info.run_id
+        _log_metrics(mlflow_client, run_id, comparison, evaluation)
         rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
-        details = {
-            "model": f"{model_name} version {registered['version']}",
-            "dataset": f"{lineage.get('dataset_name', '')}@{lineage.get('dataset_version', '')}",
-            "judge": judged.get("judge", ""),
-            "evaluation job": f"{evaluation['job_name']} ({evaluation['backend']})",
-            "prompts": ", ".join(prompt_refs),
-            "evaluation catalog": f"{catalog.path} (sha256 {catalog.content_sha256[:12]})",
-            "airflow run": f"{lineage.get('dag_id', '')} / {lineage.get('run_id', '')}",
-            "gate": decision.verdict,
-        }
-        if "champion" in evaluation.get("versions", {}):
-            details["champion"] = f"{model_name} version {evaluation['versions']['champion']}"
-        with tempfile.TemporaryDirectory(prefix="llmops-eval-") as tmp:
-            out = Path(tmp) / "evaluation"
-            write_report(
-                comparison,
-                rows,
-                out,
-                title=f"Evaluation of {model_name} version {registered['version']}",
-                judge_label=judged.get("judge", ""),
-                details=details,
-                gate_lines=[
-                    f"{'SKIP' if c['skipped'] else 'PASS' if c['passed'] else 'FAIL'}: {c['detail']}"
-                    for c in decided["decision"]["checks"]
-                ],
-            )
-            (out / "predictions.jsonl").write_bytes(storage.jsonl_bytes(rows))
-            (out / "decision.json").write_text(json.dumps(decided["decision"], indent=2))
-            mlflow_client.log_artifacts(run_id, str(out), "evaluation")
+        details = _report_details(registered, evaluation, judged, decision, prompt_refs, catalog, lineage)
+        _log_report(mlflow_client, run_id, comparison, rows, details, decided, registered, judged)
         link_to_run(tracking_uri, run_id, prompt_refs)
-        catalog_input = MetaDataset(
-            source=_catalog_source(catalog.path), name="eval_catalog", digest=catalog.content_sha256[:36]
-        )
-        mlflow_client.log_inputs(
-            run_id,
-            datasets=[
-                DatasetInput(catalog_input._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "evaluation")])
-            ],
-        )
+        _log_catalog_input(mlflow_client, run_id, catalog)
         mlflow_client.set_terminated(run_id, "FINISHED")
         run = mlflow_client.get_run(run_id)
 
     run_id = run.info.run_id
     url = report_url(settings, experiment_id, run_id, "evaluation/report.html")
     report_uri = f"{run.info.artifact_uri}/evaluation/report.html"
+    _tag_version(mlflow_client, registered, comparison, decision, decided, judged, prompt_refs, run_id, report_uri, url)
+    return {"run_id": run_id, "report_uri": report_uri, "report_url": url, "experiment_id": experiment_id}
+
+
+def _reusable_run(mlflow_client, experiment_id: str, run_key: str, decided_sha256: str):
+    """The finished evaluation run recorded for this decision, or None once any other run under the key is gone."""
+    from llmops.tracking import find_run
+
+    run = find_run(mlflow_client, experiment_id, run_key)
+    if run is not None and run.data.tags.get("llmops.decided_sha256") != decided_sha256:
+        # Re-recorded after a new decision (say, a changed gate): the old run's report would contradict it.
+        mlflow_client.delete_run(run.info.run_id)
+        run = None
+    if run is not None and run.info.status != "FINISHED":
+        mlflow_client.delete_run(run.info.run_id)
+        run = None
+    return run
+
+
+def _run_tags(
+    run_key: str,
+    decided_sha256: str,
+    registered: dict,
+    evaluation: dict,
+    judged: dict,
+    prompt_refs: list[str],
+    catalog: EvalCatalog,
+) -> dict[str, str]:
+    return {
+        RUN_KEY: run_key,
+        "llmops.decided_sha256": decided_sha256,
+        "mlflow.parentRunId": registered["run_id"],
+        "llmops.kind": "evaluation",
+        "evaluation.judge": judged.get("judge", ""),
+        "evaluation.backend": evaluation["backend"],
+        "evaluation.job_name": evaluation["job_name"],
+        "evaluation.job_arn": evaluation.get("job_arn", ""),
+        **{f"cost.{k}": str(v) for k, v in cost_figures(evaluation).items()},
+        "model.version": str(registered["version"]),
+        **_prompt_tags(prompt_refs),
+        "eval_catalog.sha256": catalog.content_sha256,
+    }
+
+
+def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: dict) -> None:
+    """Every model's summary, the evaluation's costs and every paired difference with its interval."""
+    from llmops.tracking import metric_entity
+
+    metrics = []
+    for label, summary in comparison.models.items():
+        metrics += [metric_entity(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+    metrics += [
+        metric_entity(f"cost.{k}", float(v), 0)
+        for k, v in cost_figures(evaluation).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    for reference, deltas in comparison.deltas.items():
+        for metric, iv in deltas.items():
+            metrics += [
+                metric_entity(f"delta_vs_{reference}.{metric}", iv.mean, 0),
+                metric_entity(f"delta_vs_{reference}.{metric}.low", iv.low, 0),
+                metric_entity(f"delta_vs_{reference}.{metric}.high", iv.high, 0),
+            ]
+    for start in range(0, len(metrics), 900):
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 900])
+
+
+def _report_details(
+    registered: dict,
+    evaluation: dict,
+    judged: dict,
+    decision,
+    prompt_refs: list[str],
+    catalog: EvalCatalog,
+    lineage: dict,
+) -> dict[str, str]:
+    model_name = registered["model_name"]
+    details = {
+        "model": f"{model_name} version {registered['version']}",
+        "dataset": f"{lineage.get('dataset_name', '')}@{lineage.get('dataset_version', '')}",
+        "judge": judged.get("judge", ""),
+        "evaluation job": f"{evaluation['job_name']} ({evaluation['backend']})",
+        "prompts": ", ".join(prompt_refs),
+        "evaluation catalog": f"{catalog.path} (sha256 {catalog.content_sha256[:12]})",
+        "airflow run": f"{lineage.get('dag_id', '')} / {lineage.get('run_id', '')}",
+        "gate": decision.verdict,
+    }
+    if "champion" in evaluation.get("versions", {}):
+        details["champion"] = f"{model_name} version {evaluation['versions']['champion']}"
+    return details
+
+
+def _log_report(
+    mlflow_client,
+    run_id: str,
+    comparison,
+    rows: list[dict],
+    details: dict[str, str],
+    decided: dict,
+    registered: dict,
+    judged: dict,
+) -> None:
+    """The HTML report with its plots, the predictions and the decision, under the run's ``evaluation/``."""
+    from llmops.evaluation_report import write_report
+
+    with tempfile.TemporaryDirectory(prefix="llmops-eval-") as tmp:
+        out = Path(tmp) / "evaluation"
+        write_report(
+            comparison,
+            rows,
+            out,
+            title=f"Evaluation of {registered['model_name']} version {registered['version']}",
+            judge_label=judged.get("judge", ""),
+            details=details,
+            gate_lines=[
+                f"{'SKIP' if c['skipped'] else 'PASS' if c['passed'] else 'FAIL'}: {c['detail']}"
+                for c in decided["decision"]["checks"]
+            ],
+        )
+        (out / "predictions.jsonl").write_bytes(storage.jsonl_bytes(rows))
+        (out / "decision.json").write_text(json.dumps(decided["decision"], indent=2))
+        mlflow_client.log_artifacts(run_id, str(out), "evaluation")
+
+
+def _log_catalog_input(mlflow_client, run_id: str, catalog: EvalCatalog) -> None:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    catalog_input = MetaDataset(
+        source=_catalog_source(catalog.path), name="eval_catalog", digest=catalog.content_sha256[:36]
+    )
+    mlflow_client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(catalog_input._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "evaluation")])
+        ],
+    )
+
+
+def _tag_version(
+    mlflow_client,
+    registered: dict,
+    comparison,
+    decision,
+    decided: dict,
+    judged: dict,
+    prompt_refs: list[str],
+    run_id: str,
+    report_uri: str,
+    url: str | None,
+) -> None:
+    """The results, the gate's decision and a link to the report, on the model version and in its description."""
+    model_name, version = registered["model_name"], str(registered["version"])
     candidate = comparison.models.get("candidate", {})
     tags = {
         "evaluation.run_id": run_id,
@@ -349,16 +426,14 @@ def record_evaluation(
         **decision.tags(),
     }
     for key, value in tags.items():
-        mlflow_client.set_model_version_tag(model_name, str(registered["version"]), key, str(value))
-    version = mlflow_client.get_model_version(model_name, str(registered["version"]))
+        mlflow_client.set_model_version_tag(model_name, version, key, str(value))
     marker = "\n\n---\n**Evaluation**"
-    description = (version.description or "").split(marker)[0]
+    description = (mlflow_client.get_model_version(model_name, version).description or "").split(marker)[0]
     link = f"[open the evaluation report]({url})" if url else f"report: `{report_uri}`"
     description += (
         f"{marker}: gate **{decision.verdict}**, {link}. Judge: {judged.get('judge', '')}.\n\n{decided['markdown']}"
     )
-    mlflow_client.update_model_version(model_name, str(registered["version"]), description=description)
-    return {"run_id": run_id, "report_uri": report_uri, "report_url": url, "experiment_id": experiment_id}
+    mlflow_client.update_model_version(model_name, version, description=description)
 
 
 def _prompt_tags(refs: list[str]) -> dict[str, str]:

@@ -18,14 +18,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops import storage
-from llmops.config import ConfigError, Settings, format_validation_error
+from llmops.config import TRAINING_BACKENDS, ConfigError, Settings, format_validation_error
 from llmops.data import versioning
 from llmops.data.integrity import verify_version
 from llmops.data.records import DataQualityError
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
-BACKENDS = ("local", "sagemaker", "sagemaker-trainium", "ec2-trainium")
 
 
 class FinetuneRequest(BaseModel):
@@ -62,9 +61,10 @@ def request_from_params(settings: Settings, params: dict[str, Any]) -> FinetuneR
     except ValueError as exc:
         raise ConfigError(str(exc).replace("invalid training configuration", "invalid run parameters")) from None
     backend = params.get("backend", settings.finetune.backend)
-    if backend not in BACKENDS:
+    if backend not in TRAINING_BACKENDS:
         raise ConfigError(
-            f"invalid run parameters:\n  backend: {backend!r} is not available (available: {', '.join(BACKENDS)})"
+            f"invalid run parameters:\n  backend: {backend!r} is not available"
+            f" (available: {', '.join(TRAINING_BACKENDS)})"
         )
     problem = _backend_problem(settings, backend)
     if problem:

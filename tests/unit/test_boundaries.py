@@ -19,6 +19,7 @@ AIRFLOW_FREE = [
     *sorted((LIBRARY / "backends" / "evaluation").rglob("*.py")),
     *(LIBRARY / name for name in ("config.py", "storage.py", "models.py", "prompts.py", "comparison.py", "gate.py")),
     *(LIBRARY / name for name in ("evaluation.py", "contracts.py", "costs.py", "staging.py", "runs.py", "capture.py")),
+    LIBRARY / "evaluation_report.py",
     LIBRARY / "backends" / "endpoints" / "base.py",
     LIBRARY / "backends" / "endpoints" / "gateway.py",
     ROOT / "devtools" / "traffic.py",

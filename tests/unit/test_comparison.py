@@ -14,13 +14,11 @@ from llmops.comparison import (
     Comparison,
     Interval,
     compare,
-    comparison_table,
     direction,
-    markdown_summary,
     paired_difference,
     summarize,
-    write_report,
 )
+from llmops.evaluation_report import comparison_table, markdown_summary, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from devtools import traffic
+from llmops.drift import statistics as drift
 from llmops.drift.statistics import (
     BaselineProfile,
     CheckResult,
@@ -29,15 +30,10 @@ from llmops.drift.statistics import (
     ks_test,
     length_bins,
     mmd_test,
-    oov_rate,
     psi,
-    script_counts,
     seed_for,
-    shares,
-    total_variation,
-    words,
 )
-from llmops.drift import statistics as drift
+from llmops.drift.text import SCRIPT_NAMES, oov_rate, script_counts, shares, total_variation, words
 
 DIM = 64
 
@@ -204,14 +200,14 @@ def test_script_counts_by_writing_system():
     assert counts["cjk"] == 3
     assert counts["latin_extended"] == 1  # é
     assert counts["other"] == 0
-    assert set(counts) == {*drift.SCRIPT_NAMES, "other"}
+    assert set(counts) == {*SCRIPT_NAMES, "other"}
 
 
 def test_script_counts_ignore_digits_punctuation_and_symbols():
     counts = script_counts(["123 + 456 = 579; print(x)!?", "🙂 — “quoted” 2024 ½ № ©"])
     assert sum(counts.values()) == 12  # p r i n t x and q u o t e d
     assert counts["latin"] == 12
-    assert script_counts([]) == dict.fromkeys((*drift.SCRIPT_NAMES, "other"), 0)
+    assert script_counts([]) == dict.fromkeys((*SCRIPT_NAMES, "other"), 0)
 
 
 def test_script_counts_kana_hangul_and_letters_outside_the_ranges():

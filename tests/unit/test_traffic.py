@@ -7,7 +7,7 @@ import re
 import pytest
 
 from devtools import traffic
-from llmops.drift.statistics import script_counts, words
+from llmops.drift.text import script_counts, words
 
 IN_DOMAIN = [
     "How do I reverse a list in Python?",

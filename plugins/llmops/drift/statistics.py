@@ -20,15 +20,15 @@ Too few records is an explicit ``no_verdict``, never an alarm. Only breached che
 ``retrain_on`` make a ``drift`` verdict (retraining cannot fix latency); the others make an
 ``alert``. A drift verdict asks for retraining unless one was asked for within the cooldown.
 
-Nothing here knows Airflow, MLflow, the gateway or S3. Every figure depends only on the
-baseline, the records and the seed, so re-analysing a window gives the same report.
+The text features (words, writing systems) are in ``llmops.drift.text``. Nothing here knows
+Airflow, MLflow, the gateway or S3. Every figure depends only on the baseline, the records and
+the seed, so re-analysing a window gives the same report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmops.drift.text import oov_rate, script_counts, shares, total_variation, words
 from training.metrics import is_refusal, repetition_rate
 
 PROFILE_FORMAT = 1
@@ -100,70 +101,7 @@ class DriftPolicy(BaseModel):
         return self
 
 
-# -- text features -----------------------------------------------------------------------------
-
-_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
-
-# Writing systems by code point range (letters only; ASCII non-letters are not counted).
-SCRIPTS: tuple[tuple[str, int, int], ...] = (
-    ("latin", 0x41, 0x5A),
-    ("latin", 0x61, 0x7A),
-    ("latin_extended", 0xC0, 0xD6),  # without × (U+D7) and ÷ (U+F7)
-    ("latin_extended", 0xD8, 0xF6),
-    ("latin_extended", 0xF8, 0x24F),
-    ("greek", 0x370, 0x3FF),
-    ("cyrillic", 0x400, 0x52F),
-    ("hebrew", 0x590, 0x5FF),
-    ("arabic", 0x600, 0x6FF),
-    ("devanagari", 0x900, 0x97F),
-    ("thai", 0xE00, 0xE7F),
-    ("latin_extended", 0x1E00, 0x1EFF),
-    ("kana", 0x3040, 0x30FF),
-    ("cjk", 0x3400, 0x4DBF),
-    ("cjk", 0x4E00, 0x9FFF),
-    ("hangul", 0xAC00, 0xD7AF),
-)
-SCRIPT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for name, _, _ in SCRIPTS))
-_BOUNDS = np.array([b for _, lo, hi in SCRIPTS for b in (lo, hi + 1)], dtype=np.int64)
-_SLOT = np.array([SCRIPT_NAMES.index(name) for name, _, _ in SCRIPTS], dtype=np.int64)
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased runs of letters (digits, punctuation and code symbols are not words)."""
-    return _WORD.findall(text.lower())
-
-
-def script_counts(texts: Sequence[str]) -> dict[str, int]:
-    """How many letters of each writing system ``texts`` hold (vectorized over code points);
-    letters outside the listed ranges count as ``other``."""
-    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-    position = np.searchsorted(_BOUNDS, codes, side="right")
-    inside = position % 2 == 1  # odd: between a range's lower and upper bound
-    counts = np.bincount(_SLOT[(position[inside] - 1) // 2], minlength=len(SCRIPT_NAMES))
-    rest, frequency = np.unique(codes[~inside & (codes > 0x7F)], return_counts=True)
-    result = {name: int(counts[i]) for i, name in enumerate(SCRIPT_NAMES)}
-    result["other"] = sum(f for c, f in zip(rest.tolist(), frequency.tolist(), strict=True) if chr(c).isalpha())
-    return result
-
-
-def shares(counts: dict[str, int]) -> dict[str, float]:
-    total = sum(counts.values())
-    return {k: (v / total if total else 0.0) for k, v in counts.items()}
-
-
-def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
-    keys = set(p) | set(q)
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
-
-
-def oov_rate(texts: Sequence[str], vocabulary: set[str]) -> float | None:
-    """Share of the words of ``texts`` not in ``vocabulary``; None when there are no words."""
-    total = missing = 0
-    for text in texts:
-        for word in words(text):
-            total += 1
-            missing += word not in vocabulary
-    return missing / total if total else None
+# -- two-sample statistics ------------------------------------------------------------------------
 
 
 def length_bins(lengths: Sequence[float], bins: int = 10) -> list[float]:
@@ -452,37 +390,48 @@ def analyze(
             reason += f", {len(prompts)} with a prompt"
         reason += f"; a verdict needs at least {policy.min_records}"
         return DriftReport(NO_VERDICT, [reason], len(records), len(answered), [])
-    checks: list[CheckResult] = []
-    rng = np.random.default_rng(seed)
+    checks = [_embedding_check(profile, prompts, policy, embed, seed)]
+    checks += _length_checks(profile, prompts, answered, policy)
+    checks += [_oov_check(profile, prompts, policy), _script_check(profile, prompts, policy)]
+    checks += _answer_checks(answered, policy)
+    checks += _call_checks(records, policy)
+    return _verdict(checks, len(records), len(answered))
 
-    # Embeddings of a seeded sample of the window's prompts against the baseline's sample.
+
+def _embedding_check(
+    profile: BaselineProfile, prompts: list[str], policy: DriftPolicy, embed: Embed, seed: int
+) -> CheckResult:
+    """Embeddings of a seeded sample of the window's prompts against the baseline's sample."""
+    rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(prompts), min(policy.max_embedded, len(prompts)), replace=False).tolist())
     window_vectors = np.asarray(embed([prompts[i] for i in chosen]), dtype=np.float32)
     mmd, p_value = mmd_test(profile.embeddings, window_vectors, policy.permutations, seed)
     breached = p_value < policy.alpha and mmd >= policy.min_embedding_mmd
-    checks.append(
-        _check(
-            "embedding",
-            mmd,
-            policy.min_embedding_mmd,
-            breached,
-            policy,
-            f"prompt embeddings: MMD {mmd:.3f} (limit {policy.min_embedding_mmd:g}), permutation p={p_value:.3g} "
-            f"(alpha {policy.alpha:g}) over {len(chosen)} prompts",
-            {
-                "p_value": p_value,
-                "embedded": len(chosen),
-                "centroid_cosine": _centroid_cosine(profile, window_vectors),
-                "least_like_training": _least_like(profile, window_vectors, [prompts[i] for i in chosen]),
-            },
-        )
+    return _check(
+        "embedding",
+        mmd,
+        policy.min_embedding_mmd,
+        breached,
+        policy,
+        f"prompt embeddings: MMD {mmd:.3f} (limit {policy.min_embedding_mmd:g}), permutation p={p_value:.3g} "
+        f"(alpha {policy.alpha:g}) over {len(chosen)} prompts",
+        {
+            "p_value": p_value,
+            "embedded": len(chosen),
+            "centroid_cosine": _centroid_cosine(profile, window_vectors),
+            "least_like_training": _least_like(profile, window_vectors, [prompts[i] for i in chosen]),
+        },
     )
 
-    checks.append(
+
+def _length_checks(
+    profile: BaselineProfile, prompts: list[str], answered: list[TrafficRecord], policy: DriftPolicy
+) -> list[CheckResult]:
+    checks = [
         _length_check(
             "prompt_length", profile.prompt_length, [len(p) for p in prompts], policy.max_prompt_length_psi, policy
         )
-    )
+    ]
     if answered:
         checks.append(
             _length_check(
@@ -493,79 +442,79 @@ def analyze(
                 policy,
             )
         )
+    return checks
 
-    vocabulary = set(profile.vocabulary)
-    rate = oov_rate(prompts, vocabulary) or 0.0
+
+def _oov_check(profile: BaselineProfile, prompts: list[str], policy: DriftPolicy) -> CheckResult:
+    rate = oov_rate(prompts, set(profile.vocabulary)) or 0.0
     increase = rate - profile.holdout_oov_rate
-    checks.append(
-        _check(
-            "oov",
-            rate,
-            profile.holdout_oov_rate + policy.max_oov_increase,
-            increase > policy.max_oov_increase,
-            policy,
-            f"out-of-vocabulary words {rate:.1%} of prompt words (held-out training prompts: "
-            f"{profile.holdout_oov_rate:.1%}; limit +{policy.max_oov_increase:.0%})",
-            {"increase": increase, "baseline": profile.holdout_oov_rate},
-        )
+    return _check(
+        "oov",
+        rate,
+        profile.holdout_oov_rate + policy.max_oov_increase,
+        increase > policy.max_oov_increase,
+        policy,
+        f"out-of-vocabulary words {rate:.1%} of prompt words (held-out training prompts: "
+        f"{profile.holdout_oov_rate:.1%}; limit +{policy.max_oov_increase:.0%})",
+        {"increase": increase, "baseline": profile.holdout_oov_rate},
     )
 
+
+def _script_check(profile: BaselineProfile, prompts: list[str], policy: DriftPolicy) -> CheckResult:
     letters = script_counts(prompts)
+    if sum(letters.values()) == 0:  # nothing to compare: digits, symbols, emoji only
+        return CheckResult(
+            "script",
+            NO_VERDICT,
+            None,
+            policy.max_script_shift,
+            "script" in policy.retrain_on,
+            "no letters in the window's prompts: no writing system to compare",
+        )
     window_scripts = shares(letters)
     shift = total_variation(profile.scripts, window_scripts)
     top = ", ".join(f"{k} {v:.0%}" for k, v in sorted(window_scripts.items(), key=lambda kv: -kv[1])[:3] if v > 0)
-    if sum(letters.values()) == 0:  # nothing to compare: digits, symbols, emoji only
-        checks.append(
-            CheckResult(
-                "script",
-                NO_VERDICT,
-                None,
-                policy.max_script_shift,
-                "script" in policy.retrain_on,
-                "no letters in the window's prompts: no writing system to compare",
-            )
-        )
-    else:
-        checks.append(
-            _check(
-                "script",
-                shift,
-                policy.max_script_shift,
-                shift > policy.max_script_shift,
-                policy,
-                f"writing systems moved by {shift:.2f} (total variation; limit {policy.max_script_shift:g}): "
-                f"{top or 'no letters'}",
-                {f"share_{k}": v for k, v in window_scripts.items()},
-            )
-        )
+    return _check(
+        "script",
+        shift,
+        policy.max_script_shift,
+        shift > policy.max_script_shift,
+        policy,
+        f"writing systems moved by {shift:.2f} (total variation; limit {policy.max_script_shift:g}): "
+        f"{top or 'no letters'}",
+        {f"share_{k}": v for k, v in window_scripts.items()},
+    )
 
-    if answered:
-        refusal = float(np.mean([is_refusal(r.response or "") for r in answered]))
-        checks.append(
-            _check(
-                "refusal",
-                refusal,
-                policy.max_refusal_rate,
-                refusal > policy.max_refusal_rate,
-                policy,
-                f"refusals {refusal:.1%} of answers (limit {policy.max_refusal_rate:.0%})",
-            )
-        )
-        repetition = float(np.mean([repetition_rate(r.response or "") for r in answered]))
-        checks.append(
-            _check(
-                "repetition",
-                repetition,
-                policy.max_repetition_rate,
-                repetition > policy.max_repetition_rate,
-                policy,
-                f"repeated trigrams {repetition:.1%} of answers' trigrams (limit {policy.max_repetition_rate:.0%})",
-            )
-        )
 
+def _answer_checks(answered: list[TrafficRecord], policy: DriftPolicy) -> list[CheckResult]:
+    if not answered:
+        return []
+    refusal = float(np.mean([is_refusal(r.response or "") for r in answered]))
+    repetition = float(np.mean([repetition_rate(r.response or "") for r in answered]))
+    return [
+        _check(
+            "refusal",
+            refusal,
+            policy.max_refusal_rate,
+            refusal > policy.max_refusal_rate,
+            policy,
+            f"refusals {refusal:.1%} of answers (limit {policy.max_refusal_rate:.0%})",
+        ),
+        _check(
+            "repetition",
+            repetition,
+            policy.max_repetition_rate,
+            repetition > policy.max_repetition_rate,
+            policy,
+            f"repeated trigrams {repetition:.1%} of answers' trigrams (limit {policy.max_repetition_rate:.0%})",
+        ),
+    ]
+
+
+def _call_checks(records: Sequence[TrafficRecord], policy: DriftPolicy) -> list[CheckResult]:
     errors = sum(1 for r in records if not (200 <= r.status < 300))
     error_rate = errors / len(records)
-    checks.append(
+    checks = [
         _check(
             "error_rate",
             error_rate,
@@ -574,7 +523,7 @@ def analyze(
             policy,
             f"{errors} of {len(records)} calls failed ({error_rate:.1%}; limit {policy.max_error_rate:.0%})",
         )
-    )
+    ]
     latencies = [r.latency_ms for r in records if r.latency_ms is not None]
     if latencies:
         p95 = float(np.percentile(latencies, 95))
@@ -589,7 +538,7 @@ def analyze(
                 {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))},
             )
         )
-    return _verdict(checks, len(records), len(answered))
+    return checks
 
 
 def _least_like(profile: BaselineProfile, vectors: np.ndarray, prompts: list[str], count: int = 5) -> list[dict]:
