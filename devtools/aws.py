@@ -12,7 +12,12 @@ import sys
 from typing import Any
 
 from llmops import storage
+from llmops.backends.evaluation.sagemaker import evaluation_plan
+from llmops.backends.training import ec2
 from llmops.backends.training.sagemaker import BACKENDS, SageMakerRequestError, plan_job, source_bundle
+from llmops.config import ConfigError, load_settings
+from llmops.evaluation import models_to_evaluate
+from llmops.finetune import LATEST, job_name, request_from_params
 from llmops.staging import base_model_uri, stage_base_model
 
 DRY_RUN_BACKENDS = (*BACKENDS, "ec2-trainium")
@@ -22,7 +27,6 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
     """What ``llm_finetune`` would send for one run, without calling AWS: the uploads, then the
     training requests of ``backend`` and, when evaluation runs on SageMaker, the Processing job."""
     from llmops.config import PROJECT_ROOT, ConfigError
-    from llmops.finetune import LATEST, job_name, request_from_params
 
     if not settings.store_uri.startswith("s3://"):
         raise ConfigError(
@@ -39,8 +43,6 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
     name = job_name("llm_finetune", run_id)
     lineage = {"dag_id": "llm_finetune", "run_id": run_id}
     if backend == "ec2-trainium":
-        from llmops.backends.training import ec2
-
         bundle = source_bundle(PROJECT_ROOT)
         image = settings.ec2.ami_id or f"(the value of SSM parameter {settings.ec2.ami_parameter})"
         plan = ec2.plan_job(settings, request, dataset, name, lineage, image, bundle.uri(settings.store_uri))
@@ -65,9 +67,6 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
         **sent,
     }
     if settings.evaluation.backend == "sagemaker":
-        from llmops.backends.evaluation.sagemaker import evaluation_plan
-        from llmops.evaluation import models_to_evaluate
-
         models = models_to_evaluate(request.base_model_name, {"version": "new", "artifact_uri": artifact}, None)
         plan = evaluation_plan(settings, job_name("llm_finetune", run_id, prefix="llmops-eval"), models)
         printed["CreateProcessingJob"] = plan["request"]
@@ -77,8 +76,6 @@ def dry_run(settings, backend: str, dataset_version: str, run_id: str, params: d
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
-
-    from llmops.config import ConfigError, load_settings
 
     parser = argparse.ArgumentParser(prog="python -m devtools.aws", description="SageMaker training jobs.")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -23,7 +23,13 @@ from __future__ import annotations
 import json
 import sys
 
-from devtools.localstack import apply_environment, migrate_db
+from devtools import traffic
+from devtools.localstack import GATEWAY_KEY_FILE, apply_environment, gateway_api_key, migrate_db, up
+from llmops import storage
+from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
+from llmops.config import get_settings
+from llmops.models import bootstrap
+from llmops.rollout.policy import step_label
 
 
 def return_value(dag_run, task_id: str, key: str = "return_value"):
@@ -54,8 +60,6 @@ def run_dag(dag_id: str, conf: dict | None = None):
 
 def main() -> int:
     env = apply_environment()
-    from llmops.config import get_settings
-    from llmops.models import bootstrap
 
     settings = get_settings()
     print("Preparing base models (converted once, then cached)...", flush=True)
@@ -70,7 +74,6 @@ def main() -> int:
         print(f"llm_data_prep ended in state {dag_run.state}; see the task logs above.", file=sys.stderr)
         return 1
     published = return_value(dag_run, "publish_version")
-    from llmops import storage
 
     manifest = storage.read_json(published["manifest_uri"])
     counts = manifest["counts"]
@@ -135,7 +138,6 @@ def main() -> int:
 
 
 def rollout(settings) -> int:
-    from devtools.localstack import up
 
     print("\nStarting the local endpoint gateway (it keeps running; `make down` stops it)...", flush=True)
     if up(components=("gateway",)) != 0:
@@ -154,7 +156,6 @@ def rollout(settings) -> int:
         print(f"  shadow:        {shadow['decision']['verdict'].upper()} on {c['pairs']} paired answers")
         for reason in shadow["decision"]["reasons"]:
             print(f"                 - {reason}")
-    from llmops.rollout.policy import step_label
 
     for share in settings.serving.policy().traffic_steps:
         step = return_value(dag_run, f"shift_traffic_{step_label(share)}")
@@ -197,9 +198,6 @@ def key_reference(shell: bool = False, python: bool = False) -> str:
     import os
     from pathlib import Path
 
-    from devtools.localstack import GATEWAY_KEY_FILE, gateway_api_key
-    from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
-
     home = Path(os.environ["LLMOPS_HOME"])
     made = gateway_api_key(home)
     if made is not None and os.environ.get(GATEWAY_KEY_ENV) in (None, "", made):
@@ -214,7 +212,6 @@ def key_reference(shell: bool = False, python: bool = False) -> str:
 
 def monitor(settings, count: int = 60) -> int:
     """Two windows of traffic through the endpoint, each analysed by llm_drift_monitor."""
-    from devtools import traffic
 
     for kind in ("in-domain", "off-domain"):
         print(f"\nSending {count} {kind} prompts through the endpoint...", flush=True)

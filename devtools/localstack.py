@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
-from llmops.config import PROJECT_ROOT, default_home
+from llmops.config import PROJECT_ROOT, ConfigError, default_home, load_settings
 
 AIRFLOW_PORT = int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080"))
 MLFLOW_PORT = int(os.environ.get("LLMOPS_MLFLOW_PORT", "5000"))
@@ -66,7 +66,6 @@ def gateway_api_key(home: str | os.PathLike[str], create: bool = False) -> str |
 def model_store(home: Path) -> list[str]:
     """Where the gateway may load models from: the settings' store (training jobs write model
     tarballs under it), else the state folder's ``store``."""
-    from llmops.config import ConfigError, load_settings
 
     try:
         return [load_settings().store_uri]

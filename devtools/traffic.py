@@ -23,6 +23,15 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from devtools.localstack import apply_environment
+from llmops import storage
+from llmops.backends.endpoints import backend_for
+from llmops.config import get_settings
+from llmops.data import versioning
+from llmops.data.corpus import build_python_docs_corpus
+from llmops.orchestration import storage_options_for
+from llmops.prompts import load_template
+
 _SUBJECTS = {
     "cooking": ["a sourdough loaf", "risotto", "a lemon tart", "pad thai", "a vegetable curry", "pancakes"],
     "travel": ["Lisbon", "the Scottish Highlands", "Kyoto", "a road trip in Norway", "Patagonia", "Marrakesh"],
@@ -122,8 +131,6 @@ def bundled_records(template_name: str) -> list[dict]:
     """The bundled Python-docs corpus as curated records would hold it (``prompt`` rendered with
     the template, ``response``), without running the pipeline: for calibrating and benchmarking
     drift checks on the training distribution."""
-    from llmops.data.corpus import build_python_docs_corpus
-    from llmops.prompts import load_template
 
     template = load_template(template_name)
     records = []
@@ -136,9 +143,6 @@ def bundled_records(template_name: str) -> list[dict]:
 def in_domain_prompts(settings, count: int, seed: int = 0) -> list[str]:
     """Prompts of the newest curated dataset's held-out splits (validation and test): the
     training distribution, never trained on."""
-    from llmops import storage
-    from llmops.data import versioning
-    from llmops.orchestration import storage_options_for
 
     options = storage_options_for(settings.store_uri, settings)
     manifest = versioning.latest_version(settings.datasets_uri(), settings.data.dataset_name, options)
@@ -173,9 +177,6 @@ def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callab
     """Each prompt through the endpoint (a chat with the assistant's system prompt), one at a
     time; returns when it started and ended and how many calls succeeded or failed."""
     from botocore.exceptions import BotoCoreError, ClientError
-
-    from llmops.backends.endpoints import backend_for
-    from llmops.prompts import load_template
 
     system, _ = load_template(settings.data.template).render_instruction("-")  # the assistant's system prompt
     runtime = backend_for(settings).runtime()
@@ -228,10 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    from devtools.localstack import apply_environment
 
     apply_environment()
-    from llmops.config import get_settings
 
     settings = get_settings()
     try:

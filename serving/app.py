@@ -38,6 +38,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serving.model import Batcher, BatcherStopped, load
+
 MAX_BODY_BYTES = 1_000_000
 MAX_NEW_TOKENS = 2048  # what Parameters accepts at all
 MAX_INPUT_TOKENS = 1 << 24  # the highest prompt-token cap an operator may set
@@ -114,8 +116,6 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
     Batching and the per-request caps take their settings from the arguments, else from the
     environment."""
     from contextlib import asynccontextmanager
-
-    from serving.model import Batcher, BatcherStopped, load
 
     if max_batch_size is None:
         max_batch_size = int(_setting("LLMOPS_MAX_BATCH_SIZE", 8, int))

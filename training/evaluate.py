@@ -31,7 +31,8 @@ from pathlib import Path
 
 from training.archive import model_archive_limits, safe_extract
 from training.chat_format import render
-from training.data import IGNORE_INDEX, encode
+from training.data import IGNORE_INDEX, Collator, encode
+from training.metrics import Embedder, text_metrics
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,6 @@ def reference_losses(model, tokenizer, items: list[dict], config: EvalJobConfig)
     """Mean cross-entropy of each reference answer given its prompt (the training objective)."""
     import torch
 
-    from training.data import Collator
-
     encoded = [
         encode(
             tokenizer,
@@ -258,8 +257,6 @@ def reference_losses(model, tokenizer, items: list[dict], config: EvalJobConfig)
 
 def evaluate(config: EvalJobConfig, paths: ProcessingPaths, log=print) -> dict:
     import torch
-
-    from training.metrics import Embedder, text_metrics
 
     torch.manual_seed(config.seed)
     if config.threads:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from training.config import JobPaths, TrainConfig, load_config
+from training.data import Collator, encode_all, read_split
 
 BASELINE = "baseline_metrics.json"
 
@@ -262,7 +263,6 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
 
 def _load_data(config: TrainConfig, paths: JobPaths, tokenizer) -> tuple[list, list]:
     """The encoded train and validation examples, each cut to its configured maximum."""
-    from training.data import encode_all, read_split
 
     train_records = read_split(paths.train_dir, "train")
     eval_records = read_split(paths.validation_dir, "validation")
@@ -279,7 +279,6 @@ def _load_data(config: TrainConfig, paths: JobPaths, tokenizer) -> tuple[list, l
 
 
 def _build_trainer(config: TrainConfig, paths: JobPaths, model, tokenizer, train_set: list, eval_set: list):
-    from training.data import Collator
 
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     arguments_class, trainer_class, device = trainer_classes(config)

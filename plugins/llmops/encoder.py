@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmops.config import ConfigError, Settings
+from llmops.config import ConfigError, Settings, get_settings
+from llmops.models import resolve_model
+from training.metrics import Embedder, pair_similarity
 
 if TYPE_CHECKING:
     import numpy
@@ -263,14 +265,11 @@ class SentenceEncoder:
 
     def similarity(self, a: list[str], b: list[str]) -> list[float]:
         """Cosine similarity of each pair a[i], b[i]; 0.0 for a pair with an empty (or blank) side."""
-        from training.metrics import pair_similarity
 
         return pair_similarity(self.encode, a, b)
 
 
 def main(argv: list[str]) -> int:
-    from llmops.config import get_settings
-    from llmops.models import resolve_model
 
     if len(argv) != 2:
         print(__doc__)
@@ -302,7 +301,6 @@ def make_sentence_encoder(settings: Settings):
     ``encode`` and ``similarity`` and give the same vectors within float32 rounding
     (``tests/unit/test_encoder.py``), so baselines stay keyed by the encoder's name alone
     (``baseline_uri``): one built by either runtime serves windows embedded by the other."""
-    from llmops.models import resolve_model
 
     runtime = settings.models.embedding_runtime
     if runtime == "auto":
@@ -318,8 +316,6 @@ def make_sentence_encoder(settings: Settings):
 
         return SentenceEncoder(folder)
     from transformers.utils import logging as transformers_logging
-
-    from training.metrics import Embedder
 
     transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar is noise in task logs
     return Embedder(folder)

@@ -17,10 +17,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmops import storage
-from llmops.backends.evaluation.job import evaluation_settings
+from llmops.backends.evaluation.job import EvaluationJobSpec, evaluation_settings
+from llmops.backends.evaluation.local import LocalEvaluationBackend
+from llmops.comparison import Comparison, compare
 from llmops.config import ConfigError, Settings
-from llmops.prompts import EvalCatalog, PromptTemplate
-from llmops.tracking import CHALLENGER, CHAMPION, RUN_KEY, cost_figures, report_url
+from llmops.costs import estimate_cost
+from llmops.evaluation_report import comparison_table, markdown_summary, write_report
+from llmops.gate import Decision, decide_promotion
+from llmops.judges import judge_rows
+from llmops.models import resolve_model
+from llmops.prompts import EvalCatalog, PromptTemplate, link_to_run
+from llmops.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    RUN_KEY,
+    client,
+    cost_figures,
+    ensure_experiment,
+    find_run,
+    metric_entity,
+    report_url,
+    uri_source,
+)
 
 
 def _stable_order(record_id: str) -> str:
@@ -67,8 +85,6 @@ def build_items(
 def champion_ref(tracking_uri: str, model_name: str) -> dict | None:
     """The serving champion's version, artifact and base model, or None."""
     from mlflow.exceptions import MlflowException
-
-    from llmops.tracking import client
 
     try:
         version = client(tracking_uri).get_model_version_by_alias(model_name, CHAMPION)
@@ -121,10 +137,6 @@ def run_evaluation(
     storage_options: dict | None = None,
 ) -> dict:
     """Run the evaluation job for base, candidate and (when there is one) champion, here."""
-    from llmops.backends.evaluation.job import EvaluationJobSpec
-    from llmops.backends.evaluation.local import LocalEvaluationBackend
-    from llmops.costs import estimate_cost
-    from llmops.models import resolve_model
 
     cache = settings.models.cache_dir
     models = {
@@ -165,7 +177,6 @@ def judge_evaluation(
 ) -> dict:
     """Score every answer of the evaluation with ``judge``; reuses earlier scores by the same judge
     and rubric version."""
-    from llmops.judges import judge_rows
 
     folder = evaluation["predictions_uri"].rsplit("/", 1)[0]
     judgments_uri = storage.join(folder, "judgments.jsonl")
@@ -197,9 +208,6 @@ def merged_rows(predictions_uri: str, judgments_uri: str | None, storage_options
 
 def decide(settings: Settings, evaluation: dict, judged: dict, storage_options: dict | None = None) -> dict:
     """Compare the candidate with base and champion and apply the gate (both pure)."""
-    from llmops.comparison import compare
-    from llmops.evaluation_report import comparison_table, markdown_summary
-    from llmops.gate import decide_promotion
 
     rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
     comparison = compare(
@@ -229,10 +237,6 @@ def record_evaluation(
     """Log the evaluation as an MLflow run nested under the candidate's training run (metrics,
     the HTML report, predictions and judgments, the prompt versions and the evaluation catalog),
     and tag the model version with the results, the gate's decision and a link to the report."""
-    from llmops.comparison import Comparison
-    from llmops.gate import Decision
-    from llmops.prompts import link_to_run
-    from llmops.tracking import client, ensure_experiment
 
     tracking_uri, model_name = settings.mlflow.tracking_uri, registered["model_name"]
     mlflow_client = client(tracking_uri)
@@ -268,7 +272,6 @@ def record_evaluation(
 
 def _reusable_run(mlflow_client, experiment_id: str, run_key: str, decided_sha256: str):
     """The finished evaluation run recorded for this decision, or None once any other run under the key is gone."""
-    from llmops.tracking import find_run
 
     run = find_run(mlflow_client, experiment_id, run_key)
     if run is not None and run.data.tags.get("llmops.decided_sha256") != decided_sha256:
@@ -308,7 +311,6 @@ def _run_tags(
 
 def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: dict) -> None:
     """Every model's summary, the evaluation's costs and every paired difference with its interval."""
-    from llmops.tracking import metric_entity
 
     metrics = []
     for label, summary in comparison.models.items():
@@ -365,7 +367,6 @@ def _log_report(
     judged: dict,
 ) -> None:
     """The HTML report with its plots, the predictions and the decision, under the run's ``evaluation/``."""
-    from llmops.evaluation_report import write_report
 
     with tempfile.TemporaryDirectory(prefix="llmops-eval-") as tmp:
         out = Path(tmp) / "evaluation"
@@ -443,8 +444,6 @@ def _prompt_tags(refs: list[str]) -> dict[str, str]:
 def _catalog_source(path: str):
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-    from llmops.tracking import uri_source
-
     try:
         return uri_source(Path(path).resolve().as_uri())
     except Exception:
@@ -458,8 +457,6 @@ def promote_challenger(
     unless it points there already. Without ``move`` (this run promoted it before, and the alias
     may have moved on since: rollout drops it) only the result is made, as the first time."""
     from mlflow.exceptions import MlflowException
-
-    from llmops.tracking import client
 
     if move:
         mlflow_client = client(tracking_uri)
@@ -490,7 +487,6 @@ def record_outcome(
     tracking_uri: str, model_name: str, version: str, decision: dict, approval: dict | None, promoted: dict | None
 ) -> dict:
     """The run's final word on the candidate, as version tags; returns it."""
-    from llmops.tracking import client
 
     status = approval_status(approval)
     if promoted:

@@ -18,10 +18,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops import storage
+from llmops.backends.training.job import TrainingJobSpec
+from llmops.backends.training.local import LocalTrainingBackend
 from llmops.config import TRAINING_BACKENDS, ConfigError, Settings, format_validation_error
+from llmops.costs import estimate_cost
 from llmops.data import versioning
 from llmops.data.integrity import verify_version
 from llmops.data.records import DataQualityError
+from llmops.models import resolve_model
 from training.config import TrainConfig, config_from_mapping
 
 LATEST = "latest"
@@ -166,10 +170,6 @@ def run_training(
     on_line: Callable[[str], None] = print,
     storage_options: dict | None = None,
 ) -> dict:
-    from llmops.backends.training.job import TrainingJobSpec
-    from llmops.backends.training.local import LocalTrainingBackend
-    from llmops.costs import estimate_cost
-    from llmops.models import resolve_model
 
     base_dir = resolve_model(request.base_model_name, settings.models.cache_dir)
     spec = TrainingJobSpec(

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmops.config import get_settings
+
 CHECKSUMS = "checksums.json"
 
 
@@ -170,7 +172,6 @@ def bootstrap(
 
 
 def main(argv: list[str]) -> int:
-    from llmops.config import get_settings
 
     if argv[:1] != ["bootstrap"]:
         print(__doc__)

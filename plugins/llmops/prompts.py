@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llmops.config import INCLUDE_DIR
+from llmops.config import INCLUDE_DIR, get_settings
 
 PROMPTS_DIR = INCLUDE_DIR / "prompts"
 EVAL_CATALOG = "eval_catalog.yaml"
@@ -368,8 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = parser.parse_args(argv)
     if not args.tracking_uri:
-        from llmops.config import get_settings
-
         args.tracking_uri = get_settings().mlflow.tracking_uri
     for result in sync_prompts(args.tracking_uri).values():
         state = "registered" if result.created else ("alias moved" if result.alias_moved else "unchanged")

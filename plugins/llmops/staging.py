@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 from llmops import storage
+from llmops.config import ConfigError
+from llmops.models import ModelNotFoundError, resolve_model
 
 
 def base_model_uri(store_uri: str, name: str) -> str:
@@ -45,8 +47,6 @@ def stage_base_model(folder: Path, uri: str, storage_options: dict | None = None
 def ensure_model_staged(settings, name: str, storage_options: dict | None = None, log=print) -> str:
     """The S3 prefix of model ``name`` (a base model or the encoder), staged from this machine when
     it is not there yet; a ``ConfigError`` saying how to stage it when it is on neither."""
-    from llmops.config import ConfigError
-    from llmops.models import ModelNotFoundError, resolve_model
 
     uri = base_model_uri(settings.store_uri, name)
     if not storage.exists(storage.join(uri, STAGED_MARKER), storage_options):

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops import storage
+from llmops.artifacts import extract_model
 from llmops.config import Settings
+from llmops.prompts import link_to_run
 
 RUN_KEY = "llmops.run_key"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -210,8 +212,6 @@ def _log_training_run(
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    from llmops.artifacts import extract_model
-
     mlflow_client.log_batch(
         run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(hyperparameters.items())]
     )
@@ -248,8 +248,6 @@ def _log_training_run(
         datasets=[DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])],
     )
     if tags["dataset.template"]:
-        from llmops.prompts import link_to_run
-
         link_to_run(tracking_uri, run_id, [tags["dataset.template"]])
 
 

@@ -26,9 +26,14 @@ from collections.abc import Callable
 from functools import cache
 
 from llmops import storage
-from llmops.config import PROJECT_ROOT, DataConfig, Settings
+from llmops.config import PROJECT_ROOT, DataConfig, Settings, get_settings
 from llmops.data import token_profile, transforms, versioning
+from llmops.data.corpus import build_in_fresh_interpreter
+from llmops.data.ingest import read_raw
+from llmops.data.pii import PII_REGEX_LIST
 from llmops.data.records import DataQualityError, normalized_key
+from llmops.data.validation import validate_records
+from llmops.prompts import PromptCatalogError, load_registered, load_template
 from llmops.runs import run_folder
 
 DAG_ID = "llm_data_prep"
@@ -59,12 +64,9 @@ def _apply(
 def ingest(data: DataConfig, run_uri: str, options: dict | None = None, raw_options: dict | None = None) -> dict:
     """Read the raw data named by ``data.raw_uri`` or, when it is unset, write the bundled corpus
     (Python's own documentation) as raw JSON lines first and read that."""
-    from llmops.data.ingest import read_raw
 
     raw_uri = storage.to_uri(data.raw_uri) if data.raw_uri else None
     if raw_uri is None:
-        from llmops.data.corpus import build_in_fresh_interpreter
-
         raw_uri = storage.join(run_uri, "raw", "python_docs.jsonl")
         storage.write_bytes(raw_uri, build_in_fresh_interpreter(), options)
         raw_options = options
@@ -98,7 +100,6 @@ def format_records(
 ) -> dict:
     """Render instructions with ``data.template``: from the MLflow prompt registry (alias
     ``production``) when ``tracking_uri`` is given, as pipelines do, else from the catalog files."""
-    from llmops.prompts import PromptCatalogError, load_registered, load_template
 
     try:
         template = load_registered(tracking_uri, data.template) if tracking_uri else load_template(data.template)
@@ -153,9 +154,6 @@ def profile_tokens(
 def validate(data: DataConfig, in_uri: str, run_uri: str, options: dict | None = None) -> dict:
     """Run the expectation suite. Result and Data Docs go to ``<run>/validation/`` either way."""
     import pandas as pd
-
-    from llmops.data.pii import PII_REGEX_LIST
-    from llmops.data.validation import validate_records
 
     records = storage.read_jsonl(in_uri, options)
     splits_per_prompt = transforms.prompt_split_counts(records)
@@ -290,7 +288,6 @@ def curate(
 
 
 def main(argv: list[str]) -> int:
-    from llmops.config import get_settings
 
     settings = get_settings()
     data = settings.data.model_copy(update={"raw_uri": argv[0]}) if argv else settings.data

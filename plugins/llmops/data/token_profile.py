@@ -21,7 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from llmops import storage
 from llmops.data.records import SPLITS, DataQualityError, drop, examples
+from llmops.models import ModelNotFoundError, resolve_model
+from llmops.staging import STAGED_MARKER, base_model_uri
+from training.chat_format import render
 
 N_TOKENS = "_n_tokens"
 
@@ -244,7 +248,6 @@ class ChatTokenCounter:
         self.tokenizer = ChatTokenizer(model_dir) if has_json else _TransformersChatTokenizer(model_dir)
 
     def _text(self, record: dict, response: str | None = None) -> str:
-        from training.chat_format import render
 
         return render(
             self.tokenizer, record["prompt"], record["response"] if response is None else response, record.get("system")
@@ -283,7 +286,6 @@ def tokenizer_folder(
     fetched into ``<cache_dir>/tokenizers/<key>/`` (again only when the staged files change), or
     that local copy when the store has none; else the converted built-in (converting needs torch
     and transformers)."""
-    from llmops.models import ModelNotFoundError, resolve_model
 
     try:
         return resolve_model(name, cache_dir, convert=False)
@@ -305,9 +307,6 @@ def tokenizer_folder(
 def _fetch_staged_tokenizer(
     name: str, cache_dir: str | os.PathLike[str], store_uri: str, storage_options: dict | None
 ) -> tuple[Path | None, str]:
-    from llmops import storage
-    from llmops.models import ModelNotFoundError
-    from llmops.staging import STAGED_MARKER, base_model_uri
 
     uri = base_model_uri(store_uri, name)
     marker_uri = storage.join(uri, STAGED_MARKER)

@@ -32,9 +32,12 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
 from llmops import storage
+from llmops.capture import request_prompt
 from llmops.config import ConfigError, Settings
 from llmops.drift import statistics as drift
 from llmops.encoder import make_sentence_encoder
+from llmops.tracking import CHAMPION, RUN_KEY, client, ensure_experiment, find_run, metric_entity, report_url
+from serving.capture import read_capture
 
 PROFILE, EMBEDDINGS = "profile.json", "embeddings.npy"
 BASELINE_TAG = "drift.baseline_uri"
@@ -108,8 +111,6 @@ def champion_baseline(settings: Settings, storage_options: dict | None = None) -
     the version's dataset and recorded on it if the version has none); None without a champion."""
     from mlflow.exceptions import MlflowException
 
-    from llmops.tracking import CHAMPION, client
-
     mlflow_client = client(settings.mlflow.tracking_uri)
     name = settings.finetune.model_name
     try:
@@ -182,7 +183,6 @@ def resolve_window(
 
 
 def traffic_record(record) -> drift.TrafficRecord:
-    from llmops.capture import request_prompt
 
     status = record.status_code if record.status_code is not None else 200
     answer = record.response_json() if 200 <= status < 300 else None
@@ -213,7 +213,6 @@ def _text(value) -> str:
 
 def window_records(settings: Settings, window: dict, s3_client=None) -> tuple[list[drift.TrafficRecord], dict]:
     """The production calls captured in the window, and what the read found (files, skipped lines)."""
-    from serving.capture import read_capture
 
     scan = read_capture(
         settings.serving.capture_uri,
@@ -445,7 +444,6 @@ def _plots(profile: drift.BaselineProfile, records, report: drift.DriftReport, v
 
 
 def _experiment(settings: Settings, mlflow_client) -> str:
-    from llmops.tracking import ensure_experiment
 
     return ensure_experiment(mlflow_client, settings.monitoring.experiment, settings.mlflow.artifact_uri)
 
@@ -463,8 +461,6 @@ def record_report(
     champion's version. The same report again changes nothing."""
     import tempfile
     from pathlib import Path
-
-    from llmops.tracking import RUN_KEY, client, find_run, metric_entity, report_url
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     experiment_id = _experiment(settings, mlflow_client)
@@ -543,7 +539,6 @@ def _link_version(mlflow_client, champion: dict, window: dict, verdict: str, run
 
 def last_retrain_request(settings: Settings, window: dict) -> datetime | None:
     """When retraining was last asked for on this endpoint by another window (wall clock)."""
-    from llmops.tracking import client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     experiment_id = _experiment(settings, mlflow_client)
@@ -579,7 +574,6 @@ def decide(
 ) -> dict:
     """Whether this window asks ``llm_finetune`` to retrain, and the conf it sends. A request is
     marked on the window's run before it is sent, so the cooldown sees it even if sending fails."""
-    from llmops.tracking import client
 
     subject = f"{window['endpoint']} (champion version {champion['version']}) in [{window['start']}, {window['end']})"
     now = now or datetime.now(UTC)

@@ -1,7 +1,10 @@
 """Airflow-facing glue shared by the DAGs: assets, Params validation, connections, failure mode.
 
 DAG files stay wiring only; anything a task needs beyond calling one library function lives
-here, so it is importable and testable without parsing a DAG.
+here, so it is importable and testable without parsing a DAG. Airflow itself is imported in the
+functions that use it: the tooling (``devtools.traffic``) calls ``storage_options_for`` without
+Airflow. The per-flow glue (``context``, ``training``, ``evaluation``, ``approval``, ``rollout``)
+imports it at its top.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from llmops.backends.endpoints.base import DeploymentRejected
 from llmops.config import ConfigError, DataConfig, Settings, format_validation_error
 from llmops.data.records import DataQualityError
 from llmops.prompts import PromptCatalogError
+from llmops.tracking import client
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -224,7 +228,6 @@ def tag_approval_sensor():
                 self._answer(context, "Reject", "")  # nobody answered: rejected on timeout
 
         def poke(self, context) -> bool:
-            from llmops.tracking import client
 
             tags = client(self.tracking_uri).get_model_version(self.model_name, str(self.version)).tags
             decision = tags.get(APPROVAL_TAG, "").strip().lower()

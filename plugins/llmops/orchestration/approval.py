@@ -3,6 +3,8 @@ promotion to ``challenger`` (announced once per run, however often it is retried
 
 from __future__ import annotations
 
+from llmops.compat import AirflowSkipException
+from llmops.evaluation import approval_status, promote_challenger
 from llmops.orchestration import APPROVAL_RESPONSE_KEY, event_recorded, skip_as_done
 from llmops.orchestration.context import RunContext
 
@@ -36,8 +38,6 @@ def approval_body(model_name: str, registered: dict, decided: dict, recorded: di
 def promote(run: RunContext, asset, request: dict, registered: dict) -> dict:
     """Move the ``challenger`` alias to the registered version and announce it on ``asset``,
     unless an approval was required and not given."""
-    from llmops.compat import AirflowSkipException
-    from llmops.evaluation import approval_status, promote_challenger
 
     approval = run.ti.xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY)
     if request["require_approval"] and approval_status(approval)["status"] != "approved":

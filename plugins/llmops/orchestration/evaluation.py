@@ -13,15 +13,16 @@ from datetime import timedelta
 from airflow.sdk import TaskGroup, task
 
 from llmops import storage
+from llmops.backends.evaluation.sagemaker import collect_evaluation, stage_evaluation
 from llmops.config import Settings
+from llmops.evaluation import build_items, champion_ref, evaluated_versions, models_to_evaluate, run_evaluation
 from llmops.orchestration import fail_without_retry, sagemaker_processing_operator
 from llmops.orchestration.context import RunContext
+from llmops.prompts import load_eval_catalog, load_registered
 
 
 def evaluation_inputs(run: RunContext, request: dict, dataset: dict, registered: dict) -> dict:
     """The items (test split + catalog), the models to evaluate and what to record about them."""
-    from llmops.evaluation import build_items, champion_ref, evaluated_versions, models_to_evaluate
-    from llmops.prompts import load_eval_catalog, load_registered
 
     settings = run.settings
     catalog = load_eval_catalog()
@@ -57,7 +58,6 @@ def _local_evaluation(settings: Settings, request, dataset, registered, prompts)
     @task(execution_timeout=timedelta(minutes=settings.evaluation.timeout_minutes + 10))
     @fail_without_retry
     def evaluate_models(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
-        from llmops.evaluation import run_evaluation
 
         run = RunContext.current(settings)
         inputs = evaluation_inputs(run, request, dataset, registered)
@@ -80,7 +80,6 @@ def _sagemaker_evaluation(settings: Settings, request, dataset, registered, prom
     @task(multiple_outputs=True)
     @fail_without_retry
     def stage_evaluation_job(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
-        from llmops.backends.evaluation.sagemaker import stage_evaluation
 
         run = RunContext.current(settings)
         inputs = evaluation_inputs(run, request, dataset, registered)
@@ -100,8 +99,6 @@ def _sagemaker_evaluation(settings: Settings, request, dataset, registered, prom
     def evaluate_models(staged: dict) -> dict:
         """The Processing job's outputs, in the local backend's shape."""
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
-        from llmops.backends.evaluation.sagemaker import collect_evaluation
 
         run = RunContext.current(settings)
         hook = SageMakerHook(aws_conn_id=settings.aws.conn_id, region_name=settings.aws.region)

@@ -14,9 +14,11 @@ from typing import Any
 
 from airflow.sdk import TaskGroup, task
 
-from llmops.compat import TriggerRule
+from llmops.backends.training import ec2
+from llmops.backends.training.sagemaker import collect, stage_job
+from llmops.compat import AirflowFailException, AirflowSkipException, TriggerRule
 from llmops.config import Settings
-from llmops.finetune import FinetuneRequest
+from llmops.finetune import FinetuneRequest, run_training
 from llmops.orchestration import fail_without_retry, sagemaker_training_operator
 from llmops.orchestration.context import RunContext
 
@@ -45,7 +47,6 @@ def local_training(settings: Settings, request, dataset) -> TrainingPath:
         @task(execution_timeout=timedelta(minutes=settings.finetune.timeout_minutes + 10))
         @fail_without_retry
         def train_adapter(request: dict, dataset: dict) -> dict:
-            from llmops.finetune import run_training
 
             run = RunContext.current(settings)
             return run_training(
@@ -70,7 +71,6 @@ def sagemaker_training(settings: Settings, request, dataset) -> TrainingPath:
         @task
         @fail_without_retry
         def stage_sagemaker_job(request: dict, dataset: dict) -> dict:
-            from llmops.backends.training.sagemaker import stage_job
 
             run = RunContext.current(settings)
             return stage_job(
@@ -113,8 +113,6 @@ def ec2_training(settings: Settings, request, dataset) -> TrainingPath:
         def stage_ec2_job(request: dict, dataset: dict) -> dict:
             from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-            from llmops.backends.training import ec2
-
             run = RunContext.current(settings)
             image = settings.ec2.ami_id or SsmHook(**aws).get_parameter_value(settings.ec2.ami_parameter)
             return ec2.stage_job(
@@ -133,8 +131,6 @@ def ec2_training(settings: Settings, request, dataset) -> TrainingPath:
             """Wait for the instance's SSM agent, then hand the command to run_training_command."""
             from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-            from llmops.backends.training import ec2
-
             ssm = SsmHook(**aws).conn
             timeout = settings.ec2.ssm_online_timeout_minutes * 60
             ec2.wait_until_online(ssm, instance_ids[0], timeout, settings.ec2.poll_seconds)
@@ -151,9 +147,6 @@ def ec2_training(settings: Settings, request, dataset) -> TrainingPath:
 
             from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
             from airflow.providers.amazon.aws.hooks.ssm import SsmHook
-
-            from llmops.backends.training import ec2
-            from llmops.compat import AirflowFailException, AirflowSkipException
 
             if request["backend"] != "ec2-trainium":
                 raise AirflowSkipException(f"backend {request['backend']}")
@@ -217,8 +210,6 @@ def collect_training(settings: Settings, request):
         if request["backend"] == "ec2-trainium":
             return ti.xcom_pull(task_ids="collect_ec2_job")
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
-        from llmops.backends.training.sagemaker import collect
 
         name = ti.xcom_pull(task_ids="stage_sagemaker_job")["TrainingJobName"]
         hook = SageMakerHook(aws_conn_id=settings.aws.conn_id, region_name=settings.aws.region)

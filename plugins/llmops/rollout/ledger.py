@@ -16,7 +16,8 @@ from collections.abc import Callable
 from llmops import storage
 from llmops.config import Settings
 from llmops.rollout.contracts import RolloutPlan
-from llmops.tracking import CHALLENGER
+from llmops.runs import run_folder
+from llmops.tracking import CHALLENGER, RUN_KEY, client, ensure_experiment, find_run
 
 # The phases that end a rollout with a verdict. A rollout that failed outright (restored by
 # ``restore_on_failure``) has not ended: clearing its tasks rolls it out again.
@@ -24,7 +25,6 @@ CONCLUSIONS = ("promote", "roll_back")
 
 
 def phase_uri(settings: Settings, run_key: str, phase: str) -> str:
-    from llmops.runs import run_folder
 
     dag_id, _, run_id = run_key.partition("/")
     return storage.join(run_folder(settings, run_id, dag_id), "phases", f"{phase}.json")
@@ -52,7 +52,6 @@ def finished_phase(settings: Settings, run_key: str, phase: str, log: Callable[[
 
 
 def tag_version(settings: Settings, version: str, tags: dict[str, object]) -> None:
-    from llmops.tracking import client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     for key, value in tags.items():
@@ -61,8 +60,6 @@ def tag_version(settings: Settings, version: str, tags: dict[str, object]) -> No
 
 def drop_challenger_alias(settings: Settings, version: str) -> None:
     from mlflow.exceptions import MlflowException
-
-    from llmops.tracking import client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     try:
@@ -78,8 +75,6 @@ def record_rollout(settings: Settings, plan: RolloutPlan | dict, policy, lineage
     policy, the shadow comparison and every step's figures, linked from the candidate's version.
     The same record again logs nothing (a metric logged twice would show twice in its history)."""
     import mlflow
-
-    from llmops.tracking import RUN_KEY, client, ensure_experiment, find_run
 
     plan = RolloutPlan.model_validate(plan)
     mlflow_client = client(settings.mlflow.tracking_uri)

@@ -9,7 +9,7 @@ from llmops.backends.endpoints.base import DeploymentError, DeploymentRejected
 from llmops.config import Settings
 from llmops.rollout.contracts import RolloutPlan, VersionRef
 from llmops.rollout.ledger import finished_phase, record_phase
-from llmops.tracking import CHALLENGER, CHAMPION
+from llmops.tracking import CHALLENGER, CHAMPION, client
 
 
 def version_info(version) -> VersionRef:
@@ -39,8 +39,6 @@ def plan_rollout(
 
 def build_plan(settings: Settings, requested_version: str | None) -> RolloutPlan:
     from mlflow.exceptions import MlflowException
-
-    from llmops.tracking import client
 
     mlflow_client = client(settings.mlflow.tracking_uri)
     name = settings.finetune.model_name
@@ -87,8 +85,6 @@ def build_plan(settings: Settings, requested_version: str | None) -> RolloutPlan
 
 def current_champion(settings: Settings) -> str | None:
     from mlflow.exceptions import MlflowException
-
-    from llmops.tracking import client
 
     try:
         version = client(settings.mlflow.tracking_uri).get_model_version_by_alias(

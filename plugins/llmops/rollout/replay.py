@@ -17,11 +17,15 @@ from datetime import UTC, datetime
 
 from llmops.capture import request_prompt
 from llmops.config import Settings
+from llmops.encoder import make_sentence_encoder
+from llmops.judges import JudgeError, make_judge
+from llmops.prompts import load_eval_catalog, load_registered
+from serving.capture import read_capture
+from training.metrics import chrf, exact_match, is_refusal, repetition_rate
 
 
 def catalog_items(settings: Settings) -> list[dict]:
     """The evaluation catalog's items as chat requests (system and user turn, with references)."""
-    from llmops.prompts import load_eval_catalog, load_registered
 
     catalog = load_eval_catalog()
     template = load_registered(settings.mlflow.tracking_uri, catalog.template)
@@ -44,7 +48,6 @@ def replay_items(settings: Settings, count: int, lookback_hours: float, now: dat
     """Up to ``count`` distinct prompts to replay (``replay`` cycles through them): prompts captured
     on the endpoint's production variants in the last ``lookback_hours`` (newest first), topped up
     from the evaluation catalog."""
-    from serving.capture import read_capture
 
     now = now or datetime.now(UTC)
     start = datetime.fromtimestamp(now.timestamp() - lookback_hours * 3600, UTC)
@@ -179,10 +182,6 @@ def captured_rows(records, references: dict[str, dict]) -> list[dict]:
 
 def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
     """The judge's overall score (1-10) of each row; an answer that failed scores None."""
-    from llmops.encoder import make_sentence_encoder
-    from llmops.judges import JudgeError, make_judge
-    from llmops.prompts import load_registered
-    from training.metrics import chrf, exact_match, is_refusal, repetition_rate
 
     if not rows:
         return []

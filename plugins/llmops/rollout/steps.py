@@ -33,6 +33,14 @@ from llmops.contracts import VariantWindow
 from llmops.rollout.contracts import RolloutPlan
 from llmops.rollout.ledger import drop_challenger_alias, finished_phase, record_phase, tag_version
 from llmops.rollout.plan import current_champion
+from llmops.rollout.policy import (
+    check_guardrails,
+    compare_shadow,
+    decide_shadow,
+    step_label,
+    step_request_budget,
+    step_weights,
+)
 from llmops.rollout.replay import (
     captured_rows,
     catalog_items,
@@ -44,7 +52,8 @@ from llmops.rollout.replay import (
     wait_for_capture,
     wait_for_shadow,
 )
-from llmops.tracking import CHAMPION
+from llmops.tracking import CHAMPION, client
+from serving.capture import read_capture
 
 
 def _soon() -> datetime:
@@ -112,8 +121,6 @@ def evaluate_shadow(
 ) -> dict:
     """Replay a traffic sample through the endpoint, then compare the shadow's answers with the
     champion's on the same requests, and decide (``llmops.rollout.decide_shadow``)."""
-    from llmops.rollout.policy import compare_shadow, decide_shadow
-    from serving.capture import read_capture
 
     plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "compare_shadow", log)) is not None:
@@ -188,8 +195,6 @@ def traffic_step(
 ) -> dict:
     """Move ``share`` of traffic to the candidate, let the step run (replayed and live traffic),
     then check the guardrails on what the candidate did in the step."""
-    from llmops.rollout.policy import check_guardrails, step_label, step_request_budget, step_weights
-    from serving.capture import read_capture
 
     plan = RolloutPlan.model_validate(plan)
     label = step_label(share)
@@ -265,7 +270,6 @@ def traffic_step(
 def promote(settings: Settings, plan: RolloutPlan | dict, run_key: str, log: Callable[[str], None] = print) -> dict:
     """The candidate takes all traffic on its own config (the old variant retires), the
     ``champion`` alias moves to it, and both versions record where they serve."""
-    from llmops.tracking import client
 
     plan = RolloutPlan.model_validate(plan)
     if (done := finished_phase(settings, run_key, "promote", log)) is not None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from llmops.backends.endpoints.credentials import gateway_api_key
 from llmops.backends.endpoints.gateway import LocalGatewayBackend
+from llmops.backends.endpoints.sagemaker import SageMakerEndpointBackend
 from llmops.config import Settings
 
 
 def backend_for(settings: Settings):
     """The endpoint backend of ``serving.backend``: the local gateway, or SageMaker."""
     if settings.serving.backend == "sagemaker":
-        from llmops.backends.endpoints.sagemaker import SageMakerEndpointBackend
-
         return SageMakerEndpointBackend(settings)
 
     serving = settings.serving

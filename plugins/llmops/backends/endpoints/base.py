@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from llmops.config import Settings
+from llmops.prompts import PromptCatalogError, load_registered
 
 IN_SERVICE = "InService"
 
@@ -191,7 +192,6 @@ def ensure_models(settings: Settings, backend, versions: list[dict]) -> None:
 def serving_environment(settings: Settings) -> dict[str, str]:
     """The model server's environment: request batching, and the prompt template's system message
     for plain-text inputs."""
-    from llmops.prompts import PromptCatalogError, load_registered
 
     environment = {
         "LLMOPS_MAX_BATCH_SIZE": str(settings.serving.max_batch_size),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from llmops.backends.endpoints.base import DeploymentError, DeploymentRejected
 from llmops.contracts import VariantWindow
+from serving.guardrails import TAG
 
 
 class LocalGatewayBackend:
@@ -76,8 +77,6 @@ class LocalGatewayBackend:
 
     def create_endpoint_config(self, request: dict) -> dict:
         if self.guardrails:
-            from serving.guardrails import TAG
-
             tags = [t for t in request.get("Tags", []) if t.get("Key") != TAG]
             request = {**request, "Tags": [*tags, {"Key": TAG, "Value": self.guardrails}]}
         return self._call("POST", "/control/endpoint-configs", request)

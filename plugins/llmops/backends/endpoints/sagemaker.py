@@ -36,8 +36,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from llmops.backends.endpoints.base import DeploymentError, DeploymentRejected, wait_settled
+from llmops.backends.training.sagemaker import image_uri
 from llmops.config import Settings
 from llmops.contracts import VariantWindow
+from llmops.staging import base_model_uri, ensure_model_staged
 
 BASE_MODEL_CHANNEL = "base_model"
 BASE_MODEL_DIR = f"/opt/ml/additional-model-data-sources/{BASE_MODEL_CHANNEL}"
@@ -201,8 +204,6 @@ class SageMakerEndpointBackend:
     def _call(self, operation: str, **request):
         from botocore.exceptions import ClientError
 
-        from llmops.backends.endpoints.base import DeploymentError, DeploymentRejected
-
         try:
             return getattr(self.sagemaker, operation)(**request)
         except ClientError as exc:
@@ -220,9 +221,6 @@ class SageMakerEndpointBackend:
         """The full ``CreateModel`` request for ``llmops.backends.endpoints.base``'s model request: the serving
         image, the execution role, and the version's base model, staged in the store, mounted next
         to the adapter."""
-        from llmops.backends.endpoints.base import DeploymentRejected
-        from llmops.backends.training.sagemaker import image_uri
-        from llmops.staging import base_model_uri
 
         container = dict(request["PrimaryContainer"])
         environment = dict(container.get("Environment", {}))
@@ -274,7 +272,6 @@ class SageMakerEndpointBackend:
     def create_model(self, request: dict) -> dict:
         """``CreateModel``, once the base model is staged in the store (staged from this machine if
         it is not yet: a worker without it gets an error saying how to stage it)."""
-        from llmops.staging import ensure_model_staged
 
         ensure_model_staged(self.settings, self.base_model(request), log=lambda _: None)
         return self._call("create_model", **self.model_definition(request))
@@ -321,8 +318,6 @@ class SageMakerEndpointBackend:
         """Create the config; one that already exists under this name (a retried task's) is reused
         when it holds the same variants, and refused otherwise."""
         from botocore.exceptions import ClientError
-
-        from llmops.backends.endpoints.base import DeploymentRejected
 
         definition = self.endpoint_config_definition(request)
         name = definition["EndpointConfigName"]
@@ -409,8 +404,6 @@ class SageMakerEndpointBackend:
         endpoint still Deleting refuses a CreateEndpoint under its name."""
         from botocore.exceptions import ClientError
 
-        from llmops.backends.endpoints.base import DeploymentError
-
         try:
             self.sagemaker.delete_endpoint(EndpointName=name)
         except ClientError as exc:
@@ -420,7 +413,6 @@ class SageMakerEndpointBackend:
             raise DeploymentError(f"endpoint {name} is still there after DeleteEndpoint")
 
     def _settled(self, name: str) -> dict | None:
-        from llmops.backends.endpoints.base import wait_settled
 
         timeout = self.settings.serving.deploy_timeout_minutes * 60
         return wait_settled(self, name, timeout, self.metrics_poll_seconds, self._sleep)
@@ -429,7 +421,6 @@ class SageMakerEndpointBackend:
         """Shift traffic between production variants, then wait until the endpoint is back in
         service: SageMaker reports the new weights only once the update is done, and an update
         that failed says so in ``FailureReason``."""
-        from llmops.backends.endpoints.base import DeploymentError
 
         self._call(
             "update_endpoint_weights_and_capacities",

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from llmops import storage
+from llmops.backends.evaluation.job import evaluation_settings
 from llmops.backends.training.job import TrainingJobError
 from llmops.backends.training.sagemaker import JOB_NAME, SageMakerRequestError, image_uri, source_files
 from llmops.costs import estimate_cost
@@ -119,7 +120,6 @@ def evaluation_plan(settings, name: str, models: dict[str, dict], tags: dict | N
     """What the job needs where (no upload): the code files and their prefix, the staged models,
     ``evaluation.json``, and the ``CreateProcessingJob`` request (``models``: label ->
     {"base_model_name", "artifact_uri"}, as ``llmops.evaluation.models_to_evaluate`` gives)."""
-    from llmops.backends.evaluation.job import evaluation_settings
     from llmops.config import PROJECT_ROOT, ConfigError
 
     if not settings.store_uri.startswith("s3://"):

@@ -22,7 +22,9 @@ from typing import Any
 
 from llmops import storage
 from llmops.backends.training.job import TrainingJobError, TrainingJobResult
-from llmops.backends.training.sagemaker import encode_hyperparameters
+from llmops.backends.training.sagemaker import archive_metrics, encode_hyperparameters, source_bundle, upload_bundle
+from llmops.costs import estimate_cost
+from llmops.staging import base_model_uri, ensure_model_staged
 
 NEURON_CORES = {"trn1.2xlarge": 2, "trn1.32xlarge": 32, "trn1n.32xlarge": 32, "trn2.48xlarge": 64}
 JOB_ROOT = "/opt/llmops/jobs"
@@ -146,7 +148,6 @@ def artifact_uri(store_uri: str, job_name: str) -> str:
 def plan_job(settings, request, dataset: dict, name: str, lineage: dict, image_id: str, code_uri: str) -> dict:
     """What the operators take (no upload): the image, the ``RunInstances`` config, the commands,
     and where the archive and the command's output go."""
-    from llmops.staging import base_model_uri
 
     files = dataset["files"]
     artifact = artifact_uri(settings.store_uri, name)
@@ -186,9 +187,7 @@ def stage_job(
     log=print,
 ) -> dict:
     """Upload the source bundle and the base model when missing, then ``plan_job``."""
-    from llmops.backends.training.sagemaker import source_bundle, upload_bundle
     from llmops.config import PROJECT_ROOT
-    from llmops.staging import ensure_model_staged
 
     code_uri = upload_bundle(settings, source_bundle(PROJECT_ROOT), storage_options, log)
     ensure_model_staged(settings, request.base_model_name, storage_options, log)
@@ -246,8 +245,6 @@ def wait_for_command(
 def collect(settings, staged: dict, instance_id: str, invocation: dict, seconds: float, storage_options=None) -> dict:
     """The command's outcome and the archive it pushed, as the training result (the local
     backend's shape), with the instance and its cost."""
-    from llmops.backends.training.sagemaker import archive_metrics
-    from llmops.costs import estimate_cost
 
     outcome = command_outcome(invocation)
     artifact = staged["artifact_uri"]

@@ -33,6 +33,7 @@ from llmops import storage
 from llmops.backends.training.job import TrainingJobError, TrainingJobResult
 from llmops.costs import estimate_cost
 from llmops.staging import base_model_uri, ensure_model_staged
+from training.archive import model_archive_limits, read_member
 
 BACKENDS = {"sagemaker": "gpu", "sagemaker-trainium": "trainium"}
 
@@ -350,7 +351,6 @@ def plan_job(settings, request, dataset: dict, name: str, lineage: dict, code_ur
 
 def archive_metrics(artifact: str, storage_options: dict | None = None) -> dict:
     """The final metrics the entrypoint wrote into the model archive (``metrics.json``)."""
-    from training.archive import model_archive_limits, read_member
 
     data = read_member(
         storage.read_bytes(artifact, storage_options), "metrics.json", name=artifact, **model_archive_limits()
