@@ -37,6 +37,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
+from llmops.backends.training.job import TrainingJobResult
 from llmops.compat import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule
 from llmops.config import get_settings
 from llmops.contracts import DatasetManifest, EvaluationResult, GateOutcome, RegisteredCandidate
@@ -121,7 +122,7 @@ def llm_finetune():
         from llmops.tracking import record_training
 
         run = RunContext.current(SETTINGS)
-        request = FinetuneRequest.model_validate(request)
+        request, result = FinetuneRequest.model_validate(request), TrainingJobResult(**job)
         registered = record_training(
             SETTINGS.mlflow.tracking_uri,
             SETTINGS.mlflow.artifact_uri,
@@ -139,7 +140,7 @@ def llm_finetune():
             run.storage_options,
         )
         return RegisteredCandidate(
-            **registered.to_dict(), metrics=job["metrics"], artifact_uri=job["model_artifact_uri"]
+            **registered.to_dict(), metrics=result.metrics, artifact_uri=result.model_artifact_uri
         ).to_dict()
 
     @task

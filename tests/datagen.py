@@ -44,14 +44,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def dataset_manifest(
     files: dict[str, tuple[str, bytes]], name: str = "python-docs-instruct", version: str = "0" * 64
 ) -> dict:
-    """A manifest of the shape ``llmops.data.stages.publish`` writes (and ``select_dataset``
-    returns, with ``uri`` and ``manifest_uri``), for split files a test wrote itself:
-    ``files`` maps each split to (URI, the file's bytes)."""
+    """A manifest of the shape ``llmops.data.stages.publish`` writes, as ``select_dataset`` returns
+    it (read back with its sorted keys, then ``uri`` and ``manifest_uri``), for split files a test
+    wrote itself: ``files`` maps each split to (URI, the file's bytes)."""
     import hashlib
 
     folder = files["train"][0].rsplit("/", 1)[0]
     counts = {split: payload.count(b"\n") for split, (_, payload) in files.items()}
-    return {
+    stored = {
         "source_uris": ["tests/fixtures"],
         "validation": {
             "success": True,
@@ -75,6 +75,5 @@ def dataset_manifest(
             split: {"uri": uri, "sha256": hashlib.sha256(payload).hexdigest()}
             for split, (uri, payload) in files.items()
         },
-        "uri": folder,
-        "manifest_uri": f"{folder}/manifest.json",
     }
+    return {**json.loads(json.dumps(stored, sort_keys=True)), "uri": folder, "manifest_uri": f"{folder}/manifest.json"}

@@ -7,8 +7,8 @@ The pydantic models here are what ``llm_finetune``'s tasks pass on: a curated da
 manifest, an evaluation's result and the gate's outcome. XCom still carries plain dicts (each
 model's ``to_dict()``), and every function that takes one validates it at its entry
 (``X.model_validate(value)``: a model or the dict XCom gave back), so a bad value fails there with
-pydantic's error naming the field. Fields are declared in the order the producers write them, so a
-value's JSON is the same bytes after a round trip.
+pydantic's error naming the field. Fields are declared in the order the producers write them (a
+manifest's as ``manifest.json`` holds them), so a value's JSON is the same bytes after a round trip.
 """
 
 from __future__ import annotations
@@ -47,42 +47,45 @@ class Contract(BaseModel):
 
 
 # -- a curated dataset version (``llmops.data.versioning`` writes it, ``llmops.data.stages`` fills it)
+#
+# ``manifest.json`` is written with sorted keys (``storage.write_json``), and what a reader gets is
+# that order; so the fields are declared in it, and a manifest read back dumps to the same JSON.
 
 
 class DatasetFile(Contract):
-    uri: str
     sha256: str
+    uri: str
 
 
 class DatasetFiles(Contract):
     """One file per split (``llmops.data.records.SPLITS``); a manifest without one is no version."""
 
+    test: DatasetFile
     train: DatasetFile
     validation: DatasetFile
-    test: DatasetFile
 
 
 class SplitCounts(Contract):
+    test: int
     train: int
     validation: int
-    test: int
 
 
 class ValidationSummary(Contract):
     """The expectation suite's verdict (``llmops.data.validation.ValidationOutcome.summary``)."""
 
-    success: bool
-    suite: str
+    data_docs_uri: str
     evaluated_expectations: int
     failed_expectations: int
     result_uri: str
-    data_docs_uri: str
+    success: bool
+    suite: str
 
 
 class RecordCounts(Contract):
-    read: int
-    published: int
     dropped: int
+    published: int
+    read: int
 
 
 class DropReport(Contract):
@@ -92,33 +95,31 @@ class DropReport(Contract):
 
 class DatasetManifest(Contract):
     """A curated dataset version's ``manifest.json``; ``select_dataset`` adds where it lives
-    (``uri``, ``manifest_uri``).
+    (``uri``, ``manifest_uri``, after the stored fields).
 
-    Open to fields it does not declare (``extra="allow"``), and the curation stage's own fields are
-    optional, for two reasons: a version is never rewritten, so a manifest an older release wrote
-    stays as it was (those before the drop reports carry no ``records`` or ``dropped``), and
-    ``versioning.publish`` takes its caller's fields as they come. What ``llm_finetune`` reads
-    (what and where the files are, the validation verdict) is required and typed.
+    Open to fields it does not declare (``extra="allow"``; they dump after the declared ones), and
+    the curation stage's own fields are optional, for two reasons: a version is never rewritten, so
+    a manifest an older release wrote stays as it was (those before the drop reports carry no
+    ``records`` or ``dropped``), and ``versioning.publish`` takes its caller's fields as they come.
+    What ``llm_finetune`` reads (what and where the files are, the validation verdict) is required
+    and typed; the shapes ``versioning`` itself writes (files, counts) are closed.
     """
 
     model_config = ConfigDict(extra="allow")
 
-    # llmops.data.stages.publish's fields, in its order
-    source_uris: list[str] | None = None
-    validation: ValidationSummary
-    stages: dict[str, dict[str, Any]] | None = None
-    config: dict[str, Any] | None = None
-    lineage: dict[str, Any] | None = None
-    records: RecordCounts | None = None
-    dropped: DropReport | None = None
-    # llmops.data.versioning.publish's
-    name: str
-    version: str
+    config: dict[str, Any] | None = None  # the DataConfig it was curated with
     content_sha256: str
-    created_at: str  # as written (ISO 8601): a datetime would not print back the same
     counts: SplitCounts
+    created_at: str  # as written (ISO 8601): a datetime would not print back the same
+    dropped: DropReport | None = None
     files: DatasetFiles
-    # llmops.finetune.select_dataset's
+    lineage: dict[str, Any] | None = None
+    name: str
+    records: RecordCounts | None = None
+    source_uris: list[str] | None = None
+    stages: dict[str, dict[str, Any]] | None = None  # each curation stage's statistics
+    validation: ValidationSummary
+    version: str
     uri: str | None = None
     manifest_uri: str | None = None
 

@@ -16,7 +16,7 @@ from airflow.sdk import TaskGroup, task
 from llmops import storage
 from llmops.backends.evaluation.sagemaker import collect_evaluation, stage_evaluation
 from llmops.config import Settings
-from llmops.contracts import DatasetManifest, EvaluationResult
+from llmops.contracts import DatasetManifest, EvaluationResult, RegisteredCandidate
 from llmops.evaluation import build_items, champion_ref, evaluated_versions, models_to_evaluate, run_evaluation
 from llmops.finetune import FinetuneRequest
 from llmops.orchestration import fail_without_retry, sagemaker_processing_operator
@@ -37,7 +37,7 @@ class EvaluationInputs:
 
 
 def evaluation_inputs(
-    run: RunContext, request: FinetuneRequest, dataset: DatasetManifest, registered: dict
+    run: RunContext, request: FinetuneRequest, dataset: DatasetManifest, registered: RegisteredCandidate
 ) -> EvaluationInputs:
     """The items (test split + catalog), the models to evaluate and what to record about them."""
 
@@ -46,7 +46,7 @@ def evaluation_inputs(
     template = load_registered(settings.mlflow.tracking_uri, catalog.template)
     items = build_items(dataset, template, catalog, settings.evaluation.max_test_items, run.storage_options)
     champion = champion_ref(settings.mlflow.tracking_uri, settings.finetune.model_name)
-    candidate = {"version": registered["version"], "artifact_uri": registered["artifact_uri"]}
+    candidate = {"version": registered.version, "artifact_uri": registered.artifact_uri}
     models = models_to_evaluate(request.base_model_name, candidate, champion)
     return EvaluationInputs(
         name=run.job_name(prefix="llmops-eval"),
@@ -78,7 +78,8 @@ def _local_evaluation(settings: Settings, request, dataset, registered, prompts)
 
         run = RunContext.current(settings)
         request = FinetuneRequest.model_validate(request)
-        inputs = evaluation_inputs(run, request, DatasetManifest.model_validate(dataset), registered)
+        dataset, registered = DatasetManifest.model_validate(dataset), RegisteredCandidate.model_validate(registered)
+        inputs = evaluation_inputs(run, request, dataset, registered)
         result = run_evaluation(
             settings,
             inputs.name,
@@ -101,7 +102,8 @@ def _sagemaker_evaluation(settings: Settings, request, dataset, registered, prom
 
         run = RunContext.current(settings)
         request = FinetuneRequest.model_validate(request)
-        inputs = evaluation_inputs(run, request, DatasetManifest.model_validate(dataset), registered)
+        dataset, registered = DatasetManifest.model_validate(dataset), RegisteredCandidate.model_validate(registered)
+        inputs = evaluation_inputs(run, request, dataset, registered)
         job = stage_evaluation(
             settings,
             inputs.name,
