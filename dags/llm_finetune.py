@@ -37,8 +37,11 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
+from llmops.backends.training.job import TrainingJobResult
 from llmops.compat import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule
 from llmops.config import get_settings
+from llmops.contracts import DatasetManifest, EvaluationResult, GateOutcome, RegisteredCandidate
+from llmops.finetune import FinetuneRequest
 from llmops.orchestration import (
     APPROVAL_RESPONSE_KEY,
     approval_operator,
@@ -90,7 +93,7 @@ def llm_finetune():
         from llmops.finetune import select_dataset
 
         run = RunContext.current(SETTINGS)
-        return select_dataset(SETTINGS, request["dataset_version"], run.storage_options)
+        return select_dataset(SETTINGS, FinetuneRequest.model_validate(request).dataset_version, run.storage_options)
 
     @task.short_circuit
     def decide_training(request: dict, dataset: dict) -> bool:
@@ -98,14 +101,15 @@ def llm_finetune():
         from llmops.tracking import champion_dataset_version
 
         run = RunContext.current(SETTINGS)
+        request, dataset = FinetuneRequest.model_validate(request), DatasetManifest.model_validate(dataset)
         champion = champion_dataset_version(SETTINGS.mlflow.tracking_uri, SETTINGS.finetune.model_name)
-        decision = decide_training(dataset["version"], champion, request["force"], request["reason"])
+        decision = decide_training(dataset.version, champion, request.force, request.reason)
         run.log.info("%s: %s", "training" if decision.train else "skipping", decision.reason)
         return decision.train
 
     @task.branch
     def choose_backend(request: dict) -> str:
-        return first_training_task(request["backend"])
+        return first_training_task(FinetuneRequest.model_validate(request).backend)
 
     @task
     def profile_baseline(dataset: dict) -> dict:
@@ -118,23 +122,26 @@ def llm_finetune():
         from llmops.tracking import record_training
 
         run = RunContext.current(SETTINGS)
+        request, result = FinetuneRequest.model_validate(request), TrainingJobResult(**job)
         registered = record_training(
             SETTINGS.mlflow.tracking_uri,
             SETTINGS.mlflow.artifact_uri,
             SETTINGS.finetune.model_name,
             job,
             dataset,
-            request["hyperparameters"],
+            request.hyperparameters,
             {
                 **run.lineage,
-                "base_model_name": request["base_model_name"],
-                "reason": request["reason"],
-                "drift_run_id": request["drift_run_id"],
+                "base_model_name": request.base_model_name,
+                "reason": request.reason,
+                "drift_run_id": request.drift_run_id,
                 "baseline_uri": baseline["uri"],
             },
             run.storage_options,
         )
-        return {**registered.to_dict(), "metrics": job["metrics"], "artifact_uri": job["model_artifact_uri"]}
+        return RegisteredCandidate(
+            **registered.to_dict(), metrics=result.metrics, artifact_uri=result.model_artifact_uri
+        ).to_dict()
 
     @task
     def sync_prompts() -> dict:
@@ -166,8 +173,9 @@ def llm_finetune():
 
         run = RunContext.current(SETTINGS)
         decided = decide(SETTINGS, evaluation, judged, run.storage_options)
-        run.log.info("judge: %s\n%s", decided["judge"], decided["table"])
-        run.log.info("gate %s:\n  %s", decided["decision"]["verdict"], "\n  ".join(decided["decision"]["reasons"]))
+        outcome = GateOutcome.model_validate(decided)
+        run.log.info("judge: %s\n%s", outcome.judge, outcome.table)
+        run.log.info("gate %s:\n  %s", outcome.decision.verdict, "\n  ".join(outcome.decision.reasons))
         return decided
 
     @task
@@ -176,19 +184,20 @@ def llm_finetune():
         from llmops.prompts import load_eval_catalog
 
         run = RunContext.current(SETTINGS)
+        dataset, evaluation = DatasetManifest.model_validate(dataset), EvaluationResult.model_validate(evaluation)
         return record_evaluation(
             SETTINGS,
             registered,
             evaluation,
             judged,
             decided,
-            [*evaluation["prompt_refs"], judged["rubric"]],
+            [*evaluation.prompt_refs, judged["rubric"]],
             load_eval_catalog(),
             {
                 "dag_id": run.dag_id,
                 "run_id": run.run_id,
-                "dataset_name": dataset["name"],
-                "dataset_version": dataset["version"],
+                "dataset_name": dataset.name,
+                "dataset_version": dataset.version,
             },
             run.storage_options,
         )
@@ -223,15 +232,16 @@ def llm_finetune():
         from llmops.evaluation import record_outcome
 
         run = RunContext.current(SETTINGS)
+        registered = RegisteredCandidate.model_validate(registered)
         outcome = record_outcome(
             SETTINGS.mlflow.tracking_uri,
-            registered["model_name"],
-            registered["version"],
-            decided["decision"],
+            registered.model_name,
+            registered.version,
+            GateOutcome.model_validate(decided).decision,
             run.ti.xcom_pull(task_ids="await_approval", key=APPROVAL_RESPONSE_KEY),
             run.ti.xcom_pull(task_ids="promote_challenger"),
         )
-        run.log.info("%s version %s: %s", registered["model_name"], registered["version"], outcome["outcome"])
+        run.log.info("%s version %s: %s", registered.model_name, registered.version, outcome["outcome"])
         return outcome
 
     request = resolve_config()

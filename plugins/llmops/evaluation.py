@@ -21,6 +21,7 @@ from llmops.backends.evaluation.job import EvaluationJobSpec, evaluation_setting
 from llmops.backends.evaluation.local import LocalEvaluationBackend
 from llmops.comparison import Comparison, compare
 from llmops.config import ConfigError, Settings
+from llmops.contracts import DatasetManifest, EvaluationResult, GateDecision, GateOutcome, RegisteredCandidate
 from llmops.costs import estimate_cost
 from llmops.evaluation_report import comparison_table, markdown_summary, write_report
 from llmops.gate import Decision, decide_promotion
@@ -46,7 +47,7 @@ def _stable_order(record_id: str) -> str:
 
 
 def build_items(
-    dataset: dict,
+    dataset: DatasetManifest | dict,
     template: PromptTemplate,
     catalog: EvalCatalog,
     max_test_items: int,
@@ -54,7 +55,7 @@ def build_items(
 ) -> list[dict]:
     """A fixed sample of the test split (the same records for every run on this dataset version)
     plus every evaluation-catalog item rendered with the registered template."""
-    test = storage.read_jsonl(dataset["files"]["test"]["uri"], storage_options)
+    test = storage.read_jsonl(DatasetManifest.model_validate(dataset).files.test.uri, storage_options)
     sample = sorted(test, key=lambda r: _stable_order(r["id"]))[:max_test_items]
     items = [
         {
@@ -136,7 +137,9 @@ def run_evaluation(
     on_line: Callable[[str], None] = print,
     storage_options: dict | None = None,
 ) -> dict:
-    """Run the evaluation job for base, candidate and (when there is one) champion, here."""
+    """Run the evaluation job for base, candidate and (when there is one) champion, here; returns
+    an ``EvaluationResult``'s dict (without the prompt versions and catalog hash, which the
+    caller knows)."""
 
     cache = settings.models.cache_dir
     models = {
@@ -164,11 +167,13 @@ def run_evaluation(
         cost = estimate_cost("local", 1, time.monotonic() - started, settings.sagemaker.prices_per_hour)
         storage.write_json(cost_uri, cost, storage_options)
     versions = evaluated_versions(candidate, champion, models)
-    return {**result.to_dict(), "items_uri": items_uri, "models": sorted(models), "versions": versions, "cost": cost}
+    return EvaluationResult(
+        **result.to_dict(), items_uri=items_uri, models=sorted(models), versions=versions, cost=cost
+    ).to_dict()
 
 
 def judge_evaluation(
-    evaluation: dict,
+    evaluation: EvaluationResult | dict,
     judge,
     rubric: PromptTemplate,
     max_workers: int = 4,
@@ -178,19 +183,20 @@ def judge_evaluation(
     """Score every answer of the evaluation with ``judge``; reuses earlier scores by the same judge
     and rubric version."""
 
-    folder = evaluation["predictions_uri"].rsplit("/", 1)[0]
+    evaluation = EvaluationResult.model_validate(evaluation)
+    folder = evaluation.predictions_uri.rsplit("/", 1)[0]
     judgments_uri = storage.join(folder, "judgments.jsonl")
     meta_uri = storage.join(folder, "judgments.json")
     meta = {
         "judge": judge.label,
         "rubric": rubric.ref,
-        "predictions": evaluation.get("summary", {}).get("inputs_sha256"),
+        "predictions": evaluation.summary.get("inputs_sha256"),
     }
     if storage.exists(meta_uri, storage_options) and storage.exists(judgments_uri, storage_options):
         existing = storage.read_json(meta_uri, storage_options)
         if {k: existing.get(k) for k in meta} == meta:
             return {**existing, "judgments_uri": judgments_uri, "reused": True}
-    rows = storage.read_jsonl(evaluation["predictions_uri"], storage_options)
+    rows = storage.read_jsonl(evaluation.predictions_uri, storage_options)
     judged = judge_rows(rows, judge, rubric, max_workers, on_error)
     storage.write_jsonl(judgments_uri, judged, storage_options)
     meta["unscored"] = sum(j["judge_overall"] is None for j in judged)
@@ -206,29 +212,33 @@ def merged_rows(predictions_uri: str, judgments_uri: str | None, storage_options
     return rows
 
 
-def decide(settings: Settings, evaluation: dict, judged: dict, storage_options: dict | None = None) -> dict:
-    """Compare the candidate with base and champion and apply the gate (both pure)."""
+def decide(
+    settings: Settings, evaluation: EvaluationResult | dict, judged: dict, storage_options: dict | None = None
+) -> dict:
+    """Compare the candidate with base and champion and apply the gate (both pure); returns a
+    ``GateOutcome``'s dict."""
 
-    rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
+    evaluation = EvaluationResult.model_validate(evaluation)
+    rows = merged_rows(evaluation.predictions_uri, judged.get("judgments_uri"), storage_options)
     comparison = compare(
         rows, resamples=settings.evaluation.bootstrap_resamples, confidence=settings.evaluation.confidence
     )
     decision = decide_promotion(comparison, settings.evaluation.policy())
-    return {
-        "comparison": comparison.to_dict(),
-        "decision": decision.to_dict(),
-        "table": comparison_table(comparison),
-        "markdown": markdown_summary(comparison),
-        "judge": judged.get("judge", ""),
-    }
+    return GateOutcome(
+        comparison=comparison.to_dict(),
+        decision=GateDecision.model_validate(decision.to_dict()),
+        table=comparison_table(comparison),
+        markdown=markdown_summary(comparison),
+        judge=judged.get("judge", ""),
+    ).to_dict()
 
 
 def record_evaluation(
     settings: Settings,
-    registered: dict,
-    evaluation: dict,
+    registered: RegisteredCandidate | dict,
+    evaluation: EvaluationResult | dict,
     judged: dict,
-    decided: dict,
+    decided: GateOutcome | dict,
     prompt_refs: list[str],
     catalog: EvalCatalog,
     lineage: dict,
@@ -238,24 +248,28 @@ def record_evaluation(
     the HTML report, predictions and judgments, the prompt versions and the evaluation catalog),
     and tag the model version with the results, the gate's decision and a link to the report."""
 
-    tracking_uri, model_name = settings.mlflow.tracking_uri, registered["model_name"]
+    registered = RegisteredCandidate.model_validate(registered)
+    evaluation = EvaluationResult.model_validate(evaluation)
+    decided = GateOutcome.model_validate(decided)
+    tracking_uri, model_name = settings.mlflow.tracking_uri, registered.model_name
     mlflow_client = client(tracking_uri)
-    comparison = Comparison.from_dict(decided["comparison"])
-    decision = Decision.from_dict(decided["decision"])
+    comparison = Comparison.from_dict(decided.comparison)
+    decision = Decision.from_dict(decided.decision.to_dict())
     experiment_id = ensure_experiment(mlflow_client, model_name, settings.mlflow.artifact_uri)
-    run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', evaluation['job_name'])}/evaluation"
-    if evaluation.get("catalog_sha256") not in (None, catalog.content_sha256):
+    run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', evaluation.job_name)}/evaluation"
+    if evaluation.catalog_sha256 not in (None, catalog.content_sha256):
         raise ConfigError(
             f"{catalog.path} changed since the evaluation ran (sha256 {catalog.content_sha256[:12]}, evaluated"
-            f" {evaluation['catalog_sha256'][:12]}); clear evaluate_models to evaluate on the current catalog"
+            f" {evaluation.catalog_sha256[:12]}); clear evaluate_models to evaluate on the current catalog"
         )
-    decided_sha256 = hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
+    # The digest of the outcome as XCom carries it (to_dict is the JSON it was handed as).
+    decided_sha256 = hashlib.sha256(json.dumps(decided.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     run = _reusable_run(mlflow_client, experiment_id, run_key, decided_sha256)
     if run is None:
         tags = _run_tags(run_key, decided_sha256, registered, evaluation, judged, prompt_refs, catalog)
-        run_id = mlflow_client.create_run(experiment_id, run_name=evaluation["job_name"], tags=tags).info.run_id
+        run_id = mlflow_client.create_run(experiment_id, run_name=evaluation.job_name, tags=tags).info.run_id
         _log_metrics(mlflow_client, run_id, comparison, evaluation)
-        rows = merged_rows(evaluation["predictions_uri"], judged.get("judgments_uri"), storage_options)
+        rows = merged_rows(evaluation.predictions_uri, judged.get("judgments_uri"), storage_options)
         details = _report_details(registered, evaluation, judged, decision, prompt_refs, catalog, lineage)
         _log_report(mlflow_client, run_id, comparison, rows, details, decided, registered, judged)
         link_to_run(tracking_uri, run_id, prompt_refs)
@@ -287,8 +301,8 @@ def _reusable_run(mlflow_client, experiment_id: str, run_key: str, decided_sha25
 def _run_tags(
     run_key: str,
     decided_sha256: str,
-    registered: dict,
-    evaluation: dict,
+    registered: RegisteredCandidate,
+    evaluation: EvaluationResult,
     judged: dict,
     prompt_refs: list[str],
     catalog: EvalCatalog,
@@ -296,20 +310,20 @@ def _run_tags(
     return {
         RUN_KEY: run_key,
         "llmops.decided_sha256": decided_sha256,
-        "mlflow.parentRunId": registered["run_id"],
+        "mlflow.parentRunId": registered.run_id,
         "llmops.kind": "evaluation",
         "evaluation.judge": judged.get("judge", ""),
-        "evaluation.backend": evaluation["backend"],
-        "evaluation.job_name": evaluation["job_name"],
-        "evaluation.job_arn": evaluation.get("job_arn", ""),
-        **{f"cost.{k}": str(v) for k, v in cost_figures(evaluation).items()},
-        "model.version": str(registered["version"]),
+        "evaluation.backend": evaluation.backend,
+        "evaluation.job_name": evaluation.job_name,
+        "evaluation.job_arn": evaluation.job_arn or "",
+        **{f"cost.{k}": str(v) for k, v in cost_figures(evaluation.to_dict()).items()},
+        "model.version": registered.version,
         **_prompt_tags(prompt_refs),
         "eval_catalog.sha256": catalog.content_sha256,
     }
 
 
-def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: dict) -> None:
+def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: EvaluationResult) -> None:
     """Every model's summary, the evaluation's costs and every paired difference with its interval."""
 
     metrics = []
@@ -317,7 +331,7 @@ def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: dict) -> No
         metrics += [metric_entity(f"{label}.{k}", v, 0) for k, v in summary.items() if isinstance(v, (int, float))]
     metrics += [
         metric_entity(f"cost.{k}", float(v), 0)
-        for k, v in cost_figures(evaluation).items()
+        for k, v in cost_figures(evaluation.to_dict()).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
     for reference, deltas in comparison.deltas.items():
@@ -332,27 +346,27 @@ def _log_metrics(mlflow_client, run_id: str, comparison, evaluation: dict) -> No
 
 
 def _report_details(
-    registered: dict,
-    evaluation: dict,
+    registered: RegisteredCandidate,
+    evaluation: EvaluationResult,
     judged: dict,
     decision,
     prompt_refs: list[str],
     catalog: EvalCatalog,
     lineage: dict,
 ) -> dict[str, str]:
-    model_name = registered["model_name"]
+    model_name = registered.model_name
     details = {
-        "model": f"{model_name} version {registered['version']}",
+        "model": f"{model_name} version {registered.version}",
         "dataset": f"{lineage.get('dataset_name', '')}@{lineage.get('dataset_version', '')}",
         "judge": judged.get("judge", ""),
-        "evaluation job": f"{evaluation['job_name']} ({evaluation['backend']})",
+        "evaluation job": f"{evaluation.job_name} ({evaluation.backend})",
         "prompts": ", ".join(prompt_refs),
         "evaluation catalog": f"{catalog.path} (sha256 {catalog.content_sha256[:12]})",
         "airflow run": f"{lineage.get('dag_id', '')} / {lineage.get('run_id', '')}",
         "gate": decision.verdict,
     }
-    if "champion" in evaluation.get("versions", {}):
-        details["champion"] = f"{model_name} version {evaluation['versions']['champion']}"
+    if "champion" in evaluation.versions:
+        details["champion"] = f"{model_name} version {evaluation.versions['champion']}"
     return details
 
 
@@ -362,8 +376,8 @@ def _log_report(
     comparison,
     rows: list[dict],
     details: dict[str, str],
-    decided: dict,
-    registered: dict,
+    decided: GateOutcome,
+    registered: RegisteredCandidate,
     judged: dict,
 ) -> None:
     """The HTML report with its plots, the predictions and the decision, under the run's ``evaluation/``."""
@@ -374,16 +388,16 @@ def _log_report(
             comparison,
             rows,
             out,
-            title=f"Evaluation of {registered['model_name']} version {registered['version']}",
+            title=f"Evaluation of {registered.model_name} version {registered.version}",
             judge_label=judged.get("judge", ""),
             details=details,
             gate_lines=[
-                f"{'SKIP' if c['skipped'] else 'PASS' if c['passed'] else 'FAIL'}: {c['detail']}"
-                for c in decided["decision"]["checks"]
+                f"{'SKIP' if c.skipped else 'PASS' if c.passed else 'FAIL'}: {c.detail}"
+                for c in decided.decision.checks
             ],
         )
         (out / "predictions.jsonl").write_bytes(storage.jsonl_bytes(rows))
-        (out / "decision.json").write_text(json.dumps(decided["decision"], indent=2))
+        (out / "decision.json").write_text(json.dumps(decided.decision.to_dict(), indent=2))
         mlflow_client.log_artifacts(run_id, str(out), "evaluation")
 
 
@@ -404,10 +418,10 @@ def _log_catalog_input(mlflow_client, run_id: str, catalog: EvalCatalog) -> None
 
 def _tag_version(
     mlflow_client,
-    registered: dict,
+    registered: RegisteredCandidate,
     comparison,
     decision,
-    decided: dict,
+    decided: GateOutcome,
     judged: dict,
     prompt_refs: list[str],
     run_id: str,
@@ -415,7 +429,7 @@ def _tag_version(
     url: str | None,
 ) -> None:
     """The results, the gate's decision and a link to the report, on the model version and in its description."""
-    model_name, version = registered["model_name"], str(registered["version"])
+    model_name, version = registered.model_name, registered.version
     candidate = comparison.models.get("candidate", {})
     tags = {
         "evaluation.run_id": run_id,
@@ -432,7 +446,7 @@ def _tag_version(
     description = (mlflow_client.get_model_version(model_name, version).description or "").split(marker)[0]
     link = f"[open the evaluation report]({url})" if url else f"report: `{report_uri}`"
     description += (
-        f"{marker}: gate **{decision.verdict}**, {link}. Judge: {judged.get('judge', '')}.\n\n{decided['markdown']}"
+        f"{marker}: gate **{decision.verdict}**, {link}. Judge: {judged.get('judge', '')}.\n\n{decided.markdown}"
     )
     mlflow_client.update_model_version(model_name, version, description=description)
 
@@ -484,14 +498,20 @@ def approval_status(approval: dict | None) -> dict:
 
 
 def record_outcome(
-    tracking_uri: str, model_name: str, version: str, decision: dict, approval: dict | None, promoted: dict | None
+    tracking_uri: str,
+    model_name: str,
+    version: str,
+    decision: GateDecision | dict,
+    approval: dict | None,
+    promoted: dict | None,
 ) -> dict:
     """The run's final word on the candidate, as version tags; returns it."""
 
+    decision = GateDecision.model_validate(decision)
     status = approval_status(approval)
     if promoted:
         outcome = f"promoted to {CHALLENGER}"
-    elif not decision["promote"]:
+    elif not decision.promote:
         outcome = "rejected by the gate"
     elif status["status"] == "rejected_on_timeout":
         outcome = "rejected: no approval before the timeout"

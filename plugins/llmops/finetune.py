@@ -21,6 +21,7 @@ from llmops import storage
 from llmops.backends.training.job import TrainingJobSpec
 from llmops.backends.training.local import LocalTrainingBackend
 from llmops.config import TRAINING_BACKENDS, ConfigError, Settings, format_validation_error
+from llmops.contracts import DatasetManifest
 from llmops.costs import estimate_cost
 from llmops.data import versioning
 from llmops.data.integrity import verify_version
@@ -103,7 +104,8 @@ def _backend_problem(settings: Settings, backend: str) -> str | None:
 
 
 def select_dataset(settings: Settings, version: str, storage_options: dict | None = None) -> dict:
-    """The manifest of the requested curated dataset version (``latest``: the newest)."""
+    """The manifest of the requested curated dataset version (``latest``: the newest), as a
+    ``DatasetManifest``'s dict, with where the version and its manifest are."""
     name = settings.data.dataset_name
     if version == LATEST:
         manifest = versioning.latest_version(settings.datasets_uri(), name, storage_options)
@@ -123,9 +125,17 @@ def select_dataset(settings: Settings, version: str, storage_options: dict | Non
         verify_version(settings.datasets_uri(), name, manifest, storage_options)
     except DataQualityError as exc:
         raise ConfigError(f"{exc}; refusing to train on it") from None
-    manifest["uri"] = storage.join(settings.datasets_uri(), name, manifest["version"])
-    manifest["manifest_uri"] = storage.join(manifest["uri"], versioning.MANIFEST)
-    return manifest
+    uri = storage.join(settings.datasets_uri(), name, manifest["version"])
+    try:
+        selected = DatasetManifest.model_validate(
+            {**manifest, "uri": uri, "manifest_uri": storage.join(uri, versioning.MANIFEST)}
+        )
+    except ValidationError as exc:
+        raise ConfigError(
+            f"dataset {name}@{manifest['version'][:12]}: {storage.join(uri, versioning.MANIFEST)} is not a dataset"
+            f" manifest:\n{format_validation_error(exc)}"
+        ) from None
+    return selected.to_dict()
 
 
 @dataclass(frozen=True)
@@ -164,21 +174,23 @@ def job_name(dag_id: str, run_id: str, prefix: str = "llmops-ft") -> str:
 def run_training(
     settings: Settings,
     request: FinetuneRequest,
-    dataset: dict,
+    dataset: DatasetManifest | dict,
     name: str,
     lineage: dict,
     on_line: Callable[[str], None] = print,
     storage_options: dict | None = None,
 ) -> dict:
-
+    """Train on ``dataset``'s train and validation splits in a subprocess here (the local
+    backend); returns the ``TrainingJobResult``'s dict with its cost."""
+    dataset = DatasetManifest.model_validate(dataset)
     base_dir = resolve_model(request.base_model_name, settings.models.cache_dir)
     spec = TrainingJobSpec(
         job_name=name,
         hyperparameters={**request.hyperparameters, "base_model": str(base_dir)},
-        channels={"train": dataset["files"]["train"]["uri"], "validation": dataset["files"]["validation"]["uri"]},
+        channels={"train": dataset.files.train.uri, "validation": dataset.files.validation.uri},
         processes=request.processes,
         timeout_s=settings.finetune.timeout_minutes * 60,
-        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
+        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset.version},
     )
     backend = LocalTrainingBackend(settings.store_uri, Path(settings.home) / "jobs", storage_options)
     result = backend.run(spec, on_line).to_dict()

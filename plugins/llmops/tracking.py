@@ -24,6 +24,7 @@ from pathlib import Path
 from llmops import storage
 from llmops.artifacts import extract_model
 from llmops.config import Settings
+from llmops.contracts import DatasetManifest
 from llmops.prompts import link_to_run
 
 RUN_KEY = "llmops.run_key"
@@ -99,18 +100,24 @@ def loss_curve_png(history: list[dict], path: Path) -> Path:
     return path
 
 
-def version_tags(job: dict, dataset: dict, hyperparameters: dict, lineage: dict) -> dict[str, str]:
+def version_tags(job: dict, dataset: DatasetManifest | dict, hyperparameters: dict, lineage: dict) -> dict[str, str]:
+    dataset = DatasetManifest.model_validate(dataset)
+    if dataset.uri is None or dataset.manifest_uri is None:
+        raise ValueError(
+            f"dataset {dataset.label}: the manifest does not say where the version is (uri, manifest_uri);"
+            " register with what llmops.finetune.select_dataset returns"
+        )
     metrics = job.get("metrics", {})
     tags = {
-        "dataset.name": dataset["name"],
-        "dataset.version": dataset["version"],
-        "dataset.uri": dataset["uri"],
-        "dataset.manifest_uri": dataset["manifest_uri"],
-        "dataset.content_sha256": dataset["content_sha256"],
-        "dataset.template": dataset.get("stages", {}).get("format", {}).get("template", ""),
-        "validation.success": str(dataset["validation"]["success"]).lower(),
-        "validation.result_uri": dataset["validation"]["result_uri"],
-        "validation.data_docs_uri": dataset["validation"]["data_docs_uri"],
+        "dataset.name": dataset.name,
+        "dataset.version": dataset.version,
+        "dataset.uri": dataset.uri,
+        "dataset.manifest_uri": dataset.manifest_uri,
+        "dataset.content_sha256": dataset.content_sha256,
+        "dataset.template": dataset.template,
+        "validation.success": str(dataset.validation.success).lower(),
+        "validation.result_uri": dataset.validation.result_uri,
+        "validation.data_docs_uri": dataset.validation.data_docs_uri,
         "code.git_sha": lineage.get("git_sha", "unknown"),
         "airflow.dag_id": lineage.get("dag_id", ""),
         "airflow.run_id": lineage.get("run_id", ""),
@@ -147,13 +154,14 @@ def record_training(
     artifact_root: str,
     model_name: str,
     job: dict,
-    dataset: dict,
+    dataset: DatasetManifest | dict,
     hyperparameters: dict,
     lineage: dict,
     storage_options: dict | None = None,
 ) -> RegisteredVersion:
     """Log the job as a run and register it; returns the existing version when this Airflow run
     already registered one."""
+    dataset = DatasetManifest.model_validate(dataset)
     mlflow_client = client(tracking_uri)
     run_key = f"{lineage.get('dag_id', 'manual')}/{lineage.get('run_id', job['job_name'])}"
     existing = _registered_version(mlflow_client, model_name, run_key)
@@ -184,9 +192,7 @@ def record_training(
         source=source,
         run_id=run_id,
         tags={RUN_KEY: run_key, **tags},
-        description=(
-            f"Fine-tuned {tags['base_model']} ({tags['peft_method']}) on {dataset['name']}@{dataset['version'][:12]}"
-        ),
+        description=(f"Fine-tuned {tags['base_model']} ({tags['peft_method']}) on {dataset.label}"),
     )
     # MLflow's HTTP client resends a POST whose reply was lost, which registers the run twice: settle
     # on the first version now, before anything downstream learns a number.
@@ -200,7 +206,7 @@ def _log_training_run(
     tracking_uri: str,
     run_id: str,
     job: dict,
-    dataset: dict,
+    dataset: DatasetManifest,
     hyperparameters: dict,
     lineage: dict,
     tags: dict[str, str],
@@ -240,9 +246,7 @@ def _log_training_run(
                 payload = storage.read_bytes(storage.join(lineage["baseline_uri"], name), storage_options)
                 (baseline_dir / name).write_bytes(payload)
             mlflow_client.log_artifacts(run_id, str(baseline_dir), "baseline")
-    dataset_entity = MetaDataset(
-        source=uri_source(dataset["uri"]), name=dataset["name"], digest=dataset["version"][:36]
-    )
+    dataset_entity = MetaDataset(source=uri_source(dataset.uri), name=dataset.name, digest=dataset.version[:36])
     mlflow_client.log_inputs(
         run_id,
         datasets=[DatasetInput(dataset_entity._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])],

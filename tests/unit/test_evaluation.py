@@ -9,9 +9,11 @@ import random
 import pytest
 
 from llmops import storage
+from llmops.costs import estimate_cost
 from llmops.evaluation import approval_status, build_items, judge_evaluation, merged_rows
 from llmops.judges import CRITERIA, Judgment, LocalJudge
 from llmops.prompts import load_eval_catalog, load_template
+from tests.datagen import dataset_manifest
 
 CATALOG = load_eval_catalog()
 TEMPLATE = load_template(CATALOG.template)
@@ -33,9 +35,14 @@ def records(n: int, start: int = 0) -> list[dict]:
 
 
 def dataset_with(tmp_path, test: list[dict], name: str = "test.jsonl") -> dict:
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in test))
-    return {"files": {"test": {"uri": f"file://{path}"}}}
+    """A dataset manifest whose test split is ``test`` (in the file ``name``)."""
+    files = {}
+    splits = (("train", [], "train.jsonl"), ("validation", [], "validation.jsonl"), ("test", test, name))
+    for split, split_records, file_name in splits:
+        payload = "".join(json.dumps(r) + "\n" for r in split_records).encode()
+        (tmp_path / file_name).write_bytes(payload)
+        files[split] = (f"file://{tmp_path / file_name}", payload)
+    return dataset_manifest(files)
 
 
 def sampled(items: list[dict]) -> list[dict]:
@@ -173,7 +180,19 @@ def evaluation(tmp_path) -> dict:
     folder = storage.to_uri(str(tmp_path / "store" / "evaluation-jobs" / "job-1" / "output"))
     predictions_uri = storage.join(folder, "predictions.jsonl")
     storage.write_jsonl(predictions_uri, PREDICTIONS)
-    return {"job_name": "job-1", "backend": "local", "predictions_uri": predictions_uri}
+    # What run_evaluation returns; this summary has no inputs_sha256, as a SageMaker job's has none.
+    return {
+        "job_name": "job-1",
+        "backend": "local",
+        "predictions_uri": predictions_uri,
+        "summary": {"models": {"base": {}, "candidate": {}}},
+        "log_uri": storage.join(folder, "evaluation.log"),
+        "reused": False,
+        "items_uri": storage.join(folder.rsplit("/", 1)[0], "input", "items.jsonl"),
+        "models": ["base", "candidate"],
+        "versions": {"candidate": "1"},
+        "cost": estimate_cost("local", 1, 12.5, {}),
+    }
 
 
 class CountingJudge:

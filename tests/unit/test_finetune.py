@@ -15,7 +15,16 @@ from llmops.data.records import SPLITS
 from llmops.finetune import LATEST, decide_training, job_name, request_from_params, select_dataset
 from training.config import TrainConfig
 
-VALID = {"validation": {"success": True, "result_uri": "x", "data_docs_uri": "y"}}
+VALID = {
+    "validation": {
+        "success": True,
+        "suite": "curated_dataset",
+        "evaluated_expectations": 12,
+        "failed_expectations": 0,
+        "result_uri": "x",
+        "data_docs_uri": "y",
+    }
+}
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
 
 

@@ -13,6 +13,7 @@ from moto import mock_aws
 
 from llmops import storage
 from llmops.drift import monitor as monitoring
+from tests.datagen import dataset_manifest
 
 BUCKET = "llmops-drift"
 
@@ -50,10 +51,10 @@ def manifest(settings, options) -> dict:
     ]
     uri = storage.join(settings.datasets_uri(), "python-docs-instruct", "abc123")
     files = {}
-    for split, part in (("train", records[:60]), ("validation", records[60:])):
-        files[split] = {"uri": storage.join(uri, f"{split}.jsonl")}
-        storage.write_jsonl(files[split]["uri"], part, options)
-    return {"name": "python-docs-instruct", "version": "abc123", "files": files}
+    for split, part in (("train", records[:60]), ("validation", records[60:]), ("test", [])):
+        files[split] = (storage.join(uri, f"{split}.jsonl"), storage.jsonl_bytes(part))
+        storage.write_bytes(files[split][0], files[split][1], options)
+    return dataset_manifest(files, name="python-docs-instruct", version="abc123")
 
 
 def test_a_baseline_is_built_once_on_s3_and_read_back(aws):

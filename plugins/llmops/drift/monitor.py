@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from llmops import storage
 from llmops.capture import request_prompt
 from llmops.config import ConfigError, Settings
+from llmops.contracts import DatasetManifest
 from llmops.drift import statistics as drift
 from llmops.encoder import make_sentence_encoder
 from llmops.tracking import CHAMPION, RUN_KEY, client, ensure_experiment, find_run, metric_entity, report_url
@@ -62,29 +63,30 @@ def make_embedder(settings: Settings) -> drift.Embed:
 
 
 def ensure_baseline(
-    settings: Settings, dataset: dict, storage_options: dict | None = None, embed: drift.Embed | None = None
+    settings: Settings,
+    dataset: DatasetManifest | dict,
+    storage_options: dict | None = None,
+    embed: drift.Embed | None = None,
 ) -> dict:
     """The baseline profile of a curated dataset version (its manifest), built when missing."""
     import numpy as np
 
-    uri = baseline_uri(settings, dataset["name"], dataset["version"])
+    dataset = DatasetManifest.model_validate(dataset)
+    uri = baseline_uri(settings, dataset.name, dataset.version)
     profile_uri = storage.join(uri, PROFILE)
     if storage.exists(profile_uri, storage_options):
         return {"uri": uri, "created": False, "summary": storage.read_json(profile_uri, storage_options)["summary"]}
-    files = dataset.get("files", {})
-    if "train" not in files:
-        raise MonitoringError(f"dataset {dataset['name']}@{dataset['version'][:12]}: the manifest lists no train split")
-    train = storage.read_jsonl(files["train"]["uri"], storage_options)
-    holdout = storage.read_jsonl(files["validation"]["uri"], storage_options) if "validation" in files else []
+    train = storage.read_jsonl(dataset.files.train.uri, storage_options)
+    holdout = storage.read_jsonl(dataset.files.validation.uri, storage_options)
     profile = drift.build_profile(
         train,
         holdout,
         embed or make_embedder(settings),
-        dataset=dataset["name"],
-        dataset_version=dataset["version"],
+        dataset=dataset.name,
+        dataset_version=dataset.version,
         encoder=settings.models.embedding,
         sample_size=settings.monitoring.baseline_sample,
-        seed=drift.seed_for(dataset["version"]),
+        seed=drift.seed_for(dataset.version),
     )
     buffer = io.BytesIO()
     np.save(buffer, profile.embeddings, allow_pickle=False)

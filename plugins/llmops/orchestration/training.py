@@ -148,8 +148,9 @@ def ec2_training(settings: Settings, request, dataset) -> TrainingPath:
             from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
             from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 
-            if request["backend"] != "ec2-trainium":
-                raise AirflowSkipException(f"backend {request['backend']}")
+            backend = FinetuneRequest.model_validate(request).backend
+            if backend != "ec2-trainium":
+                raise AirflowSkipException(f"backend {backend}")
             run = RunContext.current(settings)
             # Pulled, not passed: this task runs after a failure too, when some never pushed.
             staged = run.ti.xcom_pull(task_ids="stage_ec2_job")
@@ -205,9 +206,10 @@ def collect_training(settings: Settings, request):
         """The training result of whichever backend ran, in one shape for registration."""
         run = RunContext.current(settings)
         ti = run.ti
-        if request["backend"] == "local":
+        backend = FinetuneRequest.model_validate(request).backend
+        if backend == "local":
             return ti.xcom_pull(task_ids="train_adapter")
-        if request["backend"] == "ec2-trainium":
+        if backend == "ec2-trainium":
             return ti.xcom_pull(task_ids="collect_ec2_job")
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 

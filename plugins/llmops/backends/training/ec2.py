@@ -23,6 +23,7 @@ from typing import Any
 from llmops import storage
 from llmops.backends.training.job import TrainingJobError, TrainingJobResult
 from llmops.backends.training.sagemaker import archive_metrics, encode_hyperparameters, source_bundle, upload_bundle
+from llmops.contracts import DatasetManifest, TrainingData
 from llmops.costs import estimate_cost
 from llmops.staging import base_model_uri, ensure_model_staged
 
@@ -145,20 +146,28 @@ def artifact_uri(store_uri: str, job_name: str) -> str:
     return storage.join(store_uri, "training-jobs", job_name, "output", "model.tar.gz")
 
 
-def plan_job(settings, request, dataset: dict, name: str, lineage: dict, image_id: str, code_uri: str) -> dict:
+def plan_job(
+    settings,
+    request,
+    dataset: TrainingData | DatasetManifest | dict,
+    name: str,
+    lineage: dict,
+    image_id: str,
+    code_uri: str,
+) -> dict:
     """What the operators take (no upload): the image, the ``RunInstances`` config, the commands,
     and where the archive and the command's output go."""
 
-    files = dataset["files"]
+    dataset = TrainingData.of(dataset)
     artifact = artifact_uri(settings.store_uri, name)
-    full_lineage = {**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]}
+    full_lineage = {**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset.version}
     commands = training_commands(
         settings.ec2,
         job_name=name,
         code_uri=code_uri,
         channels={
-            "train": files["train"]["uri"],
-            "validation": files["validation"]["uri"],
+            "train": dataset.files.train.uri,
+            "validation": dataset.files.validation.uri,
             "base_model": base_model_uri(settings.store_uri, request.base_model_name),
         },
         hyperparameters={**request.hyperparameters, "precision": "bf16"},  # Trainium computes in bf16
@@ -179,7 +188,7 @@ def plan_job(settings, request, dataset: dict, name: str, lineage: dict, image_i
 def stage_job(
     settings,
     request,
-    dataset: dict,
+    dataset: DatasetManifest | dict,
     name: str,
     lineage: dict,
     image_id: str,
@@ -189,6 +198,7 @@ def stage_job(
     """Upload the source bundle and the base model when missing, then ``plan_job``."""
     from llmops.config import PROJECT_ROOT
 
+    dataset = DatasetManifest.model_validate(dataset)
     code_uri = upload_bundle(settings, source_bundle(PROJECT_ROOT), storage_options, log)
     ensure_model_staged(settings, request.base_model_name, storage_options, log)
     return plan_job(settings, request, dataset, name, lineage, image_id, code_uri)

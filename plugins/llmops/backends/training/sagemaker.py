@@ -31,6 +31,7 @@ from typing import Any
 
 from llmops import storage
 from llmops.backends.training.job import TrainingJobError, TrainingJobResult
+from llmops.contracts import DatasetManifest, TrainingData
 from llmops.costs import estimate_cost
 from llmops.staging import base_model_uri, ensure_model_staged
 from training.archive import model_archive_limits, read_member
@@ -302,7 +303,7 @@ def upload_bundle(settings, bundle: SourceBundle, storage_options: dict | None =
 def stage_job(
     settings,
     request,
-    dataset: dict,
+    dataset: DatasetManifest | dict,
     name: str,
     lineage: dict,
     storage_options: dict | None = None,
@@ -313,6 +314,7 @@ def stage_job(
     ``ConfigError`` that says how to stage it."""
     from llmops.config import PROJECT_ROOT, ConfigError
 
+    dataset = DatasetManifest.model_validate(dataset)
     if not settings.store_uri.startswith("s3://"):
         raise ConfigError(
             f"backend {request.backend} needs an S3 store (LLMOPS_ENV=aws); store_uri is {settings.store_uri}"
@@ -323,10 +325,12 @@ def stage_job(
     return plan_job(settings, request, dataset, name, lineage, code_uri)
 
 
-def plan_job(settings, request, dataset: dict, name: str, lineage: dict, code_uri: str) -> dict:
+def plan_job(
+    settings, request, dataset: TrainingData | DatasetManifest | dict, name: str, lineage: dict, code_uri: str
+) -> dict:
     """The ``CreateTrainingJob`` request of one run (no upload): what ``stage_job`` sends and the
     dry run prints."""
-    files = dataset["files"]
+    dataset = TrainingData.of(dataset)
     return training_job_request(
         settings.sagemaker,
         backend=request.backend,
@@ -335,17 +339,17 @@ def plan_job(settings, request, dataset: dict, name: str, lineage: dict, code_ur
         store_uri=settings.store_uri,
         hyperparameters=request.hyperparameters,
         channels={
-            "train": files["train"]["uri"],
-            "validation": files["validation"]["uri"],
+            "train": dataset.files.train.uri,
+            "validation": dataset.files.validation.uri,
             "base_model": base_model_uri(settings.store_uri, request.base_model_name),
         },
         code_uri=code_uri,
         tags={
             "airflow.dag_id": lineage.get("dag_id", ""),
             "airflow.run_id": lineage.get("run_id", ""),
-            "dataset.version": dataset["version"],
+            "dataset.version": dataset.version,
         },
-        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset["version"]},
+        lineage={**lineage, "base_model_name": request.base_model_name, "dataset_version": dataset.version},
     )
 
 
