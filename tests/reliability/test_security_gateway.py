@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.reliability("security"), pytest.mark.integration]
 MAX_BODY = 64 * 1024
 MAX_NEW_TOKENS = 64
 LEAKED = "jane.doe@example.org"  # what the leaky stand-in puts in every answer
-CLIENTS = ("airflow", "notebook", "spare")
+CLIENTS = ("airflow", "notebook", "spare", "operator")
+# Each test key's role: the DAGs' key administers, an operator moves traffic, callers only invoke.
+ROLES = {"airflow": "admin", "operator": "operate", "first": "admin"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -68,8 +70,9 @@ def ok(response: httpx.Response) -> dict:
 
 
 def write_keys(folder: Path, keys: dict[str, str]) -> Path:
+    """A keys file; a client ``ROLES`` does not name gets the file's default role, invoke."""
     path = folder / "api-keys"
-    path.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+    path.write_text("".join(f"{name} {key} {ROLES.get(name, '')}".rstrip() + "\n" for name, key in keys.items()))
     path.chmod(0o600)
     return path
 
@@ -166,6 +169,81 @@ def gw(tmp_path_factory, fakes):
             ok(control.post("/control/models", json={"ModelName": name, "PrimaryContainer": {"ContainerUrl": fake}}))
         deploy(gateway, "guarded", "echo")
         yield gateway
+
+
+# -- authorization: roles ----------------------------------------------------------------------------
+
+# Every route of the gateway but /ping, with a body that its handler refuses (or a name it does not
+# know) once the role check lets it through: the matrix changes nothing it walks over.
+ROUTES = [
+    ("POST", "/endpoints/guarded/invocations", {"inputs": "who may call me?"}, "invoke"),
+    ("GET", "/control/metrics", None, "operate"),
+    ("GET", "/control/endpoints", None, "operate"),
+    ("GET", "/control/endpoints/guarded", None, "operate"),
+    ("GET", "/control/endpoints/guarded/metrics", None, "operate"),
+    ("GET", "/control/endpoint-configs/guarded-config", None, "operate"),
+    ("POST", "/control/endpoints/no-such-endpoint/weights", {"DesiredWeightsAndCapacities": []}, "operate"),
+    ("GET", "/control/models/echo", None, "admin"),
+    ("POST", "/control/models", {}, "admin"),
+    ("POST", "/control/endpoint-configs", {}, "admin"),
+    ("POST", "/control/endpoints", {}, "admin"),
+    ("PUT", "/control/endpoints/guarded", {}, "admin"),
+    ("DELETE", "/control/endpoints/no-such-endpoint", None, "admin"),
+]
+ROLE_OF_CLIENT = {"notebook": "invoke", "operator": "operate", "airflow": "admin"}
+RANK = ("invoke", "operate", "admin")
+
+
+def test_the_matrix_covers_every_route_the_gateway_has(tmp_path):
+    from fastapi.routing import APIRoute
+
+    from serving.access import CaptureRoots, ModelStore
+    from serving.gateway.app import create_app
+    from serving.gateway.service import Gateway as GatewayService
+
+    service = GatewayService(
+        tmp_path / "state", store=ModelStore([str(tmp_path)]), capture_roots=CaptureRoots([str(tmp_path)])
+    )
+    routes = {(m, r.path) for r in create_app(service).routes if isinstance(r, APIRoute) for m in r.methods}
+    walked = {(method, path.replace("guarded-config", "{name}")) for method, path, _, _ in ROUTES}
+    normalized = {
+        (m, p.replace("/guarded", "/{name}").replace("/no-such-endpoint", "/{name}").replace("/echo", "/{name}"))
+        for m, p in walked
+    }
+    assert normalized == routes - {("GET", "/ping")}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needed"), ROUTES, ids=[f"{m} {p}" for m, p, _, _ in ROUTES])
+@pytest.mark.parametrize("client", list(ROLE_OF_CLIENT))
+def test_every_route_checks_the_role_of_the_key(gw, client, method, path, body, needed):
+    held = ROLE_OF_CLIENT[client]
+    response = httpx.request(method, f"{gw.url}{path}", json=body, headers={"x-api-key": gw.keys[client]}, timeout=30)
+    if RANK.index(held) < RANK.index(needed):
+        assert response.status_code == 403, response.text
+        error = response.json()
+        assert error["__type"] == "AccessDeniedException"
+        assert f"client {client} has the role {held}" in error["message"] and needed in error["message"]
+    else:
+        assert response.status_code not in (401, 403), response.text
+
+
+def test_an_invoke_key_cannot_change_what_serves_or_read_a_models_environment(gw):
+    from llmops.backends.endpoints.base import DeploymentRejected
+    from llmops.backends.endpoints.gateway import LocalGatewayBackend
+
+    notebook = LocalGatewayBackend(gw.url, api_key=gw.keys["notebook"])
+    with pytest.raises(DeploymentRejected, match="has the role invoke; POST /control/models needs admin"):
+        notebook.create_model({"ModelName": "mine", "PrimaryContainer": {"ContainerUrl": "http://127.0.0.1:9"}})
+    with pytest.raises(DeploymentRejected, match="needs operate"):
+        notebook.update_endpoint_weights("guarded", {"main": 0.5})
+    with pytest.raises(DeploymentRejected, match="needs admin"):
+        notebook.describe_model("echo")
+    operator = LocalGatewayBackend(gw.url, api_key=gw.keys["operator"])
+    with pytest.raises(DeploymentRejected, match="has the role operate; DELETE /control/endpoints/{name} needs admin"):
+        operator.delete_endpoint("guarded")
+    assert ok(gw.control.get("/control/endpoints/guarded"))["EndpointStatus"] == "InService"
+    refused = gw.metrics()["Refused"]
+    assert refused["AccessDenied"] >= 4
 
 
 # -- authentication ---------------------------------------------------------------------------------
