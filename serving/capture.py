@@ -40,10 +40,13 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from serving.pii import scrub_text
 
 EVENT_VERSION = "0"
 _MEDIA_JSON = ("application/json",)
@@ -174,11 +177,13 @@ class CaptureWriter:
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+    def submit(self, destination: Path, endpoint: str, variant: str, record: dict, redact: bool = True) -> None:
+        """Queue ``record``; with ``redact`` its payloads are scrubbed of personal data (on the
+        writer's thread: the caller never waits for it) before it is written."""
         if self._closed.is_set():
             raise RuntimeError("the capture writer is closed")
         try:
-            self._queue.put_nowait((destination, endpoint, variant, record))
+            self._queue.put_nowait((destination, endpoint, variant, record, redact))
         except queue.Full:
             self.dropped_queue_full += 1
             self._log_drop(f"{self.budget.max_queued} records are waiting for the disk")
@@ -251,7 +256,10 @@ class CaptureWriter:
         self.failed += 1
         self.last_error = error
 
-    def _write(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+    def _write(self, destination: Path, endpoint: str, variant: str, record: dict, redact: bool = True) -> None:
+        record = (
+            redact_record(record) if redact else {**record, "eventMetadata": {**record["eventMetadata"], "pii": "raw"}}
+        )
         moment = record["eventMetadata"]["inferenceTime"]
         hour = f"{moment[0:4]}/{moment[5:7]}/{moment[8:10]}/{moment[11:13]}"
         key = (destination, endpoint, variant, hour)
@@ -299,6 +307,52 @@ class CaptureWriter:
             self._files.pop(other)[0].close()
 
 
+def _scrub_json(value, counts: Counter) -> object:
+    if isinstance(value, str):
+        scrubbed, found = scrub_text(value)
+        counts.update(found)
+        return scrubbed
+    if isinstance(value, list):
+        return [_scrub_json(item, counts) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub_json(item, counts) for key, item in value.items()}
+    return value
+
+
+def _redacted_side(side: dict, counts: Counter) -> dict:
+    """A capture side with its payload scrubbed; untouched (byte for byte) when nothing was found."""
+    found: Counter = Counter()
+    if side["encoding"] == "BASE64":
+        try:
+            text = base64.b64decode(side["data"]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return side  # binary: no text to scrub
+        scrubbed, found = scrub_text(text)
+        data = base64.b64encode(scrubbed.encode("utf-8")).decode("ascii") if found else side["data"]
+    elif side["encoding"] == "JSON":
+        try:
+            parsed = json.loads(side["data"])
+        except ValueError:
+            scrubbed, found = scrub_text(side["data"])
+            data = scrubbed
+        else:
+            scrubbed_value = _scrub_json(parsed, found)
+            data = json.dumps(scrubbed_value, ensure_ascii=False, separators=(",", ":")) if found else side["data"]
+    else:  # CSV
+        data, found = scrub_text(side["data"])
+    counts.update(found)
+    return {**side, "data": data} if found else side
+
+
+def redact_record(record: dict) -> dict:
+    """The record with personal data scrubbed from its payloads (``serving.pii.scrub_text``: the
+    curation step's scrubber) and ``eventMetadata.pii`` saying what was replaced."""
+    counts: Counter = Counter()
+    data = {name: _redacted_side(side, counts) for name, side in record["captureData"].items()}
+    metadata = {**record["eventMetadata"], "pii": {"redacted": dict(sorted(counts.items()))}}
+    return {**record, "captureData": data, "eventMetadata": metadata}
+
+
 def _folder_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
@@ -325,6 +379,7 @@ class CapturedRecord:
     source_event_id: str | None = None
     client: str | None = None
     guardrails: dict | None = None
+    pii: dict | str | None = None  # {"redacted": {type: count}}, "raw", or None (a record from before)
     path: str = ""
 
     @property
@@ -396,6 +451,7 @@ def parse_record(line: str, endpoint: str, variant: str, where: str = "") -> Cap
             source_event_id=metadata.get("sourceEventId"),
             client=metadata.get("clientName"),
             guardrails=metadata.get("guardrails") if isinstance(metadata.get("guardrails"), dict) else None,
+            pii=metadata.get("pii"),
             path=where,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

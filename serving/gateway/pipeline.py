@@ -381,7 +381,9 @@ class Pipeline:
             csv_types=tuple(types.CsvContentTypes),
             **fields,
         )
-        self.writer.submit(routing.capture_root, fields["endpoint"], fields["variant"], record)
+        self.writer.submit(
+            routing.capture_root, fields["endpoint"], fields["variant"], record, redact=routing.capture_redact
+        )
 
     # -- the shadow variant -----------------------------------------------------------------------
 

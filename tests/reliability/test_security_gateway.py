@@ -77,7 +77,15 @@ def write_keys(folder: Path, keys: dict[str, str]) -> Path:
     return path
 
 
-def deploy(gw: Gateway, endpoint: str, model: str, *, guardrails: str | None = None, sampling: int = 100) -> None:
+def deploy(
+    gw: Gateway,
+    endpoint: str,
+    model: str,
+    *,
+    guardrails: str | None = None,
+    sampling: int = 100,
+    capture_pii: str | None = None,
+) -> None:
     config = {
         "EndpointConfigName": f"{endpoint}-config",
         "ProductionVariants": [{"VariantName": "main", "ModelName": model, "InitialVariantWeight": 1.0}],
@@ -88,8 +96,9 @@ def deploy(gw: Gateway, endpoint: str, model: str, *, guardrails: str | None = N
             "CaptureOptions": [{"CaptureMode": "InputAndOutput"}],
         },
     }
-    if guardrails:
-        config["Tags"] = [{"Key": "llmops:guardrails", "Value": guardrails}]
+    config["Tags"] = [{"Key": "llmops:guardrails", "Value": guardrails}] if guardrails else []
+    if capture_pii:
+        config["Tags"].append({"Key": "llmops:capture-pii", "Value": capture_pii})
     ok(gw.control.post("/control/endpoint-configs", json=config))
     ok(
         gw.control.post(
@@ -641,7 +650,7 @@ def test_flag_mode_serves_every_request_and_records_its_findings_once_in_the_cap
 
 
 def test_block_mode_refuses_a_flagged_request_before_any_model_and_captures_it_once(gw, ledger):
-    deploy(gw, "blocking", "echo", guardrails="block")
+    deploy(gw, "blocking", "echo", guardrails="block", capture_pii="raw")  # the operator reads the refusals
     served = gw.served("blocking")
     responses = _send_all(gw, "blocking")
     passed = {"clean", "ip-address-only"}  # an address alone flags, never blocks
@@ -692,7 +701,7 @@ def test_a_blocked_request_is_captured_even_when_sampling_skips_the_rest(gw, led
 
 
 def test_block_mode_withholds_a_leaking_answer_and_captures_it_once(gw, ledger):
-    deploy(gw, "leak-blocked", "leaky", guardrails="block")
+    deploy(gw, "leak-blocked", "leaky", guardrails="block", capture_pii="raw")
     deploy(gw, "leak-flagged", "leaky", guardrails="flag")
     question = {"inputs": "How do I sort a dict by value?"}
 
@@ -731,6 +740,66 @@ def test_block_mode_withholds_a_leaking_answer_and_captures_it_once(gw, ledger):
     assert metrics["Variants"]["main"]["Invocation4XXErrors"] == 2  # a leaking variant is failing
     assert metrics["Refused"]["OutputBlocked"] == 2
     ledger.account(3, len(blocked["withheld"]) + len(blocked["boto3"]) + len(flagged))
+
+
+def test_capture_scrubs_personal_data_unless_the_config_keeps_raw_text(gw, ledger):
+    secret_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLE" + "KEY"
+    question = {"inputs": f"Mail jane.doe@example.org the key aws_secret_access_key={secret_key} please"}
+    deploy(gw, "scrubbed", "echo")  # the default: redact
+    deploy(gw, "kept-raw", "echo", capture_pii="raw")
+    for endpoint in ("scrubbed", "kept-raw"):
+        ok(gw.invoke(endpoint, question, **{"x-amzn-sagemaker-inference-id": f"{endpoint}-pii"}))
+    scrubbed = captured_through(gw, "scrubbed", "scrubbed-pii")["scrubbed-pii"][0]
+    assert LEAKED not in scrubbed.request + scrubbed.response and secret_key not in scrubbed.request
+    assert "[EMAIL]" in scrubbed.request_json()["inputs"] and "[AWS_SECRET_KEY]" in scrubbed.request
+    assert "[EMAIL]" in scrubbed.response  # the echo repeated it: scrubbed on the way out too
+    assert scrubbed.pii == {"redacted": {"AWS_SECRET_KEY": 2, "EMAIL": 2}}
+    clean = captured_through(gw, "scrubbed", sentinel(gw, "scrubbed"))
+    untouched = next(r for records in clean.values() for r in records if r.inference_id.startswith("sentinel"))
+    assert untouched.pii == {"redacted": {}} and untouched.request_json() == {"inputs": "How do I reverse a list?"}
+    raw = captured_through(gw, "kept-raw", "kept-raw-pii")["kept-raw-pii"][0]
+    assert raw.pii == "raw" and LEAKED in raw.request and secret_key in raw.request
+    ledger.account(2, 2)
+
+
+def test_a_config_with_an_unknown_capture_pii_mode_is_refused(gw):
+    config = {
+        "EndpointConfigName": "bad-pii-mode",
+        "ProductionVariants": [{"VariantName": "main", "ModelName": "echo", "InitialVariantWeight": 1.0}],
+        "Tags": [{"Key": "llmops:capture-pii", "Value": "some"}],
+    }
+    response = gw.control.post("/control/endpoint-configs", json=config)
+    assert response.status_code == 400 and "llmops:capture-pii must be one of redact, raw" in response.text
+
+
+def test_a_capture_destination_outside_the_capture_roots_is_refused(gw, tmp_path_factory):
+    outside = tmp_path_factory.getbasetemp().parent.parent  # above the session's state folder
+    for destination in (str(outside / "elsewhere"), f"file://{gw.capture}/../../../../etc", "/etc"):
+        config = {
+            "EndpointConfigName": "escape",
+            "ProductionVariants": [{"VariantName": "main", "ModelName": "echo", "InitialVariantWeight": 1.0}],
+            "DataCaptureConfig": {
+                "EnableCapture": True,
+                "InitialSamplingPercentage": 100,
+                "DestinationS3Uri": destination,
+                "CaptureOptions": [{"CaptureMode": "Input"}],
+            },
+        }
+        response = gw.control.post("/control/endpoint-configs", json=config)
+        assert response.status_code == 400 and "is outside the capture roots" in response.text, destination
+
+
+def test_a_control_body_over_a_mebibyte_is_refused_before_it_is_read(gw):
+    huge = b'{"ModelName": "' + b"m" * (2 * 1024 * 1024) + b'"}'
+    response = gw.control.post("/control/models", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "a control request may have 1048576" in response.text
+
+
+def test_a_container_url_cannot_aim_the_gateway_at_another_local_service(gw):
+    for url in ("http://127.0.0.1:5000/api/2.0/mlflow/experiments/create", "http://127.0.0.1:5000/?x=/ping"):
+        model = {"ModelName": "ssrf", "PrimaryContainer": {"ContainerUrl": url}}
+        response = gw.control.post("/control/models", json=model)
+        assert response.status_code == 400 and "http[s]://<host>[:<port>] and nothing else" in response.text, url
 
 
 def test_a_config_with_an_unknown_guardrail_mode_is_refused(gw):
