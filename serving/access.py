@@ -122,11 +122,15 @@ def parse_api_keys(lines: Iterable[str], where: str) -> dict[str, ApiKey]:
         parts = line.split()
         if len(parts) not in (2, 3):
             raise AccessConfigError(
-                f"{where}:{number}: expected '<client-name> <key> [<role>]' or '<client-name> sha256:<hex> [<role>]'"
+                f"{where}:{number}: expected '<client-name> <key>' or '<client-name> sha256:<hex>', then"
+                f" optionally a role ({', '.join(ROLES)})"
             )
         name, secret, role = (*parts, DEFAULT_ROLE) if len(parts) == 2 else parts
-        if role not in ROLES:
-            raise AccessConfigError(f"{where}:{number}: role {role!r} is not one of {', '.join(ROLES)}")
+        if role not in ROLES:  # never echoed: a misplaced field may be the key itself
+            raise AccessConfigError(
+                f"{where}:{number}: expected '<client-name> <key>' or '<client-name> sha256:<hex>', then"
+                f" optionally a role; the third field is not one of {', '.join(ROLES)}"
+            )
         if not _CLIENT_NAME.match(name):
             raise AccessConfigError(f"{where}:{number}: client name {name!r} must be 1-64 letters, digits, . _ -")
         if name in keys:
@@ -363,7 +367,8 @@ class ModelStore:
             if value
         ]
         if parts.scheme not in ("http", "https") or not parts.hostname or extra:
-            why = f"has {', '.join(extra)}" if extra else "needs http:// or https:// and a host"
+            why = "needs http:// or https:// and a host" if parts.scheme not in ("http", "https") else ""
+            why = why or (f"has {', '.join(extra)}" if extra else "needs a host")
             raise SourceRefused(
                 f"model {model}: ContainerUrl {url!r} {why}; it is http[s]://<host>[:<port>] and nothing else"
             )

@@ -743,7 +743,7 @@ def test_block_mode_withholds_a_leaking_answer_and_captures_it_once(gw, ledger):
 
 
 def test_capture_scrubs_personal_data_unless_the_config_keeps_raw_text(gw, ledger):
-    secret_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLE" + "KEY"
+    secret_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example
     question = {"inputs": f"Mail jane.doe@example.org the key aws_secret_access_key={secret_key} please"}
     deploy(gw, "scrubbed", "echo")  # the default: redact
     deploy(gw, "kept-raw", "echo", capture_pii="raw")
@@ -772,9 +772,12 @@ def test_a_config_with_an_unknown_capture_pii_mode_is_refused(gw):
     assert response.status_code == 400 and "llmops:capture-pii must be one of redact, raw" in response.text
 
 
-def test_a_capture_destination_outside_the_capture_roots_is_refused(gw, tmp_path_factory):
-    outside = tmp_path_factory.getbasetemp().parent.parent  # above the session's state folder
-    for destination in (str(outside / "elsewhere"), f"file://{gw.capture}/../../../../etc", "/etc"):
+def test_a_capture_destination_outside_the_capture_roots_is_refused(gw):
+    import os
+
+    outside = Path(os.environ["LLMOPS_HOME"]).parent  # the test gateway's capture root is the state folder
+    climb = "/..".join([""] * (len(gw.capture.parts) + 1))
+    for destination in (str(outside / "elsewhere"), f"file://{gw.capture}{climb}/etc", "/etc"):
         config = {
             "EndpointConfigName": "escape",
             "ProductionVariants": [{"VariantName": "main", "ModelName": "echo", "InitialVariantWeight": 1.0}],
@@ -933,7 +936,17 @@ def test_make_up_starts_the_gateway_with_a_key_of_its_own_that_local_clients_pic
         assert httpx.get(f"{url}/control/endpoints").status_code == 401
         assert httpx.get(f"{url}/control/endpoints", headers={"x-api-key": key}).status_code == 200
         described = httpx.get(f"{url}/control/metrics", headers={"x-api-key": key}).json()
-        assert described["Authentication"] == {"Clients": ["default"]}
+        # The admin key is Airflow's; callers get a key of their own that can only invoke.
+        assert described["Authentication"] == {
+            "Clients": ["local", "default"],
+            "Roles": {"local": "invoke", "default": "admin"},
+        }
+        invoke_file = tmp_path / "home" / "secrets" / "gateway_invoke_key"
+        assert stat.S_IMODE(invoke_file.stat().st_mode) == 0o600
+        assert invoke_file.read_text().strip() not in (tmp_path / "home" / "secrets" / "gateway_api_keys").read_text()
+        caller = {"x-api-key": invoke_file.read_text().strip()}
+        assert httpx.get(f"{url}/control/endpoints", headers=caller).status_code == 403
+        assert described["CaptureRoots"] == [str(tmp_path / "home" / "capture")]
         assert described["ModelStore"] == [str(tmp_path / "home" / "store")]
         # What the demo and `python -m devtools.traffic` run first: the key is theirs without a word.
         picked = python(

@@ -274,11 +274,11 @@ def test_a_key_line_names_its_role_and_a_line_without_one_only_invokes(tmp_path)
 def test_a_bad_role_is_named_with_its_line_and_never_the_key():
     key = fresh_key()
     with pytest.raises(
-        AccessConfigError, match="keys:2: role 'superuser' is not one of invoke, operate, admin"
+        AccessConfigError, match="keys:2: .* the third field is not one of invoke, operate, admin"
     ) as caught:
         parse_api_keys([f"a {fresh_key()}", f"b {key} superuser"], "keys")
-    assert key not in str(caught.value)
-    with pytest.raises(AccessConfigError, match="keys:1: expected '<client-name> <key> \\[<role>\\]'"):
+    assert key not in str(caught.value) and "superuser" not in str(caught.value)
+    with pytest.raises(AccessConfigError, match="keys:1: expected .* then optionally a role"):
         parse_api_keys([f"a {key} admin extra"], "keys")
 
 

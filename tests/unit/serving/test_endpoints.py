@@ -325,7 +325,7 @@ def test_a_model_server_inherits_no_credentials_and_none_of_the_gateways_keys():
         "OPENBLAS_CORETYPE": "Haswell",
         "LLMOPS_MODELS_DIR": "/models",
         "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
-        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         "AWS_SESSION_TOKEN": "token",
         "LLMOPS_GATEWAY_API_KEY": "k" * 32,
         "LLMOPS_GATEWAY_API_KEYS_FILE": "/secrets/keys",
