@@ -179,7 +179,7 @@ def rollout(settings) -> int:
     print(f"Endpoint {endpoint} on the local gateway {url}. It takes the API key in {key_reference()}; with curl:")
     body = json.dumps({"inputs": "How do I reverse a list in Python?", "parameters": {"max_new_tokens": 64}})
     print(
-        f'  curl -s {url}/endpoints/{endpoint}/invocations -H "x-api-key: {key_reference(shell=True)}"'
+        f'  curl -s {url}/endpoints/{endpoint}/invocations -H "x-api-key: {key_reference(for_shell=True)}"'
         f" -H 'Content-Type: application/json' -d '{body}'"
     )
     print("With boto3 (any AWS credentials: the gateway checks the API key, not signatures):")
@@ -198,7 +198,7 @@ def rollout(settings) -> int:
     return monitor(settings)
 
 
-def key_reference(shell: bool = False, python: bool = False) -> str:
+def key_reference(for_shell: bool = False, python: bool = False) -> str:
     """Where a caller's API key is, as a reader would fetch it (never the key itself): the ``invoke``
     key ``make up`` made (it calls models, nothing else), or ``LLMOPS_GATEWAY_INVOKE_KEY`` when the
     key is one of the user's own."""
@@ -211,10 +211,10 @@ def key_reference(shell: bool = False, python: bool = False) -> str:
         path = home / "secrets" / GATEWAY_INVOKE_KEY_FILE
         if python:
             return f"open('{path}').read().strip()"
-        return f"$(cat {path})" if shell else str(path)
+        return f"$(cat {path})" if for_shell else str(path)
     if python:
         return f"os.environ['{INVOKE_KEY_ENV}']"
-    return f"${INVOKE_KEY_ENV}" if shell else INVOKE_KEY_ENV
+    return f"${INVOKE_KEY_ENV}" if for_shell else INVOKE_KEY_ENV
 
 
 def monitor(settings, count: int = 60) -> int:
