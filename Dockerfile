@@ -30,10 +30,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # An unprivileged user owns the state folder; named volumes mounted there start with its owner.
 RUN useradd --uid 50000 --create-home llmops \
-    && mkdir -p /opt/llmops/.llmops/mlflow/artifacts \
+    && mkdir -p /opt/llmops/.llmops/mlflow/artifacts /opt/llmops/.llmops/mlflow/auth \
     && chown -R llmops /opt/llmops/.llmops
 
-# SageMaker hosting starts a bring-your-own container as `docker run <image> serve`.
+# SageMaker hosting starts a bring-your-own container as `docker run <image> serve` and reaches it
+# on the container's own interfaces: in this image the model server listens on all of them
+# (outside a container, serving.app binds 127.0.0.1).
+ENV LLMOPS_SERVING_HOST=0.0.0.0
 RUN printf '#!/bin/sh\nexec python -m serving.app "$@"\n' > /opt/venv/bin/serve && chmod +x /opt/venv/bin/serve
 
 WORKDIR /opt/llmops

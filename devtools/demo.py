@@ -24,9 +24,15 @@ import json
 import sys
 
 from devtools import traffic
-from devtools.localstack import GATEWAY_KEY_FILE, apply_environment, gateway_api_key, migrate_db, up
+from devtools.localstack import (
+    GATEWAY_INVOKE_KEY_FILE,
+    INVOKE_KEY_ENV,
+    apply_environment,
+    gateway_invoke_key,
+    migrate_db,
+    up,
+)
 from llmops import storage
-from llmops.backends.endpoints.credentials import GATEWAY_KEY_ENV
 from llmops.config import get_settings
 from llmops.models import bootstrap
 from llmops.rollout.policy import step_label
@@ -173,7 +179,7 @@ def rollout(settings) -> int:
     print(f"Endpoint {endpoint} on the local gateway {url}. It takes the API key in {key_reference()}; with curl:")
     body = json.dumps({"inputs": "How do I reverse a list in Python?", "parameters": {"max_new_tokens": 64}})
     print(
-        f'  curl -s {url}/endpoints/{endpoint}/invocations -H "x-api-key: {key_reference(shell=True)}"'
+        f'  curl -s {url}/endpoints/{endpoint}/invocations -H "x-api-key: {key_reference(for_shell=True)}"'
         f" -H 'Content-Type: application/json' -d '{body}'"
     )
     print("With boto3 (any AWS credentials: the gateway checks the API key, not signatures):")
@@ -192,22 +198,23 @@ def rollout(settings) -> int:
     return monitor(settings)
 
 
-def key_reference(shell: bool = False, python: bool = False) -> str:
-    """Where the gateway's API key is, as a reader would fetch it (never the key itself): the file
-    ``make up`` made, or ``LLMOPS_GATEWAY_API_KEY`` when the key is one of the user's own."""
+def key_reference(for_shell: bool = False, python: bool = False) -> str:
+    """Where a caller's API key is, as a reader would fetch it (never the key itself): the ``invoke``
+    key ``make up`` made (it calls models, nothing else), or ``LLMOPS_GATEWAY_INVOKE_KEY`` when the
+    key is one of the user's own."""
     import os
     from pathlib import Path
 
     home = Path(os.environ["LLMOPS_HOME"])
-    made = gateway_api_key(home)
-    if made is not None and os.environ.get(GATEWAY_KEY_ENV) in (None, "", made):
-        path = home / "secrets" / GATEWAY_KEY_FILE
+    made = gateway_invoke_key(home)
+    if made is not None and os.environ.get(INVOKE_KEY_ENV) in (None, "", made):
+        path = home / "secrets" / GATEWAY_INVOKE_KEY_FILE
         if python:
             return f"open('{path}').read().strip()"
-        return f"$(cat {path})" if shell else str(path)
+        return f"$(cat {path})" if for_shell else str(path)
     if python:
-        return f"os.environ['{GATEWAY_KEY_ENV}']"
-    return f"${GATEWAY_KEY_ENV}" if shell else GATEWAY_KEY_ENV
+        return f"os.environ['{INVOKE_KEY_ENV}']"
+    return f"${INVOKE_KEY_ENV}" if for_shell else INVOKE_KEY_ENV
 
 
 def monitor(settings, count: int = 60) -> int:

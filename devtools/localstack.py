@@ -3,11 +3,18 @@
 One place defines the environment every local entry point shares (the demo, the tests and
 ``make up``), so they cannot drift apart.
 
-The endpoint gateway ``make up`` starts requires an API key: one is made once per state folder
-(``$LLMOPS_HOME/secrets/gateway_api_key``, mode 0600) and handed to the gateway and to the Airflow
-processes as ``LLMOPS_GATEWAY_API_KEY``; ``apply_environment`` puts it into the processes that
-talk to the gateway from here (the demo, ``python -m devtools.traffic``). An Airflow connection
-``llmops_gateway`` (the key as its password) takes precedence where it is defined.
+The endpoint gateway ``make up`` starts requires an API key, and a key carries a role. Two keys
+are made once per state folder (mode 0600 under ``$LLMOPS_HOME/secrets/``):
+
+- ``gateway_api_key``, role ``admin``: the gateway and the Airflow processes get it as
+  ``LLMOPS_GATEWAY_API_KEY`` (the rollout creates models and endpoint configs); an Airflow
+  connection ``llmops_gateway`` (the key as its password) takes precedence where it is defined;
+- ``gateway_invoke_key``, role ``invoke``: the key of the callers (``python -m devtools.traffic``,
+  a notebook, curl), listed in the gateway's keys file (``gateway_api_keys``, as a digest) as the
+  client ``local``; it calls models and nothing else.
+
+``apply_environment`` puts both into the processes that talk to the gateway from here (the demo,
+``python -m devtools.traffic``): ``LLMOPS_GATEWAY_API_KEY`` and ``LLMOPS_GATEWAY_INVOKE_KEY``.
 
     python -m devtools.localstack up       # api-server, scheduler, dag-processor, triggerer, MLflow, gateway
     python -m devtools.localstack down
@@ -16,6 +23,8 @@ talk to the gateway from here (the demo, ``python -m devtools.traffic``). An Air
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shlex
@@ -36,6 +45,20 @@ GATEWAY_PORT = int(os.environ.get("LLMOPS_GATEWAY_PORT", "8090"))
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 COMPONENTS = (*AIRFLOW_COMPONENTS, "mlflow", "gateway")
 GATEWAY_KEY_FILE = "gateway_api_key"
+GATEWAY_INVOKE_KEY_FILE = "gateway_invoke_key"
+GATEWAY_KEYS_FILE = "gateway_api_keys"
+INVOKE_KEY_ENV = "LLMOPS_GATEWAY_INVOKE_KEY"
+
+
+def _private_file(path: Path, text: str) -> None:
+    """Write ``text`` under a private name created 0600 (never readable by others, not even for a
+    moment), then rename it over ``path``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+    partial.replace(path)
 
 
 def _secret(home: Path, name: str) -> str:
@@ -43,14 +66,7 @@ def _secret(home: Path, name: str) -> str:
     JWT secret, or tasks cannot talk to the API server."""
     path = home / "secrets" / name
     if not path.is_file() or len(path.read_text().strip()) < 64:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Written under a private name created 0600 (never readable by others, not even for a
-        # moment), then renamed over the old one.
-        partial = path.with_name(f".{name}.{os.getpid()}")
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            out.write(secrets.token_urlsafe(64))
-        partial.replace(path)
+        _private_file(path, secrets.token_urlsafe(64))
     return path.read_text().strip()
 
 
@@ -61,6 +77,60 @@ def gateway_api_key(home: str | os.PathLike[str], create: bool = False) -> str |
         return _secret(home, GATEWAY_KEY_FILE)
     path = home / "secrets" / GATEWAY_KEY_FILE
     return path.read_text().strip() if path.is_file() else None
+
+
+AIRFLOW_USERS = {"admin": "admin", "operator": "op", "viewer": "viewer"}  # user -> Airflow's simple role
+AIRFLOW_PASSWORDS_FILE = "airflow_passwords.json"
+
+
+def write_airflow_passwords(path: Path, passwords: dict[str, str]) -> None:
+    """The simple auth manager's passwords file (``AIRFLOW_USERS``' users), private to its owner."""
+    missing = sorted(set(AIRFLOW_USERS) - set(passwords))
+    weak = sorted(user for user, password in passwords.items() if len(password) < 12)
+    if missing or weak:
+        raise ConfigError(f"Airflow passwords: missing for {missing}, shorter than 12 characters for {weak}")
+    _private_file(path, json.dumps({user: passwords[user] for user in AIRFLOW_USERS}) + "\n")
+
+
+def airflow_passwords(home: Path) -> Path:
+    """The passwords of the stack's Airflow users (admin, operator, viewer), made once per state
+    folder: ``make up`` has no all-admins mode, every visitor logs in."""
+    path = home / "secrets" / AIRFLOW_PASSWORDS_FILE
+    if not path.is_file():
+        write_airflow_passwords(path, {user: secrets.token_urlsafe(18) for user in AIRFLOW_USERS})
+    return path
+
+
+def gateway_invoke_key(home: str | os.PathLike[str], create: bool = False) -> str | None:
+    """The ``invoke`` key of the gateway ``make up`` runs (made when ``create``): callers' key."""
+    home = Path(home)
+    if create:
+        return _secret(home, GATEWAY_INVOKE_KEY_FILE)
+    path = home / "secrets" / GATEWAY_INVOKE_KEY_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def gateway_keys_file(home: Path) -> Path:
+    """The gateway's keys file: the callers' ``invoke`` key, as its digest (the admin key comes as
+    ``LLMOPS_GATEWAY_API_KEY``, the client ``default``)."""
+    digest = hashlib.sha256(gateway_invoke_key(home, create=True).encode()).hexdigest()
+    path = home / "secrets" / GATEWAY_KEYS_FILE
+    _private_file(
+        path,
+        f"# made by make up: the key in {GATEWAY_INVOKE_KEY_FILE} calls models and nothing else\n"
+        f"local sha256:{digest} invoke\n",
+    )
+    return path
+
+
+def capture_roots(home: Path) -> list[str]:
+    """Where the gateway may write captured traffic: the settings' capture destination."""
+    try:
+        destination = load_settings().serving.capture_uri
+    except ConfigError as exc:
+        print(f"gateway: capture root {home / 'capture'} (the settings did not load: {exc})", file=sys.stderr)
+        return [str(home / "capture")]
+    return [destination] if not destination.startswith("s3://") else [str(home / "capture")]
 
 
 def model_store(home: Path) -> list[str]:
@@ -91,7 +161,10 @@ def environment(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
         # 32 worker processes by default cost about 5 GB here; a laptop needs a few.
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        # Users with roles, passwords in a private file (airflow_passwords): no all-admins mode.
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in AIRFLOW_USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(airflow_passwords(home)),
+        "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home, "jwt_secret"),
         "AIRFLOW__API__SECRET_KEY": _secret(home, "api_secret_key"),
         "AIRFLOW__API__PORT": str(AIRFLOW_PORT),
@@ -122,6 +195,10 @@ def apply_environment(home: str | os.PathLike[str] | None = None) -> dict[str, s
         key = gateway_api_key(env["LLMOPS_HOME"])
         if key:
             os.environ[GATEWAY_KEY_ENV] = key
+    if not os.environ.get(INVOKE_KEY_ENV):
+        key = gateway_invoke_key(env["LLMOPS_HOME"])
+        if key:
+            os.environ[INVOKE_KEY_ENV] = key
     for path in reversed(env["PYTHONPATH"].split(os.pathsep)):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -158,7 +235,7 @@ def _wait_http(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=5) as response:  # nosec B310 - our own http://127.0.0.1 URLs
                 if response.status < 500:
                     return True
         except OSError:
@@ -200,6 +277,9 @@ def up(timeout: float = 180, components: tuple[str, ...] = COMPONENTS) -> int:
         "--state-dir",
         str(home / "gateway"),
         *(arg for root in model_store(home) for arg in ("--model-store", root)),
+        *(arg for root in capture_roots(home) for arg in ("--capture-root", root)),
+        "--api-keys-file",
+        str(gateway_keys_file(home)),
         "--require-auth",
     ]
     # The user's own key wins; else the state folder's. Tasks find it here unless the Airflow
@@ -215,6 +295,7 @@ def up(timeout: float = 180, components: tuple[str, ...] = COMPONENTS) -> int:
             print(f"{name}: already running (pid {pid_file.read_text().strip()})")
             continue
         child_env = {**os.environ, **env}
+        child_env.pop(INVOKE_KEY_ENV, None)  # the callers' key: no service of the stack needs it
         if name not in keyed:
             child_env.pop(GATEWAY_KEY_ENV, None)
         with open(logs / f"{name}.log", "ab") as log:

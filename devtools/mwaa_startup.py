@@ -21,7 +21,7 @@ _SET_BY_STARTUP = frozenset({"LLMOPS_ENV", "LLMOPS_PROJECT_ROOT", "LLMOPS_HOME",
 _MWAA_PROTECTED = frozenset({"AWS_DEFAULT_REGION", "AWS_REGION", "PYTHONPATH", "AIRFLOW_HOME", "AIRFLOW_VERSION"})
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL", re.IGNORECASE)
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-)?")
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}  # nosec B104 - hosts a URL may not name; nothing binds
 
 # The foundation stack's outputs (include/infra/foundation.yaml) -> startup variables.
 STACK_OUTPUTS = {
@@ -90,8 +90,8 @@ def render_startup(values: dict[str, str], git_sha: str) -> str:
     fixed = {
         "LLMOPS_ENV": "aws",
         "LLMOPS_PROJECT_ROOT": MWAA_PLUGINS_DIR,
-        "LLMOPS_HOME": "/tmp/llmops",
-        "LLMOPS_MODELS_DIR": "/tmp/llmops/models",
+        "LLMOPS_HOME": "/tmp/llmops",  # nosec B108 - the one folder MWAA workers may write
+        "LLMOPS_MODELS_DIR": "/tmp/llmops/models",  # nosec B108 - the one folder MWAA workers may write
         "LLMOPS_GIT_SHA": git_sha,
     }
     lines = [

@@ -7,7 +7,8 @@ monitoring without production users (the demo) and for its tests.
 
 Each is deterministic for a seed, so a test or a demo run sends the same requests every time.
 ``send`` puts prompts through the serving endpoint with boto3's ``invoke_endpoint``, as a client
-would (with the gateway's API key, see ``llmops.deployment.LocalGatewayBackend``), so the gateway
+would (with the callers' ``invoke`` key where ``make up`` made one, else the gateway's API key; see
+``llmops.backends.endpoints.gateway.LocalGatewayBackend``), so the gateway
 captures them; from a shell:
 
     python -m devtools.traffic off-domain --count 60      # or: in-domain, longer, de, es, ru
@@ -17,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from devtools.localstack import apply_environment
+from devtools.localstack import INVOKE_KEY_ENV, apply_environment
 from llmops import storage
 from llmops.backends.endpoints import backend_for
+from llmops.backends.endpoints.gateway import LocalGatewayBackend
 from llmops.config import get_settings
 from llmops.data import versioning
 from llmops.data.corpus import build_python_docs_corpus
@@ -173,13 +176,25 @@ def prompts_of(settings, kind: str, count: int, seed: int = 0) -> list[str]:
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
+def caller_runtime(settings):
+    """The runtime client a caller uses: on the local gateway with the ``invoke`` key ``make up``
+    made (``LLMOPS_GATEWAY_INVOKE_KEY``), which may call models and nothing else; otherwise the
+    serving backend's own (the gateway's key, or AWS credentials on SageMaker)."""
+    invoke_key = os.environ.get(INVOKE_KEY_ENV)
+    if settings.serving.backend == "local" and invoke_key:
+        return LocalGatewayBackend(
+            settings.serving.gateway_url, region=settings.aws.region, api_key=invoke_key
+        ).runtime()
+    return backend_for(settings).runtime()
+
+
 def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callable[[str], None] = print) -> dict:
     """Each prompt through the endpoint (a chat with the assistant's system prompt), one at a
     time; returns when it started and ended and how many calls succeeded or failed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     system, _ = load_template(settings.data.template).render_instruction("-")  # the assistant's system prompt
-    runtime = backend_for(settings).runtime()
+    runtime = caller_runtime(settings)
     started = datetime.now(UTC)
     ok = failed = 0
     for index, prompt in enumerate(prompts, start=1):
@@ -204,8 +219,8 @@ def send(settings, prompts: Sequence[str], max_new_tokens: int = 16, log: Callab
                 raise GatewayRefusedKey(
                     f"{settings.serving.gateway_url} refused the API key ({exc.response['Error'].get('Message')});"
                     f" set the password of the Airflow connection {settings.serving.gateway_conn_id} or"
-                    " LLMOPS_GATEWAY_API_KEY to a key it accepts (`make up` keeps its own in"
-                    " $LLMOPS_HOME/secrets/gateway_api_key)"
+                    " LLMOPS_GATEWAY_API_KEY (or LLMOPS_GATEWAY_INVOKE_KEY) to a key it accepts (`make up` keeps"
+                    " its own in $LLMOPS_HOME/secrets/)"
                 ) from None
             failed += 1
             log(f"  call {index} failed: {exc}")

@@ -1,23 +1,36 @@
 """Who may call the endpoint gateway, how often, and where its models may come from.
 
-**API keys.** A keys file holds one client a line, ``<client-name> <key>``, or
-``<client-name> sha256:<hex digest of the key>`` so that the file need not hold the key itself;
-``#`` starts a comment::
+**API keys.** A keys file holds one client a line, ``<client-name> <key> [<role>]``, or
+``<client-name> sha256:<hex digest of the key> [<role>]`` so that the file need not hold the key
+itself; ``#`` starts a comment::
 
-    airflow   sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    airflow   sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  admin
     notebook  Zq3...a long random key...
 
-(``LLMOPS_GATEWAY_API_KEY`` alone defines one key, for the client ``default``.) Keys are kept as
-SHA-256 digests and compared with ``hmac.compare_digest``; a key is at least 16 characters.
+Keys are kept as SHA-256 digests and compared with ``hmac.compare_digest``; a key is at least 16
+characters. ``LLMOPS_GATEWAY_API_KEY`` alone defines one key, for the client ``default``, with the
+role ``LLMOPS_GATEWAY_API_KEY_ROLE`` (default ``admin``: it is the operator's one key).
+
+**Roles.** A key carries a role, and every route needs one (``ROLES``, least first): ``invoke``
+(invocations), ``operate`` (reading endpoints and their metrics, changing traffic weights) and
+``admin`` (models, endpoint configs and with them guardrail settings, endpoints). A role holds
+the ones before it. A line without a role is ``invoke``: a key does no more than call models
+unless its line says so.
 
 **Rate limits.** A token bucket per client (its key's name, or its address when the gateway runs
 without keys): ``rate`` requests a second, up to ``burst`` at once.
 
+**Capture roots.** A data-capture destination (``DestinationS3Uri``, a folder or ``file://`` URI
+on the local gateway) must lie inside one of the capture roots, judged after ``..`` and symbolic
+links are resolved: callers choose prompts, and the gateway writes them only where it was told.
+
 **Model store.** A model's ``ModelDataUrl`` must lie under one of the allowed roots (folders, or
 ``s3://bucket/prefix``), judged after ``..`` and symbolic links are resolved, and a model folder
-may not hold a link that leads out; a ``ContainerUrl`` must name a loopback host unless remote
-containers are allowed. The model's ``Environment`` may not set what decides which code a model
-server runs (``LD_PRELOAD``, ``PYTHONPATH``...).
+may not hold a link that leads out; a ``ContainerUrl`` is a scheme, a host and a port only, and
+the host must be loopback unless remote containers are allowed. The model's ``Environment`` may
+not set what decides which code a model server runs (``LD_PRELOAD``, ``PYTHONPATH``...): like
+SageMaker's, it is otherwise the model's own (the model server inherits only an allowlisted part
+of the gateway's environment, ``serving.gateway.servers``).
 """
 
 from __future__ import annotations
@@ -42,6 +55,15 @@ _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
+ROLES = ("invoke", "operate", "admin")
+DEFAULT_ROLE = "invoke"
+
+
+def role_allows(held: str, needed: str) -> bool:
+    """Whether a key of role ``held`` may call a route that needs ``needed``."""
+    return ROLES.index(held) >= ROLES.index(needed)
+
+
 class AccessConfigError(ValueError):
     """The gateway's access settings (keys file, store roots) are unusable; the message says where."""
 
@@ -50,12 +72,19 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-class ApiKeys:
-    """Client names by key digest. ``identify`` compares against every digest, so the time it takes
-    does not depend on which key (if any) matched."""
+@dataclass(frozen=True)
+class ApiKey:
+    digest: bytes
+    role: str = DEFAULT_ROLE
 
-    def __init__(self, digests: Mapping[str, bytes]):
+
+class ApiKeys:
+    """Client names by key digest, and each client's role. ``identify`` compares against every
+    digest, so the time it takes does not depend on which key (if any) matched."""
+
+    def __init__(self, digests: Mapping[str, bytes], roles: Mapping[str, str] | None = None):
         self._entries = tuple(digests.items())
+        self._roles = {name: (roles or {}).get(name, DEFAULT_ROLE) for name in digests}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,21 +104,36 @@ class ApiKeys:
                 found = name
         return found
 
+    def role(self, client: str) -> str:
+        return self._roles[client]
 
-def parse_api_keys(lines: Iterable[str], where: str) -> dict[str, bytes]:
-    digests: dict[str, bytes] = {}
+    @property
+    def roles(self) -> dict[str, str]:
+        return dict(self._roles)
+
+
+def parse_api_keys(lines: Iterable[str], where: str) -> dict[str, ApiKey]:
+    keys: dict[str, ApiKey] = {}
     for number, raw in enumerate(lines, start=1):
         # A comment starts a line or follows a space: a key may hold "#" itself.
         line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2:
-            raise AccessConfigError(f"{where}:{number}: expected '<client-name> <key>' or '<client-name> sha256:<hex>'")
-        name, secret = parts
+        if len(parts) not in (2, 3):
+            raise AccessConfigError(
+                f"{where}:{number}: expected '<client-name> <key>' or '<client-name> sha256:<hex>', then"
+                f" optionally a role ({', '.join(ROLES)})"
+            )
+        name, secret, role = (*parts, DEFAULT_ROLE) if len(parts) == 2 else parts
+        if role not in ROLES:  # never echoed: a misplaced field may be the key itself
+            raise AccessConfigError(
+                f"{where}:{number}: expected '<client-name> <key>' or '<client-name> sha256:<hex>', then"
+                f" optionally a role; the third field is not one of {', '.join(ROLES)}"
+            )
         if not _CLIENT_NAME.match(name):
             raise AccessConfigError(f"{where}:{number}: client name {name!r} must be 1-64 letters, digits, . _ -")
-        if name in digests:
+        if name in keys:
             raise AccessConfigError(f"{where}:{number}: client {name} appears twice")
         match = _DIGEST.match(secret)
         if match:
@@ -101,16 +145,16 @@ def parse_api_keys(lines: Iterable[str], where: str) -> dict[str, bytes]:
             )
         else:
             digest = key_digest(secret)
-        if digest in digests.values():
+        if any(digest == known.digest for known in keys.values()):
             raise AccessConfigError(f"{where}:{number}: client {name} has the same key as another client")
-        digests[name] = digest
-    return digests
+        keys[name] = ApiKey(digest, role)
+    return keys
 
 
 def load_api_keys(keys_file: str | None, environ: Mapping[str, str] = os.environ) -> ApiKeys:
     """The keys of ``keys_file`` (else ``LLMOPS_GATEWAY_API_KEYS_FILE``), plus
-    ``LLMOPS_GATEWAY_API_KEY`` as the client ``default``."""
-    digests: dict[str, bytes] = {}
+    ``LLMOPS_GATEWAY_API_KEY`` as the client ``default`` (role ``LLMOPS_GATEWAY_API_KEY_ROLE``)."""
+    keys: dict[str, ApiKey] = {}
     keys_file = keys_file or environ.get("LLMOPS_GATEWAY_API_KEYS_FILE") or None
     if keys_file:
         path = Path(keys_file)
@@ -121,16 +165,19 @@ def load_api_keys(keys_file: str | None, environ: Mapping[str, str] = os.environ
             raise AccessConfigError(f"API keys file {path}: {exc.strerror or exc}") from None
         if mode & 0o077:
             log.warning("API keys file %s can be read by other users (mode %o): chmod 600 it", path, mode & 0o777)
-        digests.update(parse_api_keys(text.splitlines(), str(path)))
+        keys.update(parse_api_keys(text.splitlines(), str(path)))
     single = environ.get("LLMOPS_GATEWAY_API_KEY", "").strip()
     if single:
-        more = parse_api_keys([f"default {single}"], "LLMOPS_GATEWAY_API_KEY")
-        if "default" in digests:
+        role = environ.get("LLMOPS_GATEWAY_API_KEY_ROLE", "").strip() or "admin"
+        if role not in ROLES:
+            raise AccessConfigError(f"LLMOPS_GATEWAY_API_KEY_ROLE: {role!r} is not one of {', '.join(ROLES)}")
+        more = parse_api_keys([f"default {single} {role}"], "LLMOPS_GATEWAY_API_KEY")
+        if "default" in keys:
             raise AccessConfigError("LLMOPS_GATEWAY_API_KEY and the keys file both define the client 'default'")
-        if more["default"] in digests.values():
+        if any(more["default"].digest == known.digest for known in keys.values()):
             raise AccessConfigError("LLMOPS_GATEWAY_API_KEY is also a key of the keys file")
-        digests.update(more)
-    return ApiKeys(digests)
+        keys.update(more)
+    return ApiKeys({name: key.digest for name, key in keys.items()}, {name: key.role for name, key in keys.items()})
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -300,9 +347,34 @@ class ModelStore:
         raise self._refuse(model, url, f"has the scheme {url.split('://', 1)[0]}:// (allowed: file://, s3://)")
 
     def check_container_url(self, model: str, url: str) -> None:
+        """A ``ContainerUrl`` is a scheme, a host and a port, nothing else: the gateway appends
+        ``/ping`` and ``/invocations`` to it, and a path or query of the caller's choosing would
+        point those calls at another service on the host. The host must be loopback unless
+        remote containers are allowed."""
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise SourceRefused(f"model {model}: ContainerUrl {url!r} is not a URL") from None
+        extra = [
+            name
+            for name, value in (
+                ("a path", parts.path not in ("", "/")),
+                ("a query", bool(parts.query)),
+                ("a fragment", bool(parts.fragment)),
+                ("credentials", parts.username is not None or parts.password is not None),
+            )
+            if value
+        ]
+        if parts.scheme not in ("http", "https") or not parts.hostname or extra:
+            why = "needs http:// or https:// and a host" if parts.scheme not in ("http", "https") else ""
+            why = why or (f"has {', '.join(extra)}" if extra else "needs a host")
+            raise SourceRefused(
+                f"model {model}: ContainerUrl {url!r} {why}; it is http[s]://<host>[:<port>] and nothing else"
+            )
         if self.allow_remote_containers:
             return
-        host = (urlsplit(url).hostname or "").lower()
+        host = parts.hostname.lower()
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -321,3 +393,41 @@ class ModelStore:
                 f"model {model}: the Environment may not set {', '.join(refused)} (they decide what code and model"
                 " files the model server loads, and under which limits: the gateway's settings)"
             )
+
+
+class CaptureRoots:
+    """The folders data capture may write under (``--capture-root``)."""
+
+    def __init__(self, roots: Sequence[str]):
+        if not roots:
+            raise AccessConfigError("no capture root: give --capture-root (or LLMOPS_GATEWAY_CAPTURE_ROOT)")
+        self.paths: list[Path] = []
+        for root in roots:
+            if "://" in root and not root.startswith("file://"):
+                raise AccessConfigError(f"capture root {root!r}: the local gateway captures to a folder or file:// URI")
+            self.paths.append(_local(root).resolve())
+
+    @property
+    def roots(self) -> list[str]:
+        return [str(p) for p in self.paths]
+
+    def check(self, config: str, destination: str) -> Path:
+        """The resolved folder of ``destination``; ``SourceRefused`` when it is not a local folder
+        inside a capture root (``..`` and links resolved first, so neither leads out)."""
+        if destination.startswith("s3://") or ("://" in destination and not destination.startswith("file://")):
+            raise SourceRefused(
+                f"endpoint config {config}: the local gateway captures to a folder or a file:// URI,"
+                f" not {destination!r}"
+            )
+        folder = _local(destination)
+        if not folder.is_absolute():
+            raise SourceRefused(
+                f"endpoint config {config}: capture destination {destination!r} is not an absolute path"
+            )
+        resolved = folder.resolve()
+        if not any(resolved == root or root in resolved.parents for root in self.paths):
+            raise SourceRefused(
+                f"endpoint config {config}: capture destination {destination} (resolved: {resolved}) is outside the"
+                f" capture roots ({', '.join(self.roots)}); start the gateway with --capture-root to allow another"
+            )
+        return resolved

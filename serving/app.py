@@ -76,6 +76,21 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, read only while it is at most ``limit`` bytes: a larger one (by its
+    Content-Length, or as it arrives) is a ``ValueError`` before it is held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ValueError(f"the request body is {int(declared)} bytes; at most {limit} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"the request body is over {limit} bytes; at most {limit} are accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def decode(body: bytes) -> InvocationRequest:
     """The request body as a typed request; ``ValueError`` says what is wrong with it."""
     if len(body) > MAX_BODY_BYTES:
@@ -145,7 +160,7 @@ def create_app(loader=None, max_batch_size: int | None = None, max_wait_ms: floa
     @app.post("/invocations")
     async def invocations(request: Request):
         try:
-            invocation = decode(await request.body())
+            invocation = decode(await read_capped(request, MAX_BODY_BYTES))
         except ValueError as exc:
             status = 413 if "bytes; at most" in str(exc) else 400
             return JSONResponse({"error": str(exc)}, status_code=status)
@@ -205,7 +220,9 @@ def main() -> None:
         uvicorn.Server(uvicorn.Config(create_app(), log_level="info")).run(sockets=[sock])
         return
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("PORT") or 8080)
-    uvicorn.run(create_app(), host=os.environ.get("LLMOPS_SERVING_HOST", "0.0.0.0"), port=port, log_level="info")
+    # Loopback unless told otherwise: the serving image sets LLMOPS_SERVING_HOST=0.0.0.0 itself, as
+    # SageMaker's contract (a container reached on its own interfaces) needs.
+    uvicorn.run(create_app(), host=os.environ.get("LLMOPS_SERVING_HOST", "127.0.0.1"), port=port, log_level="info")
 
 
 if __name__ == "__main__":

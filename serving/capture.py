@@ -36,13 +36,17 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from serving.pii import scrub_text
 
 EVENT_VERSION = "0"
 _MEDIA_JSON = ("application/json",)
@@ -126,15 +130,43 @@ def capture_record(
     return {"captureData": data, "eventMetadata": metadata, "eventVersion": EVENT_VERSION}
 
 
+@dataclass(frozen=True)
+class CaptureBudget:
+    """How much data capture may take: at most ``max_bytes`` under each destination, never the
+    disk's last ``min_free_bytes``, and at most ``max_queued`` records waiting for the writer. A
+    record over any of them is dropped and counted (``CaptureWriter.dropped``), never waited for."""
+
+    max_bytes: int = 10 * 1024**3
+    min_free_bytes: int = 1024**3
+    max_queued: int = 100_000
+
+    def __post_init__(self):
+        if self.max_bytes <= 0 or self.min_free_bytes < 0 or self.max_queued <= 0:
+            raise ValueError(f"capture budget: sizes must be positive, got {self}")
+
+
 class CaptureWriter:
     """Appends records to hourly JSONL files from a background thread.
 
     ``submit`` only enqueues (the caller never waits for a disk); ``close`` writes what is queued
-    and closes the files. Files roll over every hour and at ``max_file_bytes``.
+    and closes the files. Files roll over every hour and at ``max_file_bytes``. The queue is
+    bounded and every destination has a budget (``CaptureBudget``): what does not fit is dropped
+    and counted by reason, and the writer logs an error, at most once a minute, while it drops.
     """
 
-    def __init__(self, max_file_bytes: int = 64 * 1024 * 1024, flush_interval: float = 0.2):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(
+        self,
+        max_file_bytes: int = 64 * 1024 * 1024,
+        flush_interval: float = 0.2,
+        budget: CaptureBudget | None = None,
+    ):
+        self.budget = budget or CaptureBudget()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.budget.max_queued)
+        self._used: dict[Path, int] = {}  # bytes under each destination, counted once, then kept up
+        self._free_checked: dict[Path, tuple[float, int]] = {}  # destination -> (when, free bytes)
+        self._logged_drop = 0.0
+        self.dropped_queue_full = 0  # counted by the submitting thread
+        self.dropped_over_budget = 0  # counted by the writer thread
         self._files: dict[tuple[Path, str, str, str], tuple[object, int]] = {}
         self._max_file_bytes = max_file_bytes
         self._flush_interval = flush_interval
@@ -145,10 +177,27 @@ class CaptureWriter:
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+    def submit(self, destination: Path, endpoint: str, variant: str, record: dict, redact: bool = True) -> None:
+        """Queue ``record``; with ``redact`` its payloads are scrubbed of personal data (on the
+        writer's thread: the caller never waits for it) before it is written."""
         if self._closed.is_set():
             raise RuntimeError("the capture writer is closed")
-        self._queue.put((destination, endpoint, variant, record))
+        try:
+            self._queue.put_nowait((destination, endpoint, variant, record, redact))
+        except queue.Full:
+            self.dropped_queue_full += 1
+            self._log_drop(f"{self.budget.max_queued} records are waiting for the disk")
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {"QueueFull": self.dropped_queue_full, "OverBudget": self.dropped_over_budget}
+
+    def _log_drop(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self._logged_drop >= 60:
+            self._logged_drop = now
+            log = logging.getLogger("llmops.capture")
+            log.error("capture is dropping records: %s (dropped: %s)", why, self.dropped)
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -158,7 +207,8 @@ class CaptureWriter:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):  # the writer is stuck: the join below says so
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._failed(f"{self.pending()} records were still queued after {timeout:.0f}s")
@@ -206,11 +256,19 @@ class CaptureWriter:
         self.failed += 1
         self.last_error = error
 
-    def _write(self, destination: Path, endpoint: str, variant: str, record: dict) -> None:
+    def _write(self, destination: Path, endpoint: str, variant: str, record: dict, redact: bool = True) -> None:
+        record = (
+            redact_record(record) if redact else {**record, "eventMetadata": {**record["eventMetadata"], "pii": "raw"}}
+        )
         moment = record["eventMetadata"]["inferenceTime"]
         hour = f"{moment[0:4]}/{moment[5:7]}/{moment[8:10]}/{moment[11:13]}"
         key = (destination, endpoint, variant, hour)
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        over = self._over_budget(destination, len(line))
+        if over:
+            self.dropped_over_budget += 1
+            self._log_drop(over)
+            return
         try:
             handle, size = self._files.get(key, (None, 0))
             if handle is None or size + len(line) > self._max_file_bytes:
@@ -224,13 +282,84 @@ class CaptureWriter:
                 handle, size = open(folder / name, "ab"), 0  # noqa: SIM115 - kept open across batches
             handle.write(line)
             self._files[key] = (handle, size + len(line))
+            self._used[destination] += len(line)
             self.written += 1
         except OSError as exc:  # a full or read-only disk must not take the gateway down; it is counted
             self._failed(f"{type(exc).__name__}: {exc}")
 
+    def _over_budget(self, destination: Path, size: int) -> str | None:
+        """Why a record of ``size`` bytes does not fit at ``destination``, or None."""
+        if destination not in self._used:
+            self._used[destination] = _folder_bytes(destination)
+        if self._used[destination] + size > self.budget.max_bytes:
+            return f"{destination} holds {self._used[destination]} bytes; the budget is {self.budget.max_bytes}"
+        checked, free = self._free_checked.get(destination, (-1.0, 0))
+        if time.monotonic() - checked > 1:  # a statfs a second is cheap; one a record is not
+            probe = next((p for p in (destination, *destination.parents) if p.exists()), destination)
+            free = shutil.disk_usage(probe).free
+            self._free_checked[destination] = (time.monotonic(), free)
+        if free - size < self.budget.min_free_bytes:
+            return f"the disk of {destination} has {free} bytes free; capture leaves {self.budget.min_free_bytes}"
+        return None
+
     def _close_other_hours(self, key: tuple) -> None:
         for other in [k for k in self._files if k[:3] == key[:3] and k[3] != key[3]]:
             self._files.pop(other)[0].close()
+
+
+def _scrub_json(value, counts: Counter) -> object:
+    if isinstance(value, str):
+        scrubbed, found = scrub_text(value)
+        counts.update(found)
+        return scrubbed
+    if isinstance(value, list):
+        return [_scrub_json(item, counts) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub_json(item, counts) for key, item in value.items()}
+    return value
+
+
+def _redacted_side(side: dict, counts: Counter) -> dict:
+    """A capture side with its payload scrubbed; untouched (byte for byte) when nothing was found."""
+    found: Counter = Counter()
+    if side["encoding"] == "BASE64":
+        try:
+            text = base64.b64decode(side["data"]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return side  # binary: no text to scrub
+        scrubbed, found = scrub_text(text)
+        data = base64.b64encode(scrubbed.encode("utf-8")).decode("ascii") if found else side["data"]
+    elif side["encoding"] == "JSON":
+        try:
+            parsed = json.loads(side["data"])
+        except ValueError:
+            scrubbed, found = scrub_text(side["data"])
+            data = scrubbed
+        else:
+            scrubbed_value = _scrub_json(parsed, found)
+            data = json.dumps(scrubbed_value, ensure_ascii=False, separators=(",", ":")) if found else side["data"]
+    else:  # CSV
+        data, found = scrub_text(side["data"])
+    counts.update(found)
+    return {**side, "data": data} if found else side
+
+
+def redact_record(record: dict) -> dict:
+    """The record with personal data scrubbed from its payloads (``serving.pii.scrub_text``: the
+    curation step's scrubber) and ``eventMetadata.pii`` saying what was replaced."""
+    counts: Counter = Counter()
+    data = {name: _redacted_side(side, counts) for name, side in record["captureData"].items()}
+    metadata = {**record["eventMetadata"], "pii": {"redacted": dict(sorted(counts.items()))}}
+    return {**record, "captureData": data, "eventMetadata": metadata}
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 @dataclass(frozen=True)
@@ -250,6 +379,7 @@ class CapturedRecord:
     source_event_id: str | None = None
     client: str | None = None
     guardrails: dict | None = None
+    pii: dict | str | None = None  # {"redacted": {type: count}}, "raw", or None (a record from before)
     path: str = ""
 
     @property
@@ -321,6 +451,7 @@ def parse_record(line: str, endpoint: str, variant: str, where: str = "") -> Cap
             source_event_id=metadata.get("sourceEventId"),
             client=metadata.get("clientName"),
             guardrails=metadata.get("guardrails") if isinstance(metadata.get("guardrails"), dict) else None,
+            pii=metadata.get("pii"),
             path=where,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -12,6 +12,9 @@ requests: its weight over the production variants' total weight, capped at 1.
 
 An endpoint config's ``Tags`` may set its guardrail mode (``serving.guardrails``): the tag
 ``llmops:guardrails`` with ``off``, ``flag`` or ``block``; without it the gateway's default applies.
+The tag ``llmops:capture-pii`` says what data capture keeps: ``redact`` (the default: personal
+data scrubbed from prompts and answers before they are written) or ``raw`` (as sent; the records
+say so).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.guardrails import MODES, TAG
+
+CAPTURE_PII_TAG = "llmops:capture-pii"
+CAPTURE_PII_MODES = ("redact", "raw")
 
 NAME = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"  # SageMaker's pattern for model, config, endpoint and variant names
 
@@ -97,7 +103,16 @@ class EndpointConfigSpec(_Shape):
         for tag in tags:
             if tag.Key == TAG and tag.Value not in MODES:
                 raise ValueError(f"tag {TAG} must be one of {', '.join(MODES)}, got {tag.Value!r}")
+            if tag.Key == CAPTURE_PII_TAG and tag.Value not in CAPTURE_PII_MODES:
+                raise ValueError(
+                    f"tag {CAPTURE_PII_TAG} must be one of {', '.join(CAPTURE_PII_MODES)}, got {tag.Value!r}"
+                )
         return tags
+
+    @property
+    def capture_pii(self) -> str:
+        """What capture keeps of personal data: ``redact`` unless the config's tag says ``raw``."""
+        return next((tag.Value for tag in self.Tags if tag.Key == CAPTURE_PII_TAG), "redact")
 
     @property
     def guardrails(self) -> str | None:

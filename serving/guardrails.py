@@ -18,7 +18,7 @@ tag ``llmops:guardrails``):
 Rules (name: what it finds):
 
 - ``pii.email``, ``pii.phone``, ``pii.ip_address``, ``pii.aws_access_key``, ``pii.aws_secret_key``,
-  ``pii.card_number`` (Luhn-checked): the detectors of the curation step (``llmops.data.pii``),
+  ``pii.card_number`` (Luhn-checked): the detectors of the scrubber (``serving.pii``),
   tuned to leave technical prose alone (versions, hashes, dates, slices);
 - ``pii.iban`` (ISO 7064 mod-97 checked), ``pii.us_ssn`` (dashed, SSA-valid ranges);
 - ``injection.ignore_instructions``: "ignore all previous instructions", "disregard the above
@@ -49,7 +49,7 @@ TAG = "llmops:guardrails"  # an endpoint config's tag that sets its mode
 
 # --- personal data --------------------------------------------------------------------------
 # EMAIL, PHONE, IP_ADDRESS, AWS keys and CARD are also the curation step's patterns:
-# llmops.data.pii imports them from here (serving/ cannot import the Airflow-side library).
+# serving.pii, the scrubber of curation and capture, builds its detectors from them.
 # --- EMAIL -----------------------------------------------------------------------------------
 # The lookbehind makes a match start only at the beginning of a run of local-part characters;
 # without it a long run with no "@" is rescanned from every position (quadratic time).
@@ -134,7 +134,7 @@ _CARD = (
     r"(?<![\w.])(?<!\d\d\d[ -])"
     rf"(?:[2-6]\d{{12,18}}(?!\w|\.\d)|{_grouped_card(' ')}|{_grouped_card('-')})"
 )
-# The curation step's six types, for llmops.data.pii to import rather than copy.
+# The scrubber's six types, for serving.pii to import rather than copy.
 PII_PATTERNS: dict[str, str] = {
     "EMAIL": _EMAIL,
     "PHONE": _PHONE,

@@ -476,10 +476,10 @@ def load(model_dir: str | os.PathLike[str] | None = None, base_model: str | None
 
     tokenizer_dir = root if (root / "tokenizer_config.json").is_file() else Path(base)
     # Local files only: a folder missing a file must fail here, not fetch one from the Hub.
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)  # nosec B615 - local only
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)  # nosec B615 - local
     if adapters:
         from peft import PeftModel
 

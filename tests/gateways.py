@@ -28,6 +28,10 @@ GATEWAY_POLICY_ENV = (
     "LLMOPS_GATEWAY_GUARDRAILS",
     "LLMOPS_GATEWAY_MODEL_STORE",
     "LLMOPS_GATEWAY_ALLOW_REMOTE_CONTAINERS",
+    "LLMOPS_GATEWAY_CAPTURE_ROOT",
+    "LLMOPS_GATEWAY_CAPTURE_MAX_BYTES",
+    "LLMOPS_GATEWAY_CAPTURE_MIN_FREE_BYTES",
+    "LLMOPS_GATEWAY_API_KEY_ROLE",
 )
 
 
@@ -117,12 +121,14 @@ def running_gateway(
     ``env`` on top of this process's (minus the gateway's access settings); yields (its URL, the
     process). Leaving the block stops it with SIGTERM, as a service manager would.
 
-    Its model store is the test session's state folder, where every test's ``tmp_path`` lies,
-    unless ``extra`` names one (``--model-store``)."""
+    Its model store and its capture root are the test session's state folder, where every test's
+    ``tmp_path`` lies, unless ``extra`` names them (``--model-store``, ``--capture-root``)."""
     port = free_port()
     command = [sys.executable, "-m", "serving.gateway", "--port", str(port), "--state-dir", str(state_dir), *extra]
     if "--model-store" not in extra and not (env or {}).get("LLMOPS_GATEWAY_MODEL_STORE"):
         command += ["--model-store", os.environ.get("LLMOPS_HOME") or str(ROOT / ".llmops")]
+    if "--capture-root" not in extra and not (env or {}).get("LLMOPS_GATEWAY_CAPTURE_ROOT"):
+        command += ["--capture-root", os.environ.get("LLMOPS_HOME") or str(ROOT / ".llmops")]
     log = state_dir.parent / f"{state_dir.name}.log"
     with _process(command, f"http://127.0.0.1:{port}/ping", log, env) as process:
         yield f"http://127.0.0.1:{port}", process

@@ -144,7 +144,7 @@ def load_model(spec: ModelSpec, paths: ProcessingPaths, work: Path):
         raise ValueError(f"model {spec.label!r}: base {base} is not a model folder with a config.json")
     folder = None if spec.adapter is None else _unpack(paths.resolve(spec.adapter), work / spec.label)
     tokenizer_dir = folder if folder is not None and (folder / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)  # nosec B615 - a folder
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Generation continues from the right edge of every row; an over-long prompt loses its start,
@@ -154,9 +154,9 @@ def load_model(spec: ModelSpec, paths: ProcessingPaths, work: Path):
     if folder is not None and not (folder / "adapter_config.json").is_file():
         if not (folder / "config.json").is_file():
             raise ValueError(f"model {spec.label!r}: {folder} holds neither a PEFT adapter nor a full model")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)  # nosec B615 - local
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)  # nosec B615 - local
         if folder is not None:
             from peft import PeftModel
 

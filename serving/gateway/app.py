@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serving import guardrails
-from serving.access import AccessConfigError, ModelStore, RateLimiter, load_api_keys
+from serving.access import AccessConfigError, CaptureRoots, ModelStore, RateLimiter, load_api_keys
+from serving.capture import CaptureBudget
 from serving.endpoints import EndpointConfigSpec, EndpointSpec, ModelSpec, UpdateEndpointSpec, UpdateWeightsSpec
-from serving.gateway.admission import CLIENT, Authentication, ClientGone, drain, read_body
+from serving.gateway.admission import CLIENT, AccessDenied, Authentication, ClientGone, drain, read_body, requires
 from serving.gateway.errors import ControlError, aws_error
-from serving.gateway.servers import default_model_store
+from serving.gateway.servers import default_capture_roots, default_model_store
 from serving.gateway.service import Gateway
 from serving.gateway.state import MAX_PAYLOAD_BYTES, Limits
 
@@ -28,7 +29,17 @@ log = logging.getLogger("llmops.gateway")
 DESCRIPTION = "The local endpoint gateway: the twin of a SageMaker real-time endpoint, on one machine."
 
 
-def _body(model: type[BaseModel], data: bytes):
+CONTROL_BODY_BYTES = 1024 * 1024  # a control request is a SageMaker API body: kilobytes
+
+
+async def _body(model: type[BaseModel], request: Request):
+    """The control request's body as ``model``, read only up to ``CONTROL_BODY_BYTES``."""
+    try:
+        data, size = await read_body(request, CONTROL_BODY_BYTES)
+    except ClientGone:
+        raise ControlError(400, "the request body ended early: the client went away") from None
+    if data is None:
+        raise ControlError(413, f"the request body is {size} bytes; a control request may have {CONTROL_BODY_BYTES}")
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
@@ -45,7 +56,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         yield
         await gateway.stop()
 
-    app = FastAPI(title="llmops endpoint gateway", lifespan=lifespan)
+    # No interactive docs: every route is an API call that needs a role, and the docs would be one more
+    # surface to guard.
+    app = FastAPI(title="llmops endpoint gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.add_middleware(Authentication, admission=gateway.admission)
 
@@ -53,11 +66,16 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def control_error(request, exc: ControlError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
+    @app.exception_handler(AccessDenied)
+    async def access_denied(request, exc: AccessDenied):
+        gateway.admission.warnings.warn(f"denied {request.scope.get(CLIENT)}", "refused: %s", exc)
+        return aws_error(403, "AccessDeniedException", str(exc))
+
     @app.get("/ping")
     async def ping():
         return {"status": "ok", "endpoints": {name: e.status for name, e in gateway.control.endpoints.items()}}
 
-    @app.post("/endpoints/{name}/invocations")
+    @app.post("/endpoints/{name}/invocations", dependencies=[requires("invoke")])
     async def invocations(name: str, request: Request):
         client = request.scope.get(CLIENT)
         throttled = gateway.admission.admit(client or f"address {request.client.host if request.client else '?'}", name)
@@ -74,7 +92,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             return aws_error(413, "ValidationError", f"the payload is {size} bytes; at most {limit} are accepted")
         return await gateway.pipeline.invoke(name, body, request.headers, client)
 
-    @app.get("/control/metrics")
+    @app.get("/control/metrics", dependencies=[requires("operate")])
     async def gateway_metrics():
         return gateway.gateway_metrics()
 
@@ -86,48 +104,48 @@ def _add_control_routes(app: FastAPI, gateway: Gateway) -> None:
     """``/control/...``: the SageMaker API's calls, with its request bodies."""
     control = gateway.control
 
-    @app.post("/control/models")
+    @app.post("/control/models", dependencies=[requires("admin")])
     async def create_model(request: Request):
-        return await control.create_model(_body(ModelSpec, await request.body()))
+        return await control.create_model(await _body(ModelSpec, request))
 
-    @app.get("/control/models/{name}")
+    @app.get("/control/models/{name}", dependencies=[requires("admin")])
     async def describe_model(name: str):
         return control.model(name).model_dump()
 
-    @app.post("/control/endpoint-configs")
+    @app.post("/control/endpoint-configs", dependencies=[requires("admin")])
     async def create_endpoint_config(request: Request):
-        return await control.create_endpoint_config(_body(EndpointConfigSpec, await request.body()))
+        return await control.create_endpoint_config(await _body(EndpointConfigSpec, request))
 
-    @app.get("/control/endpoint-configs/{name}")
+    @app.get("/control/endpoint-configs/{name}", dependencies=[requires("operate")])
     async def describe_endpoint_config(name: str):
         return control.config(name).model_dump()
 
-    @app.get("/control/endpoints")
+    @app.get("/control/endpoints", dependencies=[requires("operate")])
     async def list_endpoints():
         return {"Endpoints": [control.describe(name) for name in sorted(control.endpoints)]}
 
-    @app.post("/control/endpoints")
+    @app.post("/control/endpoints", dependencies=[requires("admin")])
     async def create_endpoint(request: Request):
-        return await control.create_endpoint(_body(EndpointSpec, await request.body()))
+        return await control.create_endpoint(await _body(EndpointSpec, request))
 
-    @app.get("/control/endpoints/{name}")
+    @app.get("/control/endpoints/{name}", dependencies=[requires("operate")])
     async def describe_endpoint(name: str):
         return control.describe(name)
 
-    @app.put("/control/endpoints/{name}")
+    @app.put("/control/endpoints/{name}", dependencies=[requires("admin")])
     async def update_endpoint(name: str, request: Request):
-        return await control.update_endpoint(name, _body(UpdateEndpointSpec, await request.body()))
+        return await control.update_endpoint(name, await _body(UpdateEndpointSpec, request))
 
-    @app.post("/control/endpoints/{name}/weights")
+    @app.post("/control/endpoints/{name}/weights", dependencies=[requires("operate")])
     async def update_weights(name: str, request: Request):
-        return await control.update_weights(name, _body(UpdateWeightsSpec, await request.body()))
+        return await control.update_weights(name, await _body(UpdateWeightsSpec, request))
 
-    @app.delete("/control/endpoints/{name}")
+    @app.delete("/control/endpoints/{name}", dependencies=[requires("admin")])
     async def delete_endpoint(name: str):
         await control.delete_endpoint(name)
         return {"EndpointName": name, "deleted": True}
 
-    @app.get("/control/endpoints/{name}/metrics")
+    @app.get("/control/endpoints/{name}/metrics", dependencies=[requires("operate")])
     async def metrics(name: str, since: float | None = None):
         return gateway.metrics(name, since)
 
@@ -162,8 +180,9 @@ def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument(
         "--api-keys-file",
         default=env("LLMOPS_GATEWAY_API_KEYS_FILE"),
-        help="'<client-name> <key>' (or '<client-name> sha256:<hex>') a line; LLMOPS_GATEWAY_API_KEY adds the"
-        " client 'default'. Without keys the gateway serves anyone",
+        help="'<client-name> <key> [<role>]' (or '<client-name> sha256:<hex> [<role>]') a line, role invoke"
+        " (the default), operate or admin; LLMOPS_GATEWAY_API_KEY adds the client 'default' (role"
+        " LLMOPS_GATEWAY_API_KEY_ROLE, default admin). Without keys the gateway serves anyone",
     )
     access.add_argument(
         "--require-auth",
@@ -210,6 +229,25 @@ def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
         " LLMOPS_GATEWAY_MODEL_STORE (comma-separated), else $LLMOPS_HOME/store",
     )
     access.add_argument(
+        "--capture-root",
+        action="append",
+        default=None,
+        help="a folder data capture may write under (folder or file://); repeat for more. Default:"
+        " LLMOPS_GATEWAY_CAPTURE_ROOT (comma-separated), else $LLMOPS_HOME/capture",
+    )
+    access.add_argument(
+        "--capture-max-bytes",
+        type=int,
+        default=int(env("LLMOPS_GATEWAY_CAPTURE_MAX_BYTES", str(CaptureBudget.max_bytes))),
+        help="most bytes of captured traffic under one destination; beyond, records are dropped and counted",
+    )
+    access.add_argument(
+        "--capture-min-free-bytes",
+        type=int,
+        default=int(env("LLMOPS_GATEWAY_CAPTURE_MIN_FREE_BYTES", str(CaptureBudget.min_free_bytes))),
+        help="free disk space capture always leaves",
+    )
+    access.add_argument(
         "--allow-remote-containers",
         action="store_true",
         default=env("LLMOPS_GATEWAY_ALLOW_REMOTE_CONTAINERS", "") == "1",
@@ -226,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         limits = Limits(args.max_body_bytes, args.max_new_tokens, args.max_input_tokens)
         limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit > 0 else None
         store = ModelStore(args.model_store or default_model_store(), args.allow_remote_containers)
+        capture_roots = CaptureRoots(args.capture_root or default_capture_roots())
+        capture_budget = CaptureBudget(max_bytes=args.capture_max_bytes, min_free_bytes=args.capture_min_free_bytes)
     except (AccessConfigError, ValueError) as exc:
         parser.error(str(exc))
     if not keys:
@@ -241,8 +281,13 @@ def main(argv: list[str] | None = None) -> None:
             args.port,
         )
     else:
-        log.info("API keys of %d client(s): %s", len(keys), ", ".join(keys.clients))
-    log.info("models load from: %s; guardrails: %s", ", ".join(store.roots), args.guardrails)
+        log.info("API keys of %d client(s): %s", len(keys), ", ".join(f"{c} ({r})" for c, r in keys.roles.items()))
+    log.info(
+        "models load from: %s; capture writes under: %s; guardrails: %s",
+        ", ".join(store.roots),
+        ", ".join(capture_roots.roots),
+        args.guardrails,
+    )
     gateway = Gateway(
         Path(args.state_dir),
         args.startup_timeout,
@@ -253,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         limits=limits,
         guardrails_mode=args.guardrails,
         store=store,
+        capture_roots=capture_roots,
+        capture_budget=capture_budget,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from serving.access import ModelStore, SourceRefused
-from serving.capture import local_root
+from serving.access import CaptureRoots, ModelStore, SourceRefused
 from serving.endpoints import EndpointConfigSpec, EndpointSpec, ModelSpec, UpdateEndpointSpec, UpdateWeightsSpec
 from serving.gateway.errors import ControlError
 from serving.gateway.servers import VariantServer, reap_orphans
@@ -42,11 +41,13 @@ class ControlPlane:
         limits: Limits,
         guardrails_mode: str,
         spawn: Spawn,
+        capture_roots: CaptureRoots,
     ):
         self.state_dir = state_dir
         self.startup_timeout = startup_timeout
         self.invoke_timeout = invoke_timeout
         self.store = store
+        self.capture_roots = capture_roots
         self.limits = limits
         self.guardrails = guardrails_mode
         self._spawn = spawn
@@ -147,8 +148,8 @@ class ControlPlane:
                 raise ControlError(400, f"unknown model(s): {', '.join(missing)}; create them first")
             if config.DataCaptureConfig is not None:
                 try:
-                    local_root(config.DataCaptureConfig.DestinationS3Uri)
-                except ValueError as exc:
+                    self.capture_roots.check(config.EndpointConfigName, config.DataCaptureConfig.DestinationS3Uri)
+                except SourceRefused as exc:
                     raise ControlError(400, str(exc)) from None
             self.configs[config.EndpointConfigName] = config
             self._save()
@@ -198,6 +199,11 @@ class ControlPlane:
         started: list[VariantServer] = []
         servers: dict[str, VariantServer] = {}
         try:
+            if config.DataCaptureConfig is not None:  # a config restored from state, checked again
+                try:
+                    self.capture_roots.check(config.EndpointConfigName, config.DataCaptureConfig.DestinationS3Uri)
+                except SourceRefused as exc:
+                    raise ControlError(400, str(exc)) from None
             for variant in config.variants:
                 key = f"{endpoint.name}-{variant.VariantName}-{variant.ModelName}"
                 server = self.servers.get(key)

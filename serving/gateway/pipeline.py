@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from fastapi.responses import Response
 
 from serving import guardrails
-from serving.capture import CaptureWriter, capture_record
+from serving.capture import CaptureBudget, CaptureWriter, capture_record
 from serving.endpoints import RoutingError, choose_variant
 from serving.gateway.errors import OccasionalWarnings, aws_error
 from serving.gateway.state import Endpoint, Limits, Routing
@@ -127,6 +127,7 @@ class Pipeline:
         spawn: Callable[[Coroutine], asyncio.Task],
         shadow_workers: int = 1,
         shadow_queue: int = 1024,
+        capture_budget: CaptureBudget | None = None,
     ):
         self.endpoints = endpoints
         self.limits = limits
@@ -136,7 +137,7 @@ class Pipeline:
         self._spawn = spawn
         self._shadow_workers = shadow_workers
         self._shadow_queue_size = shadow_queue
-        self.writer = CaptureWriter()
+        self.writer = CaptureWriter(budget=capture_budget)
         self.upstream = Upstream(invoke_timeout)
         self.shadow_queue: asyncio.Queue[Mirror] | None = None
 
@@ -168,6 +169,7 @@ class Pipeline:
                 "Running": self.writer.alive,  # False: the writer stopped, and records are piling up
                 "Written": self.writer.written,
                 "Failed": self.writer.failed,
+                "Dropped": self.writer.dropped,  # over the queue or the disk budget: counted, never waited for
                 "Pending": self.writer.pending(),
                 "LastError": self.writer.last_error,
             },
@@ -379,7 +381,9 @@ class Pipeline:
             csv_types=tuple(types.CsvContentTypes),
             **fields,
         )
-        self.writer.submit(routing.capture_root, fields["endpoint"], fields["variant"], record)
+        self.writer.submit(
+            routing.capture_root, fields["endpoint"], fields["variant"], record, redact=routing.capture_redact
+        )
 
     # -- the shadow variant -----------------------------------------------------------------------
 

@@ -36,6 +36,54 @@ def default_model_store() -> list[str]:
     return [str(Path(os.environ.get("LLMOPS_HOME") or PROJECT_ROOT / ".llmops") / "store")]
 
 
+# What a model server inherits from the gateway's environment: the system's basics, the model
+# libraries' own settings and the project's, and nothing else. An allowlist, so that cloud
+# credentials (AWS_*), the gateway's keys and whatever else the operator's shell holds stay out.
+INHERITED_NAMES = frozenset(
+    ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONUNBUFFERED")
+)
+INHERITED_PREFIXES = (
+    "LC_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "TORCH_",
+    "PYTORCH_",
+    "CUDA_",
+    "NVIDIA_",
+    "NEURON_",
+    "LLMOPS_",
+)
+WITHHELD_PREFIXES = ("LLMOPS_GATEWAY_",)  # the gateway's own settings and keys
+
+
+def model_server_environment(
+    parent: dict[str, str], model: dict[str, str], limits: dict[str, str], fixed: dict[str, str]
+) -> dict[str, str]:
+    """A model server's environment: the allowlisted part of the gateway's (``parent``), the model's
+    own ``Environment``, the operator's caps over it, then what the gateway sets (``fixed``)."""
+    inherited = {
+        name: value
+        for name, value in parent.items()
+        if (name in INHERITED_NAMES or name.startswith(INHERITED_PREFIXES)) and not name.startswith(WITHHELD_PREFIXES)
+    }
+    environment = {**inherited, **model, **limits, **fixed}
+    environment.pop("SAGEMAKER_BIND_TO_PORT", None)  # the server listens on the socket it is handed
+    return environment
+
+
+def default_capture_roots() -> list[str]:
+    """``LLMOPS_GATEWAY_CAPTURE_ROOT`` (comma-separated folders), else ``$LLMOPS_HOME/capture``, where
+    the local settings capture (``serving.capture_uri``)."""
+    configured = [r.strip() for r in os.environ.get("LLMOPS_GATEWAY_CAPTURE_ROOT", "").split(",") if r.strip()]
+    if configured:
+        return configured
+    return [str(Path(os.environ.get("LLMOPS_HOME") or PROJECT_ROOT / ".llmops") / "capture")]
+
+
 def _bound_socket() -> socket.socket:
     """A loopback socket on a port the kernel picks, bound but not listening: the model server
     inherits it and listens once its model is loaded. A port merely found free and handed over by
@@ -126,16 +174,16 @@ class VariantServer:
     def _launch(self, model_dir: Path) -> None:
         with _bound_socket() as sock:  # the server has its own copy once started
             self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            env = {
-                **os.environ,
-                **self.model.PrimaryContainer.Environment,
-                **self.limits_env,  # the operator's caps win over a model's own
-                "SM_MODEL_DIR": str(model_dir),
-                "LLMOPS_SERVING_FD": str(sock.fileno()),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-            }
-            for name in ("SAGEMAKER_BIND_TO_PORT", "LLMOPS_GATEWAY_API_KEY", "LLMOPS_GATEWAY_API_KEYS_FILE"):
-                env.pop(name, None)  # the gateway's own; a model server has no use for its keys
+            env = model_server_environment(
+                dict(os.environ),
+                self.model.PrimaryContainer.Environment,
+                self.limits_env,  # the operator's caps win over a model's own
+                {
+                    "SM_MODEL_DIR": str(model_dir),
+                    "LLMOPS_SERVING_FD": str(sock.fileno()),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+                },
+            )
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as out:
                 self.process = subprocess.Popen(

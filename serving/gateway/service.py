@@ -7,12 +7,13 @@ import asyncio
 from pathlib import Path
 
 from serving import guardrails
-from serving.access import ApiKeys, ModelStore, RateLimiter
+from serving.access import ApiKeys, CaptureRoots, ModelStore, RateLimiter
+from serving.capture import CaptureBudget
 from serving.gateway.admission import Admission
 from serving.gateway.control import ControlPlane
 from serving.gateway.errors import OccasionalWarnings
 from serving.gateway.pipeline import Pipeline
-from serving.gateway.servers import default_model_store
+from serving.gateway.servers import default_capture_roots, default_model_store
 from serving.gateway.state import Limits
 
 
@@ -30,14 +31,24 @@ class Gateway:
         limits: Limits | None = None,
         guardrails_mode: str = "flag",
         store: ModelStore | None = None,
+        capture_roots: CaptureRoots | None = None,
+        capture_budget: CaptureBudget | None = None,
     ):
         self.limits = limits or Limits()
         self.guardrails = guardrails.check_mode(guardrails_mode, "--guardrails")
         self.store = store or ModelStore(default_model_store())
+        self.capture_roots = capture_roots or CaptureRoots(default_capture_roots())
         self._tasks: set[asyncio.Task] = set()
         warnings = OccasionalWarnings()
         self.control = ControlPlane(
-            Path(state_dir), startup_timeout, invoke_timeout, self.store, self.limits, self.guardrails, self._spawn
+            Path(state_dir),
+            startup_timeout,
+            invoke_timeout,
+            self.store,
+            self.limits,
+            self.guardrails,
+            self._spawn,
+            self.capture_roots,
         )
         self.admission = Admission(api_keys, rate_limiter, self.limits, self.control.endpoints, warnings)
         self.pipeline = Pipeline(
@@ -49,6 +60,7 @@ class Gateway:
             self._spawn,
             shadow_workers,
             shadow_queue,
+            capture_budget or CaptureBudget(),
         )
 
     async def start(self) -> None:
@@ -84,7 +96,11 @@ class Gateway:
         return {
             "Refused": admission.refusals.summary(),
             "Endpoints": {name: e.refusals.summary() for name, e in sorted(self.control.endpoints.items())},
-            "Authentication": {"Clients": admission.api_keys.clients} if admission.api_keys else "off",
+            "Authentication": (
+                {"Clients": admission.api_keys.clients, "Roles": admission.api_keys.roles}
+                if admission.api_keys
+                else "off"
+            ),
             "RateLimit": (
                 {"RequestsPerSecond": admission.rate_limiter.rate, "Burst": admission.rate_limiter.burst}
                 if admission.rate_limiter
@@ -97,4 +113,5 @@ class Gateway:
             },
             "Guardrails": self.guardrails,
             "ModelStore": self.store.roots,
+            "CaptureRoots": self.capture_roots.roots,
         }

@@ -31,6 +31,7 @@ class Routing:
     capture_root: Path | None
     capture_input: bool
     capture_output: bool
+    capture_redact: bool  # scrub personal data from what is captured (the config's llmops:capture-pii)
     sampling: float
     guardrails: str  # off, flag or block
 
@@ -50,6 +51,7 @@ def make_routing(
         capture_root=local_root(capture.DestinationS3Uri) if enabled else None,
         capture_input=enabled and capture.captures("Input"),
         capture_output=enabled and capture.captures("Output"),
+        capture_redact=config.capture_pii == "redact",
         sampling=capture.InitialSamplingPercentage / 100 if enabled else 0.0,
         guardrails=config.guardrails or guardrails_default,
     )

@@ -6,6 +6,7 @@ PostgreSQL is required, not optional: when it cannot be reached the test fails a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -213,10 +214,15 @@ class AirflowStack:
             pytrace=False,
         )
 
-    def authenticate(self) -> None:
-        """With ``simple_auth_manager_all_admins``, ``GET /auth/token`` hands out an admin token."""
-        response = self.http.get(f"{self.base_url}/auth/token", timeout=30)
-        assert response.status_code in (200, 201), f"GET /auth/token: {response.status_code} {response.text}"
+    def authenticate(self, user: str = "admin") -> None:
+        """Log in as a user of the stack (``make up``'s users, their passwords in a private file):
+        there is no all-admins mode, so a token without credentials is refused first."""
+        assert self.http.get(f"{self.base_url}/auth/token", timeout=30).status_code == 403
+        passwords = json.loads(Path(self.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
+        response = self.http.post(
+            f"{self.base_url}/auth/token", json={"username": user, "password": passwords[user]}, timeout=30
+        )
+        assert response.status_code in (200, 201), f"POST /auth/token: {response.status_code} {response.text}"
         self.http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:

@@ -197,3 +197,27 @@ def test_dag_runs_triggered_over_rest_with_conf_complete(airflow_stack, base_mod
 
 def _task_ids(stack, dag_id: str) -> set[str]:
     return {t["task_id"] for t in stack.request("GET", f"/api/v2/dags/{dag_id}/tasks")["tasks"]}
+
+
+def test_only_a_user_with_the_role_may_trigger_a_run(airflow_stack):
+    """No all-admins mode: a request without a token is refused, a wrong password gets no token,
+    and a viewer may read the DAGs but not trigger one."""
+    import requests
+
+    stack = airflow_stack
+    url = f"{stack.base_url}/api/v2/dags/llm_data_prep/dagRuns"
+    assert requests.get(f"{stack.base_url}/api/v2/dags", timeout=30).status_code == 401
+    passwords = json.loads(Path(stack.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
+
+    def token(user: str) -> dict:
+        login = {"username": user, "password": passwords[user]}
+        answer = requests.post(f"{stack.base_url}/auth/token", json=login, timeout=30)
+        assert answer.status_code in (200, 201), answer.text
+        return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+    viewer = token("viewer")
+    assert requests.get(f"{stack.base_url}/api/v2/dags", headers=viewer, timeout=30).status_code == 200
+    refused = requests.post(url, headers=viewer, json={"logical_date": None, "conf": {}, "dag_run_id": "viewer-try"})
+    assert refused.status_code == 403, refused.text
+    wrong = requests.post(f"{stack.base_url}/auth/token", json={"username": "admin", "password": "x"}, timeout=30)
+    assert wrong.status_code == 401

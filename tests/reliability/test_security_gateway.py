@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.reliability("security"), pytest.mark.integration]
 MAX_BODY = 64 * 1024
 MAX_NEW_TOKENS = 64
 LEAKED = "jane.doe@example.org"  # what the leaky stand-in puts in every answer
-CLIENTS = ("airflow", "notebook", "spare")
+CLIENTS = ("airflow", "notebook", "spare", "operator")
+# Each test key's role: the DAGs' key administers, an operator moves traffic, callers only invoke.
+ROLES = {"airflow": "admin", "operator": "operate", "first": "admin"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -68,13 +70,22 @@ def ok(response: httpx.Response) -> dict:
 
 
 def write_keys(folder: Path, keys: dict[str, str]) -> Path:
+    """A keys file; a client ``ROLES`` does not name gets the file's default role, invoke."""
     path = folder / "api-keys"
-    path.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+    path.write_text("".join(f"{name} {key} {ROLES.get(name, '')}".rstrip() + "\n" for name, key in keys.items()))
     path.chmod(0o600)
     return path
 
 
-def deploy(gw: Gateway, endpoint: str, model: str, *, guardrails: str | None = None, sampling: int = 100) -> None:
+def deploy(
+    gw: Gateway,
+    endpoint: str,
+    model: str,
+    *,
+    guardrails: str | None = None,
+    sampling: int = 100,
+    capture_pii: str | None = None,
+) -> None:
     config = {
         "EndpointConfigName": f"{endpoint}-config",
         "ProductionVariants": [{"VariantName": "main", "ModelName": model, "InitialVariantWeight": 1.0}],
@@ -85,8 +96,9 @@ def deploy(gw: Gateway, endpoint: str, model: str, *, guardrails: str | None = N
             "CaptureOptions": [{"CaptureMode": "InputAndOutput"}],
         },
     }
-    if guardrails:
-        config["Tags"] = [{"Key": "llmops:guardrails", "Value": guardrails}]
+    config["Tags"] = [{"Key": "llmops:guardrails", "Value": guardrails}] if guardrails else []
+    if capture_pii:
+        config["Tags"].append({"Key": "llmops:capture-pii", "Value": capture_pii})
     ok(gw.control.post("/control/endpoint-configs", json=config))
     ok(
         gw.control.post(
@@ -166,6 +178,81 @@ def gw(tmp_path_factory, fakes):
             ok(control.post("/control/models", json={"ModelName": name, "PrimaryContainer": {"ContainerUrl": fake}}))
         deploy(gateway, "guarded", "echo")
         yield gateway
+
+
+# -- authorization: roles ----------------------------------------------------------------------------
+
+# Every route of the gateway but /ping, with a body that its handler refuses (or a name it does not
+# know) once the role check lets it through: the matrix changes nothing it walks over.
+ROUTES = [
+    ("POST", "/endpoints/guarded/invocations", {"inputs": "who may call me?"}, "invoke"),
+    ("GET", "/control/metrics", None, "operate"),
+    ("GET", "/control/endpoints", None, "operate"),
+    ("GET", "/control/endpoints/guarded", None, "operate"),
+    ("GET", "/control/endpoints/guarded/metrics", None, "operate"),
+    ("GET", "/control/endpoint-configs/guarded-config", None, "operate"),
+    ("POST", "/control/endpoints/no-such-endpoint/weights", {"DesiredWeightsAndCapacities": []}, "operate"),
+    ("GET", "/control/models/echo", None, "admin"),
+    ("POST", "/control/models", {}, "admin"),
+    ("POST", "/control/endpoint-configs", {}, "admin"),
+    ("POST", "/control/endpoints", {}, "admin"),
+    ("PUT", "/control/endpoints/guarded", {}, "admin"),
+    ("DELETE", "/control/endpoints/no-such-endpoint", None, "admin"),
+]
+ROLE_OF_CLIENT = {"notebook": "invoke", "operator": "operate", "airflow": "admin"}
+RANK = ("invoke", "operate", "admin")
+
+
+def test_the_matrix_covers_every_route_the_gateway_has(tmp_path):
+    from fastapi.routing import APIRoute
+
+    from serving.access import CaptureRoots, ModelStore
+    from serving.gateway.app import create_app
+    from serving.gateway.service import Gateway as GatewayService
+
+    service = GatewayService(
+        tmp_path / "state", store=ModelStore([str(tmp_path)]), capture_roots=CaptureRoots([str(tmp_path)])
+    )
+    routes = {(m, r.path) for r in create_app(service).routes if isinstance(r, APIRoute) for m in r.methods}
+    walked = {(method, path.replace("guarded-config", "{name}")) for method, path, _, _ in ROUTES}
+    normalized = {
+        (m, p.replace("/guarded", "/{name}").replace("/no-such-endpoint", "/{name}").replace("/echo", "/{name}"))
+        for m, p in walked
+    }
+    assert normalized == routes - {("GET", "/ping")}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needed"), ROUTES, ids=[f"{m} {p}" for m, p, _, _ in ROUTES])
+@pytest.mark.parametrize("client", list(ROLE_OF_CLIENT))
+def test_every_route_checks_the_role_of_the_key(gw, client, method, path, body, needed):
+    held = ROLE_OF_CLIENT[client]
+    response = httpx.request(method, f"{gw.url}{path}", json=body, headers={"x-api-key": gw.keys[client]}, timeout=30)
+    if RANK.index(held) < RANK.index(needed):
+        assert response.status_code == 403, response.text
+        error = response.json()
+        assert error["__type"] == "AccessDeniedException"
+        assert f"client {client} has the role {held}" in error["message"] and needed in error["message"]
+    else:
+        assert response.status_code not in (401, 403), response.text
+
+
+def test_an_invoke_key_cannot_change_what_serves_or_read_a_models_environment(gw):
+    from llmops.backends.endpoints.base import DeploymentRejected
+    from llmops.backends.endpoints.gateway import LocalGatewayBackend
+
+    notebook = LocalGatewayBackend(gw.url, api_key=gw.keys["notebook"])
+    with pytest.raises(DeploymentRejected, match="has the role invoke; POST /control/models needs admin"):
+        notebook.create_model({"ModelName": "mine", "PrimaryContainer": {"ContainerUrl": "http://127.0.0.1:9"}})
+    with pytest.raises(DeploymentRejected, match="needs operate"):
+        notebook.update_endpoint_weights("guarded", {"main": 0.5})
+    with pytest.raises(DeploymentRejected, match="needs admin"):
+        notebook.describe_model("echo")
+    operator = LocalGatewayBackend(gw.url, api_key=gw.keys["operator"])
+    with pytest.raises(DeploymentRejected, match="has the role operate; DELETE /control/endpoints/{name} needs admin"):
+        operator.delete_endpoint("guarded")
+    assert ok(gw.control.get("/control/endpoints/guarded"))["EndpointStatus"] == "InService"
+    refused = gw.metrics()["Refused"]
+    assert refused["AccessDenied"] >= 4
 
 
 # -- authentication ---------------------------------------------------------------------------------
@@ -563,7 +650,7 @@ def test_flag_mode_serves_every_request_and_records_its_findings_once_in_the_cap
 
 
 def test_block_mode_refuses_a_flagged_request_before_any_model_and_captures_it_once(gw, ledger):
-    deploy(gw, "blocking", "echo", guardrails="block")
+    deploy(gw, "blocking", "echo", guardrails="block", capture_pii="raw")  # the operator reads the refusals
     served = gw.served("blocking")
     responses = _send_all(gw, "blocking")
     passed = {"clean", "ip-address-only"}  # an address alone flags, never blocks
@@ -614,7 +701,7 @@ def test_a_blocked_request_is_captured_even_when_sampling_skips_the_rest(gw, led
 
 
 def test_block_mode_withholds_a_leaking_answer_and_captures_it_once(gw, ledger):
-    deploy(gw, "leak-blocked", "leaky", guardrails="block")
+    deploy(gw, "leak-blocked", "leaky", guardrails="block", capture_pii="raw")
     deploy(gw, "leak-flagged", "leaky", guardrails="flag")
     question = {"inputs": "How do I sort a dict by value?"}
 
@@ -653,6 +740,69 @@ def test_block_mode_withholds_a_leaking_answer_and_captures_it_once(gw, ledger):
     assert metrics["Variants"]["main"]["Invocation4XXErrors"] == 2  # a leaking variant is failing
     assert metrics["Refused"]["OutputBlocked"] == 2
     ledger.account(3, len(blocked["withheld"]) + len(blocked["boto3"]) + len(flagged))
+
+
+def test_capture_scrubs_personal_data_unless_the_config_keeps_raw_text(gw, ledger):
+    secret_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example
+    question = {"inputs": f"Mail jane.doe@example.org the key aws_secret_access_key={secret_key} please"}
+    deploy(gw, "scrubbed", "echo")  # the default: redact
+    deploy(gw, "kept-raw", "echo", capture_pii="raw")
+    for endpoint in ("scrubbed", "kept-raw"):
+        ok(gw.invoke(endpoint, question, **{"x-amzn-sagemaker-inference-id": f"{endpoint}-pii"}))
+    scrubbed = captured_through(gw, "scrubbed", "scrubbed-pii")["scrubbed-pii"][0]
+    assert LEAKED not in scrubbed.request + scrubbed.response and secret_key not in scrubbed.request
+    assert "[EMAIL]" in scrubbed.request_json()["inputs"] and "[AWS_SECRET_KEY]" in scrubbed.request
+    assert "[EMAIL]" in scrubbed.response  # the echo repeated it: scrubbed on the way out too
+    assert scrubbed.pii == {"redacted": {"AWS_SECRET_KEY": 2, "EMAIL": 2}}
+    clean = captured_through(gw, "scrubbed", sentinel(gw, "scrubbed"))
+    untouched = next(r for records in clean.values() for r in records if r.inference_id.startswith("sentinel"))
+    assert untouched.pii == {"redacted": {}} and untouched.request_json() == {"inputs": "How do I reverse a list?"}
+    raw = captured_through(gw, "kept-raw", "kept-raw-pii")["kept-raw-pii"][0]
+    assert raw.pii == "raw" and LEAKED in raw.request and secret_key in raw.request
+    ledger.account(2, 2)
+
+
+def test_a_config_with_an_unknown_capture_pii_mode_is_refused(gw):
+    config = {
+        "EndpointConfigName": "bad-pii-mode",
+        "ProductionVariants": [{"VariantName": "main", "ModelName": "echo", "InitialVariantWeight": 1.0}],
+        "Tags": [{"Key": "llmops:capture-pii", "Value": "some"}],
+    }
+    response = gw.control.post("/control/endpoint-configs", json=config)
+    assert response.status_code == 400 and "llmops:capture-pii must be one of redact, raw" in response.text
+
+
+def test_a_capture_destination_outside_the_capture_roots_is_refused(gw):
+    import os
+
+    outside = Path(os.environ["LLMOPS_HOME"]).parent  # the test gateway's capture root is the state folder
+    climb = "/..".join([""] * (len(gw.capture.parts) + 1))
+    for destination in (str(outside / "elsewhere"), f"file://{gw.capture}{climb}/etc", "/etc"):
+        config = {
+            "EndpointConfigName": "escape",
+            "ProductionVariants": [{"VariantName": "main", "ModelName": "echo", "InitialVariantWeight": 1.0}],
+            "DataCaptureConfig": {
+                "EnableCapture": True,
+                "InitialSamplingPercentage": 100,
+                "DestinationS3Uri": destination,
+                "CaptureOptions": [{"CaptureMode": "Input"}],
+            },
+        }
+        response = gw.control.post("/control/endpoint-configs", json=config)
+        assert response.status_code == 400 and "is outside the capture roots" in response.text, destination
+
+
+def test_a_control_body_over_a_mebibyte_is_refused_before_it_is_read(gw):
+    huge = b'{"ModelName": "' + b"m" * (2 * 1024 * 1024) + b'"}'
+    response = gw.control.post("/control/models", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "a control request may have 1048576" in response.text
+
+
+def test_a_container_url_cannot_aim_the_gateway_at_another_local_service(gw):
+    for url in ("http://127.0.0.1:5000/api/2.0/mlflow/experiments/create", "http://127.0.0.1:5000/?x=/ping"):
+        model = {"ModelName": "ssrf", "PrimaryContainer": {"ContainerUrl": url}}
+        response = gw.control.post("/control/models", json=model)
+        assert response.status_code == 400 and "http[s]://<host>[:<port>] and nothing else" in response.text, url
 
 
 def test_a_config_with_an_unknown_guardrail_mode_is_refused(gw):
@@ -786,7 +936,17 @@ def test_make_up_starts_the_gateway_with_a_key_of_its_own_that_local_clients_pic
         assert httpx.get(f"{url}/control/endpoints").status_code == 401
         assert httpx.get(f"{url}/control/endpoints", headers={"x-api-key": key}).status_code == 200
         described = httpx.get(f"{url}/control/metrics", headers={"x-api-key": key}).json()
-        assert described["Authentication"] == {"Clients": ["default"]}
+        # The admin key is Airflow's; callers get a key of their own that can only invoke.
+        assert described["Authentication"] == {
+            "Clients": ["local", "default"],
+            "Roles": {"local": "invoke", "default": "admin"},
+        }
+        invoke_file = tmp_path / "home" / "secrets" / "gateway_invoke_key"
+        assert stat.S_IMODE(invoke_file.stat().st_mode) == 0o600
+        assert invoke_file.read_text().strip() not in (tmp_path / "home" / "secrets" / "gateway_api_keys").read_text()
+        caller = {"x-api-key": invoke_file.read_text().strip()}
+        assert httpx.get(f"{url}/control/endpoints", headers=caller).status_code == 403
+        assert described["CaptureRoots"] == [str(tmp_path / "home" / "capture")]
         assert described["ModelStore"] == [str(tmp_path / "home" / "store")]
         # What the demo and `python -m devtools.traffic` run first: the key is theirs without a word.
         picked = python(

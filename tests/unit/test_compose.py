@@ -29,6 +29,18 @@ SCHEMA_FILE = ROOT / "include" / "compose" / "compose-spec.json"
 AIRFLOW_SERVICES = tuple(f"airflow-{c}" for c in localstack.AIRFLOW_COMPONENTS)
 JOB_TYPES = {"scheduler": "SchedulerJob", "dag-processor": "DagProcessorJob", "triggerer": "TriggererJob"}
 PUBLISHED = {"airflow-api-server": 8080, "mlflow": 5000, "gateway": 8090}
+# What a user puts in .env: the stack has no default for any of them.
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "AIRFLOW_JWT_SECRET",
+    "AIRFLOW_API_SECRET_KEY",
+    "AIRFLOW_ADMIN_PASSWORD",
+    "AIRFLOW_OPERATOR_PASSWORD",
+    "AIRFLOW_VIEWER_PASSWORD",
+    "MLFLOW_ADMIN_PASSWORD",
+    "LLMOPS_GATEWAY_API_KEY",
+)
+DOT_ENV = {name: f"{name.lower()}-set-in-dot-env" for name in SECRETS}
 
 
 # -- Compose's interpolation -----------------------------------------------------------------------
@@ -138,8 +150,9 @@ def raw_compose() -> dict:
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    """The file as Compose sees it with no .env: YAML anchors merged, every variable defaulted."""
-    return interpolated(raw_compose(), {})
+    """The file as Compose sees it with a .env that sets the secrets: YAML anchors merged, every
+    other variable defaulted."""
+    return interpolated(raw_compose(), DOT_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +181,15 @@ def test_compose_file_is_valid_under_the_compose_specification(compose, validato
     assert schema_errors(validator, compose) == []
 
 
-def test_compose_runs_with_no_env_file():
+def test_compose_refuses_to_start_without_each_of_its_secrets():
     unset: set[str] = set()
-    interpolated(raw_compose(), {}, unset)
+    interpolated(raw_compose(), DOT_ENV, unset)
     assert not unset, f"variables with no default (docker compose would use empty strings): {sorted(unset)}"
+    for name in SECRETS:
+        for value in (None, ""):  # missing, or set to nothing
+            env = {k: v for k, v in DOT_ENV.items() if k != name} | ({} if value is None else {name: value})
+            with pytest.raises(UnsetVariable, match=f"{name}: set {name}"):
+                interpolated(raw_compose(), env)
 
 
 def _set(document: dict, path: tuple, value) -> dict:
@@ -261,6 +279,7 @@ DIFFERS_FROM_NATIVE = {
     "AIRFLOW__API_AUTH__JWT_SECRET": "from .env, with a documented local-only default",
     "AIRFLOW__API__SECRET_KEY": "from .env, with a documented local-only default",
     "TMPDIR": "each container has its own /tmp",
+    "AIRFLOW__API__HOST": "the container's interfaces: the other containers call the API server there",
 }
 
 
@@ -310,11 +329,14 @@ def test_every_airflow_component_runs_on_one_shared_configuration(compose):
                 "--local",
             ]
     init = services["airflow-init"]
-    assert {k: init[k] for k in ("image", "environment", "volumes")} == {
-        k: reference[k] for k in ("image", "environment", "volumes")
-    }
+    assert {k: init[k] for k in ("image", "volumes")} == {k: reference[k] for k in ("image", "volumes")}
+    # The users' passwords reach the one-shot init, which writes them to the auth manager's file
+    # (0600), and no long-running service.
+    passwords = {f"AIRFLOW_{user.upper()}_PASSWORD" for user in localstack.AIRFLOW_USERS}
+    assert {k: v for k, v in init["environment"].items() if k not in passwords} == reference["environment"]
+    assert passwords <= set(init["environment"]) and not passwords & set(reference["environment"])
     assert init["restart"] == "no" and "healthcheck" not in init
-    assert init["command"][-1].startswith("airflow db migrate")
+    assert init["command"][-1].startswith("python -m devtools.compose_users && airflow db migrate")
     env = reference["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) <= 8
@@ -364,7 +386,13 @@ def listening_port(service: dict) -> int:
 def test_http_services_publish_and_check_the_port_they_listen_on(compose):
     services = compose["services"]
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert published == {name: [f"{port}:{port}"] for name, port in PUBLISHED.items()}, "Postgres stays unpublished"
+    assert published == {name: [f"127.0.0.1:{port}:{port}"] for name, port in PUBLISHED.items()}, (
+        "Postgres stays unpublished"
+    )
+    exposed = interpolated(raw_compose(), {**DOT_ENV, "LLMOPS_BIND_ADDRESS": "0.0.0.0"})["services"]
+    assert {name: exposed[name]["ports"] for name in PUBLISHED} == {
+        name: [f"0.0.0.0:{port}:{port}"] for name, port in PUBLISHED.items()
+    }
     health = {}
     for name, port in PUBLISHED.items():
         assert listening_port(services[name]) == port
@@ -499,27 +527,29 @@ def test_project_settings_reach_the_compose_services(compose, monkeypatch):
 # -- secrets and the image -------------------------------------------------------------------------
 
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|(^|_)TOKEN($|_)|_KEY$")
-_REFERENCE = re.compile(r"\$\{(\w+)(?::-[^}]*)?\}")
+_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]+\}")
+_URL_PASSWORD = re.compile(r"://[^:/@]+:(\$\{[^}]*\}|[^@]+)@")  # urlsplit cannot: '?' is the operator
 
 
-def test_no_secret_is_hard_coded():
-    """Every secret is a variable with a default the file's header names as local-only."""
+def test_no_secret_is_hard_coded_or_defaulted():
+    """Every secret is a required variable (``${NAME:?why}``) that the file's header names."""
     raw = raw_compose()
     header = "".join(line for line in COMPOSE_FILE.read_text().splitlines(keepends=True) if line.startswith("#"))
     secrets = []
     for service in raw["services"].values():
         for key, value in (service.get("environment") or {}).items():
-            if _SECRET_NAME.search(key):
+            if _SECRET_NAME.search(key) and not key.endswith("_FILE"):  # a *_FILE names where one is
                 secrets.append((key, str(value)))
         for value in [*(service.get("environment") or {}).values(), *(service.get("command") or [])]:
-            password = urlsplit(str(value)).password if "://" in str(value) else None
+            password = _URL_PASSWORD.search(str(value))
             if password:
-                secrets.append((str(value), password))
-    assert len(secrets) >= 4
+                secrets.append((str(value), password.group(1)))
+    assert len(secrets) >= 6
     for where, value in secrets:
-        reference = _REFERENCE.fullmatch(value)
-        assert reference, f"{where}: a hard-coded secret; use ${{NAME:-local-only default}}"
+        reference = _REQUIRED.fullmatch(value)
+        assert reference, f"{where}: a hard-coded or defaulted secret; use ${{NAME:?set NAME in .env}}"
         assert reference.group(1) in header, f"{where}: {reference.group(1)} is not documented in the header"
+        assert reference.group(1) in SECRETS
 
 
 def test_dockerfile_installs_the_pinned_environment_in_cached_layers():

@@ -30,11 +30,11 @@ from llmops.config import PROJECT_ROOT, DataConfig, Settings, get_settings
 from llmops.data import token_profile, transforms, versioning
 from llmops.data.corpus import build_in_fresh_interpreter
 from llmops.data.ingest import read_raw
-from llmops.data.pii import PII_REGEX_LIST
 from llmops.data.records import DataQualityError, normalized_key
 from llmops.data.validation import validate_records
 from llmops.prompts import PromptCatalogError, load_registered, load_template
 from llmops.runs import run_folder
+from serving.pii import PII_REGEX_LIST
 
 DAG_ID = "llm_data_prep"
 BUNDLED_SOURCE = f"python-docs:{platform.python_version()}"

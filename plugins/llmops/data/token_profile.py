@@ -222,7 +222,7 @@ class _TransformersChatTokenizer:
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)  # nosec B615 - a folder
         self.chat_template = self.tokenizer.chat_template
         self.eos_token = self.tokenizer.eos_token
 
@@ -332,7 +332,7 @@ def _fetch_staged_tokenizer(
                 )
             (staging / file).write_bytes(data)
         (staging / STAGED_MARKER).write_text(json.dumps(wanted, sort_keys=True))
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # nosec B103 - a folder: readable tokenizer files, nothing secret
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

@@ -12,7 +12,6 @@ import re
 import unicodedata
 from collections import Counter
 
-from llmops.data import pii
 from llmops.data.records import (
     ORIGIN,
     SPLITS,
@@ -25,6 +24,7 @@ from llmops.data.records import (
     where,
 )
 from llmops.prompts import PromptTemplate
+from serving import pii
 
 # C0/C1 control characters except tab and newline, plus zero-width and BOM characters that
 # survive NFC and make identical-looking texts differ.

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmops.data.pii import PII_REGEX_LIST, PII_TYPES, find_pii, scrub_text
+from serving.pii import PII_REGEX_LIST, PII_TYPES, find_pii, scrub_text
 
 # (type, text, the PII value inside the text)
 POSITIVES = [

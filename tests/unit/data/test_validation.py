@@ -8,7 +8,6 @@ import os
 import pytest
 
 from llmops import storage
-from llmops.data.pii import PII_REGEX_LIST
 from llmops.data.records import SPLITS, DataQualityError
 from llmops.data.validation import (
     EXPECTATIONS_DIR,
@@ -16,6 +15,7 @@ from llmops.data.validation import (
     load_suite_definition,
     validate_records,
 )
+from serving.pii import PII_REGEX_LIST
 
 SUITE = "curated_dataset"
 PARAMS = {"max_tokens": 64, "min_records": 3, "pii_regex_list": PII_REGEX_LIST}

@@ -11,6 +11,7 @@ import pytest
 from serving.access import (
     AccessConfigError,
     ApiKeys,
+    CaptureRoots,
     ModelStore,
     RateLimiter,
     SourceRefused,
@@ -18,6 +19,7 @@ from serving.access import (
     load_api_keys,
     parse_api_keys,
     presented_key,
+    role_allows,
 )
 
 
@@ -245,4 +247,86 @@ def test_a_key_may_hold_a_hash_sign_and_comments_follow_a_space():
     keys = parse_api_keys(
         ["ops abcdefghijklmnop#qrstuvwx", "# a comment line", "ci 0123456789abcdefXYZ  # rotated"], "f"
     )
-    assert keys == {"ops": key_digest("abcdefghijklmnop#qrstuvwx"), "ci": key_digest("0123456789abcdefXYZ")}
+    assert {name: key.digest for name, key in keys.items()} == {
+        "ops": key_digest("abcdefghijklmnop#qrstuvwx"),
+        "ci": key_digest("0123456789abcdefXYZ"),
+    }
+
+
+# -- roles --------------------------------------------------------------------------------------
+
+
+def test_a_key_line_names_its_role_and_a_line_without_one_only_invokes(tmp_path):
+    admin, ops, caller, single = fresh_key(), fresh_key(), fresh_key(), fresh_key()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"airflow {admin} admin\nops sha256:{hashlib.sha256(ops.encode()).hexdigest()} operate\n")
+    keys_file.write_text(keys_file.read_text() + f"notebook {caller}\n")
+    keys_file.chmod(0o600)
+    keys = load_api_keys(str(keys_file), {"LLMOPS_GATEWAY_API_KEY": single})
+    assert keys.roles == {"airflow": "admin", "ops": "operate", "notebook": "invoke", "default": "admin"}
+    assert keys.role(keys.identify(caller)) == "invoke"
+    invoking = load_api_keys(None, {"LLMOPS_GATEWAY_API_KEY": single, "LLMOPS_GATEWAY_API_KEY_ROLE": "invoke"})
+    assert invoking.roles == {"default": "invoke"}
+    with pytest.raises(AccessConfigError, match="LLMOPS_GATEWAY_API_KEY_ROLE: 'root' is not one of invoke"):
+        load_api_keys(None, {"LLMOPS_GATEWAY_API_KEY": single, "LLMOPS_GATEWAY_API_KEY_ROLE": "root"})
+
+
+def test_a_bad_role_is_named_with_its_line_and_never_the_key():
+    key = fresh_key()
+    with pytest.raises(
+        AccessConfigError, match="keys:2: .* the third field is not one of invoke, operate, admin"
+    ) as caught:
+        parse_api_keys([f"a {fresh_key()}", f"b {key} superuser"], "keys")
+    assert key not in str(caught.value) and "superuser" not in str(caught.value)
+    with pytest.raises(AccessConfigError, match="keys:1: expected .* then optionally a role"):
+        parse_api_keys([f"a {key} admin extra"], "keys")
+
+
+def test_a_role_holds_the_ones_below_it():
+    assert [role_allows("invoke", needed) for needed in ("invoke", "operate", "admin")] == [True, False, False]
+    assert [role_allows("operate", needed) for needed in ("invoke", "operate", "admin")] == [True, True, False]
+    assert [role_allows("admin", needed) for needed in ("invoke", "operate", "admin")] == [True, True, True]
+
+
+# -- container URLs: a host and a port, nothing else ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:5000/api/2.0/mlflow/experiments/create", "has a path"),
+        ("http://127.0.0.1:5000?x=1", "has a query"),
+        ("http://127.0.0.1:5000/#frag", "has a fragment"),
+        ("http://user:pw@127.0.0.1:5000", "has credentials"),
+        ("ftp://127.0.0.1:21", "needs http:// or https://"),
+        ("unix:///var/run/docker.sock", "needs http:// or https://"),
+        ("http://127.0.0.1:notaport", "is not a URL"),
+    ],
+)
+def test_a_container_url_with_more_than_a_host_and_port_is_refused(url, why):
+    for store in (ModelStore(["/srv/store"]), ModelStore(["/srv/store"], allow_remote_containers=True)):
+        with pytest.raises(SourceRefused, match=why):
+            store.check_container_url("m", url)
+
+
+# -- capture roots ------------------------------------------------------------------------------
+
+
+def test_capture_stays_inside_its_roots_after_dots_and_links_are_resolved(tmp_path):
+    root = tmp_path / "capture"
+    root.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    roots = CaptureRoots([str(root)])
+    assert roots.check("cfg", str(root / "ep")) == root / "ep"
+    assert roots.check("cfg", (root / "a" / "b").as_uri()) == root / "a" / "b"
+    for destination in (str(root / ".." / "elsewhere"), str(root / "escape" / "x"), "/etc", str(outside)):
+        with pytest.raises(SourceRefused, match="is outside the capture roots") as caught:
+            roots.check("cfg", destination)
+        assert "endpoint config cfg" in str(caught.value)
+    for destination, why in (("s3://bucket/capture", "folder or a file:// URI"), ("relative/dir", "not an absolute")):
+        with pytest.raises(SourceRefused, match=why):
+            roots.check("cfg", destination)
+    with pytest.raises(AccessConfigError, match="no capture root"):
+        CaptureRoots([])

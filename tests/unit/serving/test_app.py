@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -130,3 +131,39 @@ def test_operator_caps_on_new_and_prompt_tokens(monkeypatch):
         monkeypatch.setenv("LLMOPS_MAX_NEW_TOKENS", bad)
         with pytest.raises(ValueError, match="LLMOPS_MAX_NEW_TOKENS"):
             create_app(loader=FakeModel)
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_held(served):
+    """Announced too large, or streamed past the cap without a length: 413 either way, and the
+    model never sees it."""
+    client, model = served
+
+    def chunks():
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"x" * 65536
+
+    streamed = client.post("/invocations", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and f"over {MAX_BODY_BYTES} bytes" in streamed.json()["error"]
+    announced = client.post(
+        "/invocations",
+        content=b"{}",
+        headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)},
+    )
+    assert announced.status_code == 413, announced.text
+    assert model.calls == []
+
+
+def test_the_model_server_listens_on_loopback_unless_its_image_says_otherwise(monkeypatch):
+    import serving.app as app_module
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: seen.update(options))
+    monkeypatch.delenv("LLMOPS_SERVING_FD", raising=False)
+    monkeypatch.delenv("LLMOPS_SERVING_HOST", raising=False)
+    app_module.main()
+    assert seen["host"] == "127.0.0.1"
+    monkeypatch.setenv("LLMOPS_SERVING_HOST", "0.0.0.0")
+    app_module.main()
+    assert seen["host"] == "0.0.0.0"
+    dockerfile = (Path(__file__).resolve().parents[3] / "Dockerfile").read_text()
+    assert "ENV LLMOPS_SERVING_HOST=0.0.0.0" in dockerfile  # the serving image, where SageMaker reaches it

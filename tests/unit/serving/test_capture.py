@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import re
+import shutil
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from serving.capture import (
+    CaptureBudget,
     CaptureFormatError,
     CaptureWriter,
     capture_record,
@@ -524,3 +527,47 @@ def test_local_root_takes_a_folder_or_a_file_uri(tmp_path):
 def test_local_root_rejects_remote_destinations(destination):
     with pytest.raises(ValueError, match="folder or a file:// URI"):
         local_root(destination)
+
+
+# -- budgets: bounded queue, bounded disk --------------------------------------------------------
+
+
+def test_a_destination_over_its_budget_drops_records_counted_and_never_waits(tmp_path, caplog):
+    one = len(json.dumps(record(), separators=(",", ":")).encode()) + 1
+    (tmp_path / "ep").mkdir()
+    (tmp_path / "ep" / "earlier.jsonl").write_bytes(b"x" * one)  # what an earlier run left counts too
+    w = write(
+        tmp_path, [("ep", "champion", record(event_id=str(n))) for n in range(5)], budget=CaptureBudget(3 * one, 0)
+    )
+    assert (w.written, w.dropped) == (2, {"QueueFull": 0, "OverBudget": 3})
+    assert "capture is dropping records" in caplog.text and "the budget is" in caplog.text
+
+
+def test_capture_leaves_the_disk_its_free_space(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    w = write(tmp_path, [("ep", "champion", record())], budget=CaptureBudget(min_free_bytes=free + 10**9))
+    assert (w.written, w.dropped["OverBudget"]) == (0, 1)
+    assert not list(tmp_path.rglob("*.jsonl"))
+
+
+def test_a_full_queue_drops_and_counts_instead_of_growing(tmp_path, monkeypatch):
+    w = CaptureWriter(flush_interval=0.01, budget=CaptureBudget(max_queued=3))
+    writing, release = threading.Event(), threading.Event()
+
+    def stuck(*_):  # a disk that does not answer
+        writing.set()
+        release.wait(10)
+
+    monkeypatch.setattr(w, "_write", stuck)
+    w.submit(tmp_path, "ep", "champion", record(event_id="first"))
+    assert writing.wait(5)  # the writer holds the first record
+    for n in range(10):
+        w.submit(tmp_path, "ep", "champion", record(event_id=str(n)))
+    assert (w.pending(), w.dropped["QueueFull"]) == (3, 7)
+    release.set()
+    w.close()
+
+
+def test_a_budget_must_be_positive():
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        CaptureBudget(max_bytes=0)

@@ -313,3 +313,36 @@ def test_a_tag_sets_the_guardrail_mode_of_a_config():
     assert config(Tags=[{"Key": "llmops:guardrails", "Value": "block"}]).guardrails == "block"
     with pytest.raises(ValidationError, match="tag llmops:guardrails must be one of off, flag, block, got 'strict'"):
         config(Tags=[{"Key": "llmops:guardrails", "Value": "strict"}])
+
+
+def test_a_model_server_inherits_no_credentials_and_none_of_the_gateways_keys():
+    from serving.gateway.servers import model_server_environment
+
+    parent = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/llmops",
+        "HF_HUB_OFFLINE": "1",
+        "OPENBLAS_CORETYPE": "Haswell",
+        "LLMOPS_MODELS_DIR": "/models",
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "AWS_SESSION_TOKEN": "token",
+        "LLMOPS_GATEWAY_API_KEY": "k" * 32,
+        "LLMOPS_GATEWAY_API_KEYS_FILE": "/secrets/keys",
+        "AIRFLOW__CORE__FERNET_KEY": "f" * 44,
+        "DATABASE_URL": "postgresql://u:p@db/x",
+        "SAGEMAKER_BIND_TO_PORT": "8080",
+    }
+    environment = model_server_environment(
+        parent, {"LLMOPS_SYSTEM_PROMPT": "Be brief."}, {"LLMOPS_MAX_NEW_TOKENS": "64"}, {"SM_MODEL_DIR": "/m"}
+    )
+    assert environment == {
+        "PATH": "/usr/bin",
+        "HOME": "/home/llmops",
+        "HF_HUB_OFFLINE": "1",
+        "OPENBLAS_CORETYPE": "Haswell",
+        "LLMOPS_MODELS_DIR": "/models",
+        "LLMOPS_SYSTEM_PROMPT": "Be brief.",
+        "LLMOPS_MAX_NEW_TOKENS": "64",
+        "SM_MODEL_DIR": "/m",
+    }

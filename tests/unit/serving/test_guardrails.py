@@ -166,8 +166,8 @@ def test_text_payloads_are_scanned_and_binary_ones_pass():
 
 
 def test_the_pii_patterns_are_the_curation_steps_own():
-    from llmops.data.pii import PII_REGEX_LIST, PII_TYPES
     from serving.guardrails import PII_PATTERNS
+    from serving.pii import PII_REGEX_LIST, PII_TYPES
 
     shared = {rule.name.removeprefix("pii.").upper(): rule.pattern.pattern for rule in RULES}
     assert {t: shared[t] for t in PII_TYPES} == dict(zip(PII_TYPES, PII_REGEX_LIST, strict=True)) == PII_PATTERNS

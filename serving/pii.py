@@ -1,4 +1,5 @@
-"""Find and scrub personally identifiable information (PII) in instruction-tuning text.
+"""Find and scrub personally identifiable information (PII): one scrubber for curation (the
+``scrub_pii`` step of ``llm_data_prep``) and for captured traffic (the gateway's capture writer).
 
 Scrubbing replaces each occurrence with a typed placeholder (``[EMAIL]``, ``[PHONE]``, ...) rather
 than deleting it: the sentence stays grammatical and the model still learns *where* such a value
@@ -24,8 +25,8 @@ from typing import NamedTuple
 
 from serving.guardrails import PII_PATTERNS, SECRET_TOKEN_LENGTH, luhn_ok
 
-# The patterns live with the gateway's guardrails (``serving`` ships to the model container,
-# which has no ``llmops``), so curation and serving find the same PII.
+# The patterns are the gateway's guardrails' own, so curation, guardrails and capture find the
+# same PII; ``serving`` ships to the model container, which has no ``llmops``.
 PII_TYPES: tuple[str, ...] = tuple(PII_PATTERNS)
 
 
