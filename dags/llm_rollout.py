@@ -20,6 +20,11 @@ plan_rollout → deploy_shadow → compare_shadow → shift_traffic_<step>… �
   rolls back at once: traffic returns to the champion and the candidate is tagged rejected with
   the reasons. A task that fails outright also restores the champion before the run fails.
 
+With `serving.rollout.evidence`, each phase also runs sequential tests with stated power (error
+rate, slow requests, and the pairwise judge in the shadow); a step bakes on live traffic and
+replays only below `min_live_invocations`, and a test still undecided at `max_step_seconds` is
+inconclusive and takes `on_inconclusive`.
+
 Every decision comes from `llmops.rollout.policy` (pure functions of the measurements, with reasons);
 `record_rollout` logs the measurements to an MLflow run linked from the candidate's version.
 
@@ -46,7 +51,10 @@ from llmops.rollout.policy import all_phases_passed, first_stop, rollout_outcome
 
 SETTINGS = get_settings()
 POLICY = SETTINGS.serving.policy()
+EVIDENCE = POLICY.evidence
 DEPLOY_TIMEOUT = timedelta(minutes=SETTINGS.serving.deploy_timeout_minutes * 2 + 10)
+# A traffic step also bakes and collects evidence, up to its time limit.
+STEP_TIMEOUT = DEPLOY_TIMEOUT + timedelta(seconds=POLICY.bake_seconds + (EVIDENCE.max_step_seconds if EVIDENCE else 0))
 
 
 @dag(
@@ -97,6 +105,23 @@ DEPLOY_TIMEOUT = timedelta(minutes=SETTINGS.serving.deploy_timeout_minutes * 2 +
             title="Bake time per step (s)",
             description="How long each traffic step lets live traffic flow before its guardrail check.",
         ),
+        "max_step_seconds": Param(
+            EVIDENCE.max_step_seconds if EVIDENCE else None,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            # The step's task times out past the configured limit.
+            **({"maximum": EVIDENCE.max_step_seconds} if EVIDENCE else {}),
+            title="Step time limit (s)",
+            description="How long a step collects for its sequential tests (at most the configured limit);"
+            " undecided then is inconclusive.",
+        ),
+        "on_inconclusive": Param(
+            EVIDENCE.on_inconclusive if EVIDENCE else None,
+            type=["null", "string"],
+            enum=[None, "roll_back", "promote"],
+            title="An inconclusive test",
+            description="What a test still undecided at the time limit decides.",
+        ),
     },
 )
 def llm_rollout():
@@ -135,7 +160,7 @@ def llm_rollout():
         return result
 
     def traffic_step(share: float):
-        @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=DEPLOY_TIMEOUT)
+        @task(task_id=f"shift_traffic_{step_label(share)}", execution_timeout=STEP_TIMEOUT)
         @fail_without_retry
         def shift(plan: dict | None, shadow: dict, earlier: dict[str, dict | None]) -> dict:
             """``earlier``: every phase before this step, in order, by task id."""

@@ -222,3 +222,58 @@ def make_judge(settings: Settings):
     if settings.evaluation.judge == "bedrock":
         return BedrockJudge(settings.evaluation.judge_model_id, settings.aws.conn_id, settings.aws.region)
     return LocalJudge()
+
+
+# -- pairwise: the online judge of a rollout ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preference:
+    """Which of two answers to the same prompt the judge prefers: ``first``, ``second`` or ``tie``."""
+
+    winner: str
+    first: float
+    second: float
+    rationale: str = ""
+
+
+def echo_share(prompt: str, response: str) -> float:
+    """Share of the answer's words that are the prompt's: 1.0 for an answer that repeats the prompt."""
+    words = [w.strip(".,;:!?()[]{}\"'`").lower() for w in response.split()]
+    words = [w for w in words if w]
+    if not words:
+        return 0.0
+    asked = {w.strip(".,;:!?()[]{}\"'`").lower() for w in prompt.split()}
+    return sum(w in asked for w in words) / len(words)
+
+
+class PairwiseJudge:
+    """Compares two answers to one prompt with a single-answer judge, shown in the order given.
+
+    Without a reference (live traffic) the local judge's accuracy is similarity to the question,
+    which an answer that echoes the question maximises; here each answer's score is cut by how much
+    of it is the prompt's own words beyond ``echo_free`` (an answer naturally reuses some), down to
+    the rubric's minimum for a pure echo. Scores closer than ``tie_margin`` are a tie. The offline
+    evaluation keeps scoring answers one at a time (``judge_rows``)."""
+
+    def __init__(self, judge: Judge, tie_margin: float = 0.25, echo_free: float = 0.6):
+        if not 0 <= echo_free < 1:
+            raise ValueError(f"echo_free must lie in [0, 1), got {echo_free}")
+        self.judge = judge
+        self.tie_margin = tie_margin
+        self.echo_free = echo_free
+        self.label = f"pairwise, by {judge.label}"
+
+    def score(self, row: dict, rubric: PromptTemplate) -> tuple[float, str]:
+        overall = self.judge.judge(row, rubric).overall
+        echo = echo_share(row.get("prompt", ""), row.get("response", ""))
+        cut = max(0.0, (echo - self.echo_free) / (1 - self.echo_free))
+        if cut > 0:
+            return 1 + (overall - 1) * (1 - cut), f"{echo:.0%} of its words are the prompt's"
+        return overall, ""
+
+    def compare(self, first: dict, second: dict, rubric: PromptTemplate) -> Preference:
+        (a, why_a), (b, why_b) = self.score(first, rubric), self.score(second, rubric)
+        winner = "tie" if abs(a - b) < self.tie_margin else "first" if a > b else "second"
+        notes = "; ".join(f"{side}: {why}" for side, why in (("first", why_a), ("second", why_b)) if why)
+        return Preference(winner, round(a, 3), round(b, 3), notes)

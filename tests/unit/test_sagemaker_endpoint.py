@@ -420,3 +420,17 @@ def test_serving_alone_then_moving_on_runs_against_sagemakers_api(settings, moto
     endpoints.delete_endpoint(ENDPOINT)
     endpoints.delete_endpoint(ENDPOINT)  # gone already: nothing to do
     assert endpoints.describe_endpoint(ENDPOINT) is None
+
+
+def test_the_aws_rollout_policy_states_its_power_and_feeds_the_rollback_alarms(settings):
+    """aws.yaml has its own production-sized rollout block: its p99 ceiling is the alarms' threshold,
+    and its sequential tests state sample sizes a real endpoint's traffic reaches, not a demo's."""
+    from llmops.rollout.policy import STEP_TESTS, required_sample_size
+
+    policy = settings.serving.policy()
+    assert policy.evidence is not None and policy.evidence.on_inconclusive == "roll_back"
+    assert policy.bake_seconds > 0 and policy.guardrails.min_invocations >= 100
+    sizes = required_sample_size(policy.evidence, STEP_TESTS)
+    assert all(n >= 500 for n in sizes.values()), sizes
+    alarms = alarm_requests(ENDPOINT, "v2", policy.guardrails.max_p99_latency_ms, 2)
+    assert alarms[1]["Threshold"] == policy.guardrails.max_p99_latency_ms * 1000 == 30_000_000

@@ -25,6 +25,8 @@ POLICY_PARAMS = {
     "max_error_rate": "guardrails.max_error_rate",
     "max_p99_latency_ms": "guardrails.max_p99_latency_ms",
     "bake_seconds": "bake_seconds",
+    "max_step_seconds": "evidence.max_step_seconds",
+    "on_inconclusive": "evidence.on_inconclusive",
 }
 
 
@@ -49,7 +51,14 @@ def rollout_context(
     if plan is None:
         skip("nothing to roll out")
     params = context["params"]
-    policy = settings.serving.policy({POLICY_PARAMS[k]: params[k] for k in POLICY_PARAMS if params.get(k) is not None})
+    overrides = {POLICY_PARAMS[k]: params[k] for k in POLICY_PARAMS if params.get(k) not in (None, "")}
+    unused = sorted(k for k in overrides if k.startswith("evidence."))
+    if unused and settings.serving.rollout.evidence is None:
+        raise AirflowFailException(
+            f"the form sets {', '.join(unused)}, but serving.rollout has no evidence block to override:"
+            " add one to the config"
+        )
+    policy = settings.serving.policy(overrides)
     return RolloutPlan.model_validate(plan), policy, run_key(context)
 
 

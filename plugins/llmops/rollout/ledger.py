@@ -70,6 +70,23 @@ def drop_challenger_alias(settings: Settings, version: str) -> None:
         mlflow_client.delete_registered_model_alias(settings.finetune.model_name, CHALLENGER)
 
 
+def evidence_metrics(prefix: str, evidence: dict | None) -> dict[str, float]:
+    """A phase's sequential tests as metrics: each test's sample size, its statistic, and the
+    sample size the policy stated for it; the pairwise judge's position bias where measured."""
+    if not evidence:
+        return {}
+    metrics = {}
+    for test in evidence["tests"]:
+        key = f"{prefix}.evidence.{test['name']}"
+        metrics[f"{key}.n"] = test["n"]
+        metrics[f"{key}.stated_n"] = evidence["stated_sample_size"][test["name"]]
+        if test["statistic"] is not None:
+            metrics[f"{key}.statistic"] = test["statistic"]
+    if evidence.get("position_bias") is not None:
+        metrics[f"{prefix}.judge_position_bias"] = evidence["position_bias"]
+    return metrics
+
+
 def record_rollout(settings: Settings, plan: RolloutPlan | dict, policy, lineage: dict, phases: dict) -> dict:
     """One MLflow run per rollout (in the model's experiment, keyed by the Airflow run): the
     policy, the shadow comparison and every step's figures, linked from the candidate's version.
@@ -122,6 +139,7 @@ def record_rollout(settings: Settings, plan: RolloutPlan | dict, policy, lineage
         for key in ("win_rate", "challenger_judge_mean", "champion_judge_mean"):
             if comparison[key] is not None:
                 metrics[f"shadow.{key}"] = comparison[key]
+        metrics.update(evidence_metrics("shadow", shadow.get("evidence")))
     for step in phases.get("steps", []):
         prefix = f"step.{step['label']}"
         window = step["window"]
@@ -131,6 +149,7 @@ def record_rollout(settings: Settings, plan: RolloutPlan | dict, policy, lineage
             metrics[f"{prefix}.p99_ms"] = window["p99_ms"]
         if step.get("judge_mean") is not None:
             metrics[f"{prefix}.judge_mean"] = step["judge_mean"]
+        metrics.update(evidence_metrics(prefix, step.get("evidence")))
     recorded = run.info.status == "FINISHED" and run.data.tags.get("llmops.record_sha256") == digest
     if not recorded:
         stamp = int(time.time() * 1000)

@@ -13,6 +13,13 @@ A challenger goes through three phases, each ending in a ``Decision`` (``llmops.
 3. **Promote or roll back**, done by the DAG: ``all_phases_passed`` promotes, ``first_stop`` names
    the phase that rolls back.
 
+With ``policy.evidence`` (an ``Evidence``), each phase also runs sequential tests whose power is
+stated (``required_sample_size``): the error rate and the share of slow requests (SPRTs), and in
+the shadow the pairwise judge's preference (a confidence sequence); see
+``llmops.rollout.sequential``. ``run_tests`` reads what was ``Observed``; ``evidence_checks``
+turns the outcomes into checks with their sample size, statistic and rule, and an inconclusive
+test (undecided at the step's time limit) takes ``evidence.on_inconclusive``.
+
 Nothing here knows Airflow, MLflow, the gateway or SageMaker: the same functions decide on the
 local gateway and on a SageMaker endpoint.
 """
@@ -22,11 +29,25 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmops.contracts import VariantWindow
 from llmops.gate import Check, Decision
+from llmops.rollout.sequential import (
+    TestOutcome,
+    bernoulli_sprt,
+    mean_shift_test,
+    required_bernoulli_sample_size,
+    required_mean_sample_size,
+)
+
+# A variant's p95 latency: 5% of its requests are slower.
+TAIL = 0.05
+# The pairwise judge's preference per prompt (challenger 1, tie 1/2, champion 0) lies in [0, 1]:
+# sub-Gaussian with sigma 1/2 (Hoeffding), whatever its distribution.
+PREFERENCE_SIGMA = 0.5
 
 
 class _Strict(BaseModel):
@@ -50,6 +71,49 @@ class Guardrails(_Strict):
     min_judged: int = Field(2, ge=1, description="the challenger's answers in a step the judge must have scored")
 
 
+class Evidence(_Strict):
+    """What a decision must be able to tell apart, and how often it may be wrong. Each test of a
+    decision runs at ``alpha`` split between the decision's tests (Bonferroni), so a challenger no
+    worse than the champion is rolled back at most ``alpha`` of the time per decision, and a
+    challenger with the stated harm passes at most ``beta`` of the time (power ``1 - beta``)."""
+
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="false roll-back rate a decision accepts")
+    beta: float = Field(0.2, gt=0, lt=0.5, description="rate of missing the stated harm a decision accepts")
+    baseline_error_rate: float = Field(
+        0.01, gt=0, lt=1, description="error rate taken as the champion's when its measured one is lower"
+    )
+    error_rate_harm: float = Field(0.05, gt=0, lt=1, description="error-rate increase to detect (0.05: +5 points)")
+    p95_increase: float = Field(
+        0.2, ge=0, description="p95 latency increase over the champion's that is harm (0.2: +20%)"
+    )
+    slow_share_harm: float = Field(
+        0.10,
+        gt=TAIL,
+        lt=1,
+        description="share of the challenger's requests above the latency limit to detect (5%: the limit is its p95)",
+    )
+    judge_win_rate_drop: float = Field(
+        0.15, gt=0, le=0.5, description="pairwise judge: how far below 0.5 the challenger's win rate is harm"
+    )
+    max_step_seconds: float = Field(600, gt=0, description="a step's time limit: undecided then is inconclusive")
+    on_inconclusive: Literal["roll_back", "promote"] = Field(
+        "roll_back", description="what an inconclusive test decides (never promote on thin evidence unless told)"
+    )
+    min_live_invocations: int = Field(
+        0, ge=0, description="live requests to the challenger a step expects; replay tops up below it"
+    )
+    poll_seconds: float = Field(2, gt=0, description="how often a step reads its metrics while it collects")
+
+    def error_rates(self, champion_rate: float | None = None) -> tuple[float, float]:
+        """(p0, p1) of the error-rate test: the champion's rate (never below the baseline), and that
+        plus the stated harm."""
+        p0 = max(self.baseline_error_rate, champion_rate or 0.0)
+        return p0, min(p0 + self.error_rate_harm, 0.999)
+
+    def split_alpha(self, tests: int) -> float:
+        return self.alpha / max(tests, 1)
+
+
 class RolloutPolicy(_Strict):
     traffic_steps: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0], min_length=1, max_length=10)
     replay_requests: int = Field(16, ge=0, description="requests replayed through the endpoint in the shadow phase")
@@ -58,6 +122,9 @@ class RolloutPolicy(_Strict):
     lookback_hours: float = Field(24, gt=0, description="how far back captured prompts are sampled for replay")
     shadow: ShadowCriteria = ShadowCriteria()
     guardrails: Guardrails = Guardrails()
+    evidence: Evidence | None = Field(
+        None, description="sequential tests with stated power; None: the fixed thresholds alone decide"
+    )
 
     @model_validator(mode="after")
     def _steps_see_traffic(self) -> RolloutPolicy:
@@ -276,3 +343,166 @@ def first_stop(phases: dict[str, dict | None]) -> dict | None:
 def rollout_outcome(promoted: dict | None, rolled_back: dict | None) -> str:
     """How a rollout run ended, as its record and the candidate's tags name it."""
     return "promoted" if promoted else "rolled back" if rolled_back else "unfinished"
+
+
+# -- decisions with stated power ---------------------------------------------------------------------
+
+STEP_TESTS = ("error_rate", "latency")
+SHADOW_TESTS = ("error_rate", "latency", "judge")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a phase saw of the challenger, as the sequential tests count it: its requests and errors,
+    the requests with a latency and how many were slower than the limit, the pairwise judge's
+    preferences (their count and sum), and where the requests came from."""
+
+    requests: int
+    errors: int
+    timed: int = 0
+    slow: int = 0
+    latency_limit_ms: float | None = None
+    pairs: int = 0
+    preference: float = 0.0
+    live: int = 0
+    replayed: int = 0
+    latency_measured: bool = True  # per-request latencies exist (SageMaker's capture has none)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_limit(champion_p95_ms: float | None, evidence: Evidence) -> float | None:
+    """The latency above which a challenger's request counts as slow: the champion's p95, plus the
+    increase the policy allows. A challenger whose p95 is within it has at most 5% of its requests
+    above it; the test detects one with ``slow_share_harm`` of them above (its p90 there, at 10%)."""
+    return champion_p95_ms * (1 + evidence.p95_increase) if champion_p95_ms else None
+
+
+def required_sample_size(
+    evidence: Evidence, tests: tuple[str, ...] = STEP_TESTS, champion_error_rate: float | None = None
+) -> dict[str, int]:
+    """The sample size each test of a decision needs, stated before it starts: by then the test has
+    caught the stated harm with probability at least ``1 - beta``, and (for the rates) passed a
+    challenger no worse than the champion with probability at least ``1 - alpha``."""
+    alpha, beta = evidence.split_alpha(len(tests)), evidence.beta
+    sizes = {}
+    for test in tests:
+        if test == "error_rate":
+            sizes[test] = required_bernoulli_sample_size(*evidence.error_rates(champion_error_rate), alpha, beta)
+        elif test == "latency":
+            sizes[test] = required_bernoulli_sample_size(TAIL, evidence.slow_share_harm, alpha, beta)
+        elif test == "judge":
+            sizes[test] = required_mean_sample_size(PREFERENCE_SIGMA, evidence.judge_win_rate_drop, alpha, beta)
+        else:
+            raise ValueError(f"unknown sequential test {test!r}: one of {', '.join(SHADOW_TESTS)}")
+    return sizes
+
+
+def run_tests(
+    evidence: Evidence,
+    observed: Observed,
+    tests: tuple[str, ...] = STEP_TESTS,
+    champion_error_rate: float | None = None,
+) -> list[TestOutcome]:
+    """Each sequential test on what was observed so far (see ``llmops.rollout.sequential``)."""
+    alpha, beta = evidence.split_alpha(len(tests)), evidence.beta
+    horizons = required_sample_size(evidence, tests, champion_error_rate)
+    outcomes = []
+    for test in tests:
+        if test == "error_rate":
+            p0, p1 = evidence.error_rates(champion_error_rate)
+            outcomes.append(
+                bernoulli_sprt("error_rate", observed.requests, observed.errors, p0, p1, alpha, beta, horizons[test])
+            )
+        elif test == "latency":
+            if not observed.latency_measured:
+                why = "no per-request latencies (the capture has none): the p99 ceiling and alarms guard latency"
+                outcomes.append(TestOutcome("latency", "untested", 0, None, None, None, why))
+                continue
+            if observed.latency_limit_ms is None:
+                outcomes.append(TestOutcome("latency", "undecided", 0, None, None, None, "no champion p95 to limit"))
+                continue
+            outcome = bernoulli_sprt(
+                "latency", observed.timed, observed.slow, TAIL, evidence.slow_share_harm, alpha, beta, horizons[test]
+            )
+            rule = f"slower than {observed.latency_limit_ms:.0f} ms: {outcome.rule}"
+            outcomes.append(TestOutcome(**{**outcome.to_dict(), "rule": rule}))
+        elif test == "judge":
+            outcomes.append(
+                mean_shift_test(
+                    "judge",
+                    observed.pairs,
+                    observed.preference,
+                    0.5,
+                    evidence.judge_win_rate_drop,
+                    PREFERENCE_SIGMA,
+                    alpha,
+                    beta,
+                )
+            )
+    return outcomes
+
+
+def keep_decided(before: list[TestOutcome] | None, now: list[TestOutcome]) -> list[TestOutcome]:
+    """Each test's first decision stands: a sequential test stops when it decides, and looking on
+    afterwards (while another test still collects) would give it more chances to be wrong."""
+    done = {o.name: o for o in before or () if o.verdict in ("harm", "no_harm")}
+    return [done.get(o.name, o) for o in now]
+
+
+def settled(outcomes: list[TestOutcome], horizons: dict[str, int]) -> bool:
+    """Collecting more changes nothing: a test found harm (that rolls back whatever the others
+    say), or every test decided or reached its stated sample size."""
+    if any(o.verdict == "harm" for o in outcomes):
+        return True
+    return all(o.verdict in ("harm", "no_harm", "untested") or o.n >= horizons[o.name] for o in outcomes)
+
+
+def evidence_source(observed: Observed) -> str:
+    if observed.live and observed.replayed:
+        return "both"
+    return "replayed" if observed.replayed else "live" if observed.live else "none"
+
+
+def evidence_checks(
+    label: str, outcomes: list[TestOutcome], evidence: Evidence, horizons: dict[str, int], observed: Observed
+) -> list[Check]:
+    """One check per sequential test (its verdict, sample size, statistic and the rule that fired),
+    and one naming the evidence: live, replayed or both, and whether it was thin (some test stopped
+    short of its stated sample size undecided)."""
+    checks = []
+    for o in outcomes:
+        stated = f"n {o.n} of stated {horizons[o.name]}"
+        if o.verdict == "harm":
+            checks.append(Check(f"{label}_{o.name}_test", False, f"{label} {o.name}: harm ({stated}); {o.rule}"))
+        elif o.verdict == "no_harm":
+            checks.append(Check(f"{label}_{o.name}_test", True, f"{label} {o.name}: no harm ({stated}); {o.rule}"))
+        elif o.verdict == "untested":
+            checks.append(Check(f"{label}_{o.name}_test", True, f"{label} {o.name}: not tested; {o.rule}", True))
+        else:
+            default = evidence.on_inconclusive
+            checks.append(
+                Check(
+                    f"{label}_{o.name}_test",
+                    default == "promote",
+                    f"{label} {o.name}: inconclusive ({stated}), default {default.replace('_', ' ')}; {o.rule}",
+                )
+            )
+    thin = any(o.verdict == "undecided" and o.n < horizons[o.name] for o in outcomes)
+    checks.append(
+        Check(
+            f"{label}_evidence",
+            True,
+            f"{label} evidence: {evidence_source(observed)} ({observed.live} live, {observed.replayed} replayed"
+            f" requests{f', {observed.pairs} judged pairs' if observed.pairs else ''})"
+            + ("; thin: a test stopped short of its stated sample size" if thin else ""),
+        )
+    )
+    return checks
+
+
+def with_evidence(decision: Decision, checks: list[Check]) -> Decision:
+    """A fixed-threshold decision with the sequential tests' checks added: both must pass."""
+    merged = (*decision.checks, *checks)
+    return Decision(all(c.passed for c in merged), merged)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from llmops.capture import request_prompt
 from llmops.config import Settings
 from llmops.encoder import make_sentence_encoder
-from llmops.judges import JudgeError, make_judge
+from llmops.judges import JudgeError, PairwiseJudge, make_judge
 from llmops.prompts import load_eval_catalog, load_registered
 from serving.capture import read_capture
 from training.metrics import chrf, exact_match, is_refusal, repetition_rate
@@ -94,7 +95,8 @@ def replay(
 ) -> list[dict]:
     """Send ``items`` (cycled) through the endpoint with ``invoke_endpoint``, routed by weight: at
     least ``minimum`` requests, then on until ``until(results)`` holds or ``maximum`` is reached.
-    Returns one result per request: item, invoked variant, status."""
+    Returns one result per request: item, invoked variant, status (and, when answered, the latency
+    the caller saw)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not items or minimum <= 0:
@@ -105,6 +107,7 @@ def replay(
 
     def send(index: int) -> dict:
         item = items[index % len(items)]
+        began = time.perf_counter()
         try:
             response = runtime.invoke_endpoint(
                 EndpointName=endpoint,
@@ -114,7 +117,13 @@ def replay(
                 InferenceId=f"{tag}-{index}"[:64],
             )
             response["Body"].read()
-            return {"item": item["id"], "variant": response.get("InvokedProductionVariant"), "status": 200}
+            return {
+                "item": item["id"],
+                "variant": response.get("InvokedProductionVariant"),
+                "status": 200,
+                # The caller's view: the model's latency plus the network, so never less than it.
+                "latency_ms": (time.perf_counter() - began) * 1000,
+            }
         except ClientError as exc:
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return {
@@ -180,8 +189,9 @@ def captured_rows(records, references: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
-    """The judge's overall score (1-10) of each row; an answer that failed scores None."""
+def judge_signals(settings: Settings, rows: list[dict]) -> list[dict]:
+    """Each row with the signals the local judge reads: similarity to the question (and to the
+    reference, with chrF and exact match, where the row has one), repetition, refusal."""
 
     if not rows:
         return []
@@ -193,13 +203,8 @@ def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
     )
     to_question = embedder.similarity(responses, [r["prompt"] for r in rows])
     similarity = dict(zip(with_reference, to_reference, strict=True))
-    judge = make_judge(settings)
-    rubric = load_registered(settings.mlflow.tracking_uri, "judge_rubric")
-    scores: list[float | None] = []
+    signalled = []
     for index, row in enumerate(rows):
-        if row["failed"]:
-            scores.append(None)
-            continue
         signals = {
             **row,
             "question_similarity": to_question[index],
@@ -211,11 +216,80 @@ def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
             signals["chrf"] = chrf(row["response"], row["reference"])
             if row["kind"] == "short_answer":
                 signals["exact_match"] = exact_match(row["response"], row["reference"])
+        signalled.append(signals)
+    return signalled
+
+
+def score_rows(settings: Settings, rows: list[dict]) -> list[float | None]:
+    """The judge's overall score (1-10) of each row; an answer that failed scores None."""
+
+    if not rows:
+        return []
+    judge = make_judge(settings)
+    rubric = load_registered(settings.mlflow.tracking_uri, "judge_rubric")
+    scores: list[float | None] = []
+    for signals in judge_signals(settings, rows):
+        if signals["failed"]:
+            scores.append(None)
+            continue
         try:
             scores.append(judge.judge(signals, rubric).overall)
         except JudgeError:
             scores.append(None)
     return scores
+
+
+def pairwise_preferences(settings: Settings, pairs: list[tuple[dict, dict]], seed: str, swap_every: int = 4) -> dict:
+    """The pairwise judge on (challenger row, champion row) pairs of answers to the same prompt.
+
+    Each pair is shown in a random order (seeded by ``seed``, so a re-run judges alike); every
+    ``swap_every``-th pair is judged in both orders, which measures position bias (how often the
+    first position wins once the pair is swapped: 0.5 is none, among decided pairs) and averages it
+    out of that pair. Returns the challenger's preference per pair (1 wins, 0.5 tie, 0 loses; None
+    when either answer failed or the judge could not), and the bias figures."""
+    if swap_every < 1:
+        raise ValueError(f"swap_every must be at least 1, got {swap_every}")
+    rng = random.Random(seed)
+    judge = PairwiseJudge(make_judge(settings))
+    rubric = load_registered(settings.mlflow.tracking_uri, "judge_rubric")
+    signalled = judge_signals(settings, [row for pair in pairs for row in pair])
+    preferences: list[float | None] = []
+    first_wins = decided = swapped = 0
+
+    def challenger_share(preference, challenger_first: bool) -> float:
+        if preference.winner == "tie":
+            return 0.5
+        return 1.0 if (preference.winner == "first") == challenger_first else 0.0
+
+    for index in range(len(pairs)):
+        mine, theirs = signalled[2 * index], signalled[2 * index + 1]
+        if mine["failed"] or theirs["failed"]:
+            preferences.append(None)
+            continue
+        challenger_first = rng.random() < 0.5
+        order = (mine, theirs) if challenger_first else (theirs, mine)
+        try:
+            shares = [challenger_share(judge.compare(*order, rubric), challenger_first)]
+            if index % swap_every == 0:
+                again = judge.compare(order[1], order[0], rubric)
+                shares.append(challenger_share(again, not challenger_first))
+                swapped += 1
+                first = (shares[0] == 1.0) if challenger_first else (shares[0] == 0.0)
+                second_first = again.winner == "first"
+                for won_first, tie in ((first, shares[0] == 0.5), (second_first, again.winner == "tie")):
+                    if not tie:
+                        decided += 1
+                        first_wins += won_first
+        except JudgeError:
+            preferences.append(None)
+            continue
+        preferences.append(sum(shares) / len(shares))
+    return {
+        "preferences": preferences,
+        "judge": judge.label,
+        "swapped_pairs": swapped,
+        "position_bias": first_wins / decided if decided else None,
+    }
 
 
 def shadow_pairs(records) -> list[tuple]:

@@ -28,23 +28,38 @@ from llmops.backends.endpoints.base import (
     serve_alone,
     variant_name,
 )
+from llmops.capture import request_prompt
 from llmops.config import Settings
 from llmops.contracts import VariantWindow
+from llmops.gate import Check
 from llmops.rollout.contracts import RolloutPlan
 from llmops.rollout.ledger import drop_challenger_alias, finished_phase, record_phase, tag_version
 from llmops.rollout.plan import current_champion
 from llmops.rollout.policy import (
+    SHADOW_TESTS,
+    STEP_TESTS,
+    Observed,
+    RolloutPolicy,
     check_guardrails,
     compare_shadow,
     decide_shadow,
+    evidence_checks,
+    evidence_source,
+    keep_decided,
+    latency_limit,
+    required_sample_size,
+    run_tests,
+    settled,
     step_label,
     step_request_budget,
     step_weights,
+    with_evidence,
 )
 from llmops.rollout.replay import (
     captured_rows,
     catalog_items,
     mean,
+    pairwise_preferences,
     replay,
     replay_items,
     score_rows,
@@ -165,6 +180,12 @@ def evaluate_shadow(
         windows.get(theirs, VariantWindow(0, 0)),
     )
     decision = decide_shadow(comparison, policy)
+    evidence = None
+    if policy.evidence is not None:
+        evidence, checks = shadow_evidence(
+            settings, policy, pairs, references, windows.get(theirs), comparison.shadow, run_key
+        )
+        decision = with_evidence(decision, checks)
     tag_version(
         settings,
         plan.candidate.version,
@@ -181,7 +202,56 @@ def evaluate_shadow(
         "replayed": len(results),
         "items": items,
     }
+    if evidence is not None:
+        result["evidence"] = evidence
     return record_phase(settings, run_key, "compare_shadow", result)
+
+
+def shadow_evidence(
+    settings: Settings,
+    policy: RolloutPolicy,
+    pairs: list[tuple],
+    references: dict[str, dict],
+    champion: VariantWindow | None,
+    shadow_window: VariantWindow,
+    run_key: str,
+) -> tuple[dict, list[Check]]:
+    """The shadow phase's sequential tests on what it collected: the shadow's error rate and its
+    requests slower than the champion's p95 on the same requests (plus the allowed increase), and
+    the pairwise judge on each pair of answers. Replayed prompts are those of ``references``."""
+    evidence = policy.evidence
+    champion = champion or VariantWindow(0, 0)
+    champion_rate = champion.error_rate if champion.invocations else None
+    limit = latency_limit(champion.p95_ms, evidence)
+    rows = captured_rows([r for pair in pairs for r in pair], references)
+    judged = pairwise_preferences(settings, [(rows[2 * i], rows[2 * i + 1]) for i in range(len(pairs))], run_key)
+    preferences = [p for p in judged["preferences"] if p is not None]
+    latencies = [record.latency_ms for record, _ in pairs if record.latency_ms is not None]
+    replayed = sum(1 for record, _ in pairs if request_prompt(record.request_json())[1] in references)
+    observed = Observed(
+        requests=shadow_window.invocations,
+        errors=shadow_window.errors,
+        timed=len(latencies),
+        slow=sum(ms > limit for ms in latencies) if limit else 0,
+        latency_limit_ms=limit,
+        pairs=len(preferences),
+        preference=sum(preferences),
+        live=len(pairs) - replayed,
+        replayed=replayed,
+        latency_measured=bool(latencies) or not pairs,
+    )
+    horizons = required_sample_size(evidence, SHADOW_TESTS, champion_rate)
+    outcomes = run_tests(evidence, observed, SHADOW_TESTS, champion_rate)
+    found = {
+        "observed": observed.to_dict(),
+        "tests": [o.to_dict() for o in outcomes],
+        "stated_sample_size": horizons,
+        "source": evidence_source(observed),
+        "judge": judged["judge"],
+        "position_bias": judged["position_bias"],
+        "swapped_pairs": judged["swapped_pairs"],
+    }
+    return found, evidence_checks("shadow", outcomes, evidence, horizons, observed)
 
 
 def traffic_step(
@@ -224,27 +294,44 @@ def traffic_step(
 
     since = time.time()
     started = datetime.fromtimestamp(since - 0.001, UTC)
-    least, most = step_request_budget(share, policy, settings.serving.sampling_percentage)
-    rails = policy.guardrails
-    results = replay(
-        settings,
-        backend,
-        shadow["items"],
-        least,
-        most,
-        until=lambda done: sum(r["variant"] == mine for r in done) >= rails.min_invocations,
-        tag=f"{label}-{run_key[-20:]}",
-    )
-    if policy.bake_seconds:
-        time.sleep(policy.bake_seconds)
-    served = sum(r["variant"] == mine for r in results)
-    log(f"step {label}: replayed {len(results)} requests, {served} served by {mine}")
-    window = backend.variant_windows(endpoint, since).get(mine, VariantWindow(0, 0))
-    expected = math.floor(window.invocations * settings.serving.sampling_percentage / 100)
 
     def records():
         scan = read_capture(settings.serving.capture_uri, endpoint, [mine], start=started, end=_soon())
         return [r for r in scan.records if not r.shadow]
+
+    evidence = None
+    if policy.evidence is None:
+        least, most = step_request_budget(share, policy, settings.serving.sampling_percentage)
+        rails = policy.guardrails
+        results = replay(
+            settings,
+            backend,
+            shadow["items"],
+            least,
+            most,
+            until=lambda done: sum(r["variant"] == mine for r in done) >= rails.min_invocations,
+            tag=f"{label}-{run_key[-20:]}",
+        )
+        if policy.bake_seconds:
+            time.sleep(policy.bake_seconds)
+    else:
+        results, evidence, evidence_found = collect_step(
+            settings,
+            backend,
+            policy,
+            shadow,
+            label,
+            mine,
+            since,
+            records,
+            policy.step_requests,  # a replay batch: only while live traffic is below the floor
+            f"{label}-{run_key[-20:]}",
+            log,
+        )
+    served = sum(r["variant"] == mine for r in results)
+    log(f"step {label}: replayed {len(results)} requests, {served} served by {mine}")
+    window = backend.variant_windows(endpoint, since).get(mine, VariantWindow(0, 0))
+    expected = math.floor(window.invocations * settings.serving.sampling_percentage / 100)
 
     wait_for_capture(lambda: len(records()), expected)
     references = {i["prompt"]: i for i in shadow["items"]}
@@ -253,6 +340,13 @@ def traffic_step(
     scored = sum(s is not None for s in scores)
     decision = check_guardrails(
         label, window, judged, shadow["comparison"]["champion_judge_mean"], policy, judged_answers=scored
+    )
+    if evidence is not None:
+        decision = with_evidence(decision, evidence_found)
+    tag_version(
+        settings,
+        candidate,
+        {f"rollout.{label}.decision": decision.verdict, f"rollout.{label}.reasons": "; ".join(decision.reasons)},
     )
     result = {
         "label": label,
@@ -264,7 +358,95 @@ def traffic_step(
         "replayed": len(results),
         "decision": decision.to_dict(),
     }
+    if evidence is not None:
+        result["evidence"] = evidence
     return record_phase(settings, run_key, phase, result)
+
+
+def _champion_reference(shadow: dict) -> tuple[float | None, float | None]:
+    """(error rate, p95 ms) of the champion in the shadow phase: fixed before a step begins, so the
+    step's tests compare with a known reference (a moving one would void their error rates)."""
+    champion = shadow["comparison"]["champion"]
+    rate = champion["errors"] / champion["invocations"] if champion["invocations"] else None
+    return rate, champion.get("p95_ms")
+
+
+def request_latencies(records, results: list[dict], variant: str) -> list[float] | None:
+    """The challenger's latency per request: the capture's (the gateway records each one), else,
+    where the capture has none (SageMaker's), the replayed requests' as their caller saw them,
+    network included, which errs toward slow. None when neither has any yet: no captured record
+    holds a latency and nothing was replayed."""
+    captured = [r.latency_ms for r in records if r.latency_ms is not None]
+    if captured:
+        return captured
+    replayed = [r["latency_ms"] for r in results if r["variant"] == variant and r.get("latency_ms") is not None]
+    return replayed if replayed or not records else None
+
+
+def collect_step(
+    settings: Settings,
+    backend,
+    policy: RolloutPolicy,
+    shadow: dict,
+    label: str,
+    variant: str,
+    since: float,
+    records: Callable[[], list],
+    batch: int,
+    tag: str,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict, list[Check]]:
+    """Live traffic first: wait through the bake time, then read the challenger's window until the
+    step's sequential tests decide (or reach their stated sample size), replaying a batch only
+    while live traffic is below ``evidence.min_live_invocations``; past ``max_step_seconds`` what
+    is undecided is inconclusive. Returns the replayed results, the evidence (what was observed,
+    each test's outcome, the stated sample sizes) and its checks."""
+    evidence = policy.evidence
+    champion_rate, champion_p95 = _champion_reference(shadow)
+    limit = latency_limit(champion_p95, evidence)
+    horizons = required_sample_size(evidence, STEP_TESTS, champion_rate)
+    deadline = time.monotonic() + evidence.max_step_seconds
+    if policy.bake_seconds:
+        time.sleep(min(policy.bake_seconds, evidence.max_step_seconds))
+    results: list[dict] = []
+    rounds = 0
+    outcomes = None
+    while True:
+        window = backend.variant_windows(settings.serving.endpoint_name, since).get(variant, VariantWindow(0, 0))
+        replayed = sum(r["variant"] == variant for r in results)
+        live = max(window.invocations - replayed, 0)
+        latencies = request_latencies(records(), results, variant)
+        measured = latencies is not None
+        latencies = latencies or []
+        observed = Observed(
+            requests=window.invocations,
+            errors=window.errors,
+            timed=len(latencies),
+            slow=sum(ms > limit for ms in latencies) if limit else 0,
+            latency_limit_ms=limit,
+            live=live,
+            replayed=replayed,
+            latency_measured=measured,
+        )
+        outcomes = keep_decided(outcomes, run_tests(evidence, observed, STEP_TESTS, champion_rate))
+        if settled(outcomes, horizons) or time.monotonic() >= deadline:
+            break
+        if live < evidence.min_live_invocations and batch > 0 and shadow["items"]:
+            results += replay(settings, backend, shadow["items"], batch, tag=f"{tag}-{rounds}")
+            rounds += 1
+        else:
+            time.sleep(evidence.poll_seconds)
+    log(f"evidence: {observed.live} live, {observed.replayed} replayed; " + "; ".join(o.rule for o in outcomes))
+    return (
+        results,
+        {
+            "observed": observed.to_dict(),
+            "tests": [o.to_dict() for o in outcomes],
+            "stated_sample_size": horizons,
+            "source": evidence_source(observed),
+        },
+        evidence_checks(label, outcomes, evidence, horizons, observed),
+    )
 
 
 def promote(settings: Settings, plan: RolloutPlan | dict, run_key: str, log: Callable[[str], None] = print) -> dict:
