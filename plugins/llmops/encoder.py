@@ -270,7 +270,6 @@ class SentenceEncoder:
 
 
 def main(argv: list[str]) -> int:
-
     if len(argv) != 2:
         print(__doc__)
         return 2

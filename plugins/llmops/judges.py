@@ -218,7 +218,6 @@ def judge_rows(
 
 
 def make_judge(settings: Settings):
-
     if settings.evaluation.judge == "bedrock":
         return BedrockJudge(settings.evaluation.judge_model_id, settings.aws.conn_id, settings.aws.region)
     return LocalJudge()

@@ -173,7 +173,6 @@ def bootstrap(
 
 
 def main(argv: list[str]) -> int:
-
     if argv[:1] != ["bootstrap"]:
         print(__doc__)
         return 2

@@ -288,7 +288,6 @@ def curate(
 
 
 def main(argv: list[str]) -> int:
-
     settings = get_settings()
     data = settings.data.model_copy(update={"raw_uri": argv[0]}) if argv else settings.data
     try:

@@ -248,7 +248,6 @@ class ChatTokenCounter:
         self.tokenizer = ChatTokenizer(model_dir) if has_json else _TransformersChatTokenizer(model_dir)
 
     def _text(self, record: dict, response: str | None = None) -> str:
-
         return render(
             self.tokenizer, record["prompt"], record["response"] if response is None else response, record.get("system")
         )

@@ -185,7 +185,6 @@ def resolve_window(
 
 
 def traffic_record(record) -> drift.TrafficRecord:
-
     status = record.status_code if record.status_code is not None else 200
     answer = record.response_json() if 200 <= status < 300 else None
     if isinstance(answer, list) and answer and isinstance(answer[0], dict):
@@ -446,7 +445,6 @@ def _plots(profile: drift.BaselineProfile, records, report: drift.DriftReport, v
 
 
 def _experiment(settings: Settings, mlflow_client) -> str:
-
     return ensure_experiment(mlflow_client, settings.monitoring.experiment, settings.mlflow.artifact_uri)
 
 

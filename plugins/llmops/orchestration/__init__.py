@@ -228,7 +228,6 @@ def tag_approval_sensor():
                 self._answer(context, "Reject", "")  # nobody answered: rejected on timeout
 
         def poke(self, context) -> bool:
-
             tags = client(self.tracking_uri).get_model_version(self.model_name, str(self.version)).tags
             decision = tags.get(APPROVAL_TAG, "").strip().lower()
             if decision not in ("approve", "approved", "reject", "rejected"):

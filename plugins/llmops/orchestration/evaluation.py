@@ -75,7 +75,6 @@ def _local_evaluation(settings: Settings, request, dataset, registered, prompts)
     @task(execution_timeout=timedelta(minutes=settings.evaluation.timeout_minutes + 10))
     @fail_without_retry
     def evaluate_models(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
-
         run = RunContext.current(settings)
         request = FinetuneRequest.model_validate(request)
         dataset, registered = DatasetManifest.model_validate(dataset), RegisteredCandidate.model_validate(registered)
@@ -99,7 +98,6 @@ def _sagemaker_evaluation(settings: Settings, request, dataset, registered, prom
     @task(multiple_outputs=True)
     @fail_without_retry
     def stage_evaluation_job(request: dict, dataset: dict, registered: dict, prompts: dict) -> dict:
-
         run = RunContext.current(settings)
         request = FinetuneRequest.model_validate(request)
         dataset, registered = DatasetManifest.model_validate(dataset), RegisteredCandidate.model_validate(registered)

@@ -47,7 +47,6 @@ def local_training(settings: Settings, request, dataset) -> TrainingPath:
         @task(execution_timeout=timedelta(minutes=settings.finetune.timeout_minutes + 10))
         @fail_without_retry
         def train_adapter(request: dict, dataset: dict) -> dict:
-
             run = RunContext.current(settings)
             return run_training(
                 settings,
@@ -71,7 +70,6 @@ def sagemaker_training(settings: Settings, request, dataset) -> TrainingPath:
         @task
         @fail_without_retry
         def stage_sagemaker_job(request: dict, dataset: dict) -> dict:
-
             run = RunContext.current(settings)
             return stage_job(
                 settings,

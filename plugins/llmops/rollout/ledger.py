@@ -25,7 +25,6 @@ CONCLUSIONS = ("promote", "roll_back")
 
 
 def phase_uri(settings: Settings, run_key: str, phase: str) -> str:
-
     dag_id, _, run_id = run_key.partition("/")
     return storage.join(run_folder(settings, run_id, dag_id), "phases", f"{phase}.json")
 
@@ -52,7 +51,6 @@ def finished_phase(settings: Settings, run_key: str, phase: str, log: Callable[[
 
 
 def tag_version(settings: Settings, version: str, tags: dict[str, object]) -> None:
-
     mlflow_client = client(settings.mlflow.tracking_uri)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(settings.finetune.model_name, str(version), key, str(value)[:5000])

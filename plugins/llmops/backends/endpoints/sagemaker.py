@@ -413,7 +413,6 @@ class SageMakerEndpointBackend:
             raise DeploymentError(f"endpoint {name} is still there after DeleteEndpoint")
 
     def _settled(self, name: str) -> dict | None:
-
         timeout = self.settings.serving.deploy_timeout_minutes * 60
         return wait_settled(self, name, timeout, self.metrics_poll_seconds, self._sleep)
 
